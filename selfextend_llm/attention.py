@@ -1,0 +1,194 @@
+"""The SelfExtend attention math, as pure functions on tensors.
+
+Queries and keys arrive already rotated to their true positions (transformers applies RoPE
+before caching).  For a query at cache index ``i`` and a key at ``j``:
+
+* ``i - j < W`` (neighbor window): the plain score ``q(p_i) . k(p_j)``;
+* ``i - j >= W``: the grouped score ``q(p_i // G + W - W // G) . k(p_j // G)``.
+
+Both kinds of score share one softmax.  Instead of two ``n x n`` score matrices, each block of
+queries is attended in up to three key ranges, each through a fused kernel that returns the
+row log-sum-exp, and the parts are merged exactly (:func:`backends.merge_partials`):
+
+1. keys every query of the block sees grouped (no mask but padding),
+2. keys at the window edge, seen grouped by some queries of the block (small mask),
+3. keys inside the window of some query of the block (plain rotation, band mask).
+
+Memory per block is ``block x (block + W)`` mask entries, never ``n x n``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .backends import attention_with_lse, merge_partials
+from .rope import Layout, grouped_key_position, grouped_query_position, rotate
+
+DEFAULT_BLOCK_SIZE = 1024
+
+
+@dataclass
+class GroupedKeyCache:
+    """Keys already rotated to grouped positions, kept between decode steps of one layer.
+
+    Rotating the whole cache at every step (what LongLM does) costs O(n) per token per layer;
+    this cache makes it O(new tokens).  It is only reused when the new call provably continues
+    the same sequence: same length, same grouping, same position offsets and the same raw key
+    at the junction.
+    """
+
+    keys: torch.Tensor
+    last_raw_key: torch.Tensor
+    offsets: torch.Tensor
+    group_size: int
+
+    def continues(self, raw_keys: torch.Tensor, start: int, offsets: torch.Tensor, group_size: int) -> bool:
+        return (
+            start > 0
+            and self.keys.shape[2] == start
+            and self.keys.shape[:2] == raw_keys.shape[:2]
+            and self.group_size == group_size
+            and self.keys.device == raw_keys.device
+            and torch.equal(self.offsets, offsets)
+            and torch.equal(self.last_raw_key, raw_keys[:, :, start - 1])
+        )
+
+
+def key_positions(query_positions: torch.Tensor, query_start: int, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of all cached keys, and each row's offset between cache index and position.
+
+    Within a row, positions advance one per cache slot (left padding only shifts the start), so
+    the last query fixes the offset of the whole row: ``offset = index(last query) - pos``.
+    """
+    last_index = query_start + query_positions.shape[1] - 1
+    offsets = last_index - query_positions[:, -1].long()
+    index = torch.arange(num_keys, device=query_positions.device)
+    return index[None, :] - offsets[:, None], offsets
+
+
+def grouped_keys(
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    offsets: torch.Tensor,
+    needed: int,
+    group_size: int,
+    inv_freq: torch.Tensor,
+    layout: Layout,
+    cache: GroupedKeyCache | None,
+    query_start: int,
+) -> tuple[torch.Tensor, GroupedKeyCache]:
+    """Grouped-rotated keys ``[0, needed)``, reusing and extending ``cache`` where it applies."""
+    if cache is not None and needed >= query_start and cache.continues(keys, query_start, offsets, group_size):
+        start, head = query_start, [cache.keys]
+    else:
+        start, head = 0, []
+    fresh = keys[:, :, start:needed]
+    pos = positions[:, start:needed]
+    head.append(rotate(fresh, grouped_key_position(pos, group_size) - pos, inv_freq, layout))
+    out = torch.cat(head, dim=2) if len(head) > 1 else head[0]
+    new_cache = GroupedKeyCache(
+        keys=out,
+        last_raw_key=keys[:, :, needed - 1].clone() if needed else keys[:, :, :0],
+        offsets=offsets.clone(),
+        group_size=group_size,
+    )
+    return out, new_cache
+
+
+def selfextend_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    query_positions: torch.Tensor,
+    query_start: int,
+    group_size: int,
+    neighbor_window: int,
+    inv_freq: torch.Tensor,
+    layout: Layout = "half",
+    scale: float,
+    key_valid: torch.Tensor | None = None,
+    full_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    log_scale_base: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    key_cache: GroupedKeyCache | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, GroupedKeyCache | None]:
+    """SelfExtend attention of ``query`` (``b, h, q, d``) over cached ``key``/``value`` (``b, kv_h, n, d``).
+
+    ``query_positions`` (``b, q``) are the RoPE positions the queries were rotated to;
+    ``query_start`` is the cache index of the first query.  ``key_valid`` (``b, n``) marks real
+    (non-padding) keys; ``full_mask`` (``b|1, 1, q, n``) is an arbitrary extra boolean mask.
+    Returns the output (``b, h, q, d``) and the grouped-key cache to keep for the next step.
+    """
+    bsz, _, q_len, _ = query.shape
+    n_keys = key.shape[2]
+    G, W = group_size, neighbor_window
+    if query_positions.shape[0] != bsz:
+        query_positions = query_positions.expand(bsz, -1)
+    k_pos, offsets = key_positions(query_positions, query_start, n_keys)
+
+    if log_scale_base is not None:
+        factor = torch.clamp(torch.log(query_positions.double() + 1) / math.log(log_scale_base), min=1.0)
+        query = query * factor[:, None, :, None].to(query.dtype)
+
+    last_index = query_start + q_len - 1
+    grouped_needed = max(0, min(n_keys, last_index - W + 1))
+    # Keep grouped keys for every key the next step's queries may see grouped.
+    cache_upto = min(n_keys, last_index + 1)
+    kg, new_cache = grouped_keys(
+        key, k_pos, offsets, cache_upto, G, inv_freq, layout, key_cache, query_start
+    ) if cache_upto > 0 else (key[:, :, :0], None)
+    gq_shift = grouped_query_position(query_positions, G, W) - query_positions
+
+    outputs = []
+    for t0 in range(0, q_len, block_size):
+        t1 = min(q_len, t0 + block_size)
+        i0, i1 = query_start + t0, query_start + t1
+        q_blk = query[:, :, t0:t1]
+        rows = torch.arange(i0, i1, device=query.device)
+
+        def mask_for(k0: int, k1: int, band: str) -> torch.Tensor | None:
+            cols = torch.arange(k0, k1, device=query.device)
+            dist = rows[:, None] - cols[None, :]
+            cond = None
+            if band == "edge":
+                cond = dist >= W
+            elif band == "near":
+                cond = (dist >= 0) & (dist < W)
+            m = None if cond is None else cond[None, None]
+            if key_valid is not None:
+                kv = key_valid[:, None, None, k0:k1]
+                m = kv if m is None else m & kv
+            if full_mask is not None:
+                fm = full_mask[:, :, t0:t1, k0:k1]
+                m = fm if m is None else m & fm
+            return m
+
+        parts = []
+        bulk_end = max(0, min(n_keys, i0 - W + 1))
+        edge_end = max(bulk_end, min(grouped_needed, i1 - W))
+        near_start, near_end = bulk_end, min(n_keys, i1)
+        if edge_end > 0:
+            qg = rotate(q_blk, gq_shift[:, t0:t1], inv_freq, layout)
+            if bulk_end > 0:
+                parts.append(attention_with_lse(
+                    qg, kg[:, :, :bulk_end], value[:, :, :bulk_end], mask_for(0, bulk_end, "bulk"),
+                    scale, softcap, backend,
+                ))
+            if edge_end > bulk_end:
+                parts.append(attention_with_lse(
+                    qg, kg[:, :, bulk_end:edge_end], value[:, :, bulk_end:edge_end],
+                    mask_for(bulk_end, edge_end, "edge"), scale, softcap, backend,
+                ))
+        parts.append(attention_with_lse(
+            q_blk, key[:, :, near_start:near_end], value[:, :, near_start:near_end],
+            mask_for(near_start, near_end, "near"), scale, softcap, backend,
+        ))
+        outputs.append(merge_partials(parts, query.dtype))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return out, new_cache

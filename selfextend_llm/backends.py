@@ -1,0 +1,152 @@
+"""Attention kernels that also return the log-sum-exp of each query row.
+
+SelfExtend splits each query's keys into a neighbor part and a grouped part that must share one
+softmax.  Any attention kernel that returns the row log-sum-exp (LSE) can compute the parts
+separately; :func:`merge_partials` then combines them exactly.  One small function per
+backend, as in transformers' ``integrations/sdpa_attention.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim), as transformers does."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _finish(
+    out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mark rows with no visible key: LSE -inf and output 0, whatever the kernel wrote there."""
+    if mask is not None:
+        empty = ~mask.any(dim=-1)  # (b|1, 1|h, q)
+        if bool(empty.any()):
+            lse = lse.masked_fill(empty, NEG_INF)
+            out = out.masked_fill(empty[..., None], 0.0)
+    return out, lse
+
+
+def math_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference kernel: explicit scores for one query block, float32 softmax."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - safe[..., None])
+    out = torch.matmul(probs, v.float())
+    return _finish(out, lse, mask)
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, NEG_INF)
+
+
+def cpu_flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's fused CPU flash kernel, which returns the LSE and handles GQA natively."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=_additive(mask, q.dtype), scale=scale
+    )
+    return _finish(out, lse.float(), mask)
+
+
+def cuda_efficient_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's memory-efficient CUDA kernel with ``compute_log_sumexp``.
+
+    Its bias must be 16-element aligned in the key dimension, so the bias is built padded and
+    sliced back to a view.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    bias = None
+    if mask is not None:
+        b, _, lq, lk = mask.shape
+        padded = (lk + 15) // 16 * 16
+        full = torch.zeros((b, 1, lq, padded), dtype=q.dtype, device=q.device)
+        full[..., :lk].masked_fill_(~mask, NEG_INF)
+        bias = full[..., :lk].expand(q.shape[0], q.shape[1], lq, lk)
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias, True, 0.0, False, scale=scale
+    )
+    return _finish(out, lse[..., : q.shape[2]].float(), mask)
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and row LSE for one query block, on the best kernel for the device.
+
+    ``mask`` is boolean, broadcastable to ``(batch, 1, q, k)``, True where a key is visible.
+    Rows with no visible key come back with LSE ``-inf`` and output 0, so they drop out of the
+    merge.  ``backend`` is ``"auto"``, ``"math"``, ``"cpu_flash"`` or ``"cuda_efficient"``.
+    """
+    if k.shape[2] == 0:
+        shape = q.shape[:3]
+        return q.new_zeros(q.shape), torch.full(shape, NEG_INF, device=q.device)
+    if backend == "auto":
+        if softcap is not None or q.requires_grad:
+            backend = "math"
+        elif q.device.type == "cpu":
+            backend = "cpu_flash"
+        elif q.device.type == "cuda":
+            backend = "cuda_efficient"
+        else:
+            backend = "math"
+    if backend == "math":
+        return math_attention(q, k, v, mask, scale, softcap)
+    if softcap is not None:
+        raise ValueError(f"backend {backend!r} does not support logit softcapping; use 'math'")
+    if backend == "cpu_flash":
+        return cpu_flash_attention(q, k, v, mask, scale)
+    if backend == "cuda_efficient":
+        return cuda_efficient_attention(q, k, v, mask, scale)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+    """Combine attention over disjoint key sets into attention over their union.
+
+    With ``o_i = softmax-weighted values over key set i`` and ``l_i`` its LSE, the union's
+    output is ``sum_i exp(l_i - L) o_i`` with ``L = logsumexp_i l_i``: exactly one softmax over
+    all keys.  Rows empty in every part (left padding) come out as zeros.
+    """
+    if len(parts) == 1:
+        return parts[0][0].to(dtype)
+    lses = torch.stack([lse for _, lse in parts])
+    total = torch.logsumexp(lses, dim=0)
+    total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    out = None
+    for o, lse in parts:
+        term = o.float() * torch.exp(lse - total)[..., None]
+        out = term if out is None else out + term
+    return out.to(dtype)

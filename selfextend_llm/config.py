@@ -1,0 +1,85 @@
+"""SelfExtend hyper-parameters: the group size G and the neighbor window W.
+
+Kept free of torch and transformers so that the integrations and the CLI can validate a
+setting before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: Fraction of the trained window that the grouped positions may use.  The paper's rule of
+#: thumb is "about half to two thirds"; 0.6 sits in the middle of that range.
+GROUPED_BUDGET = 0.6
+
+
+@dataclass(frozen=True)
+class SelfExtendConfig:
+    """Group size ``G`` and neighbor window ``W`` of SelfExtend.
+
+    Keys closer than ``W`` tokens to a query keep their exact relative position; farther keys
+    are seen through grouped positions ``pos // G`` shifted by ``W - W // G`` so that the two
+    regimes meet at distance ``W``.  The farthest grouped relative position for a context of
+    ``n`` tokens is about ``(n - W) / G + W``, which must stay inside the trained window ``L``:
+    hence the reach ``(L - W) * G + W``.
+
+    ``log_scale`` optionally multiplies queries by ``max(1, log(pos + 1) / log(L))`` (an
+    option found in the LongLM code); it is off by default and only used when asked for.
+    """
+
+    group_size: int
+    neighbor_window: int
+    log_scale: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("group_size", "neighbor_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if self.group_size < 1:
+            raise ValueError(
+                f"group_size must be >= 1, got {self.group_size}: use 1 for plain attention or 2-16 to extend"
+            )
+        if self.neighbor_window < 1:
+            raise ValueError(
+                f"neighbor_window must be >= 1, got {self.neighbor_window}: it is the number of nearby tokens "
+                "that keep exact positions (512-2048 is typical)"
+            )
+
+    def validate_for(self, pretrained_context: int) -> None:
+        """Raise ``ValueError`` when ``W`` leaves no grouped positions inside the trained window."""
+        if self.neighbor_window >= pretrained_context:
+            raise ValueError(
+                f"neighbor_window={self.neighbor_window} must be smaller than the model's trained context "
+                f"({pretrained_context} tokens), or no grouped positions fit inside it; pick a window of at most "
+                f"{pretrained_context // 2}"
+            )
+
+    def max_context(self, pretrained_context: int) -> int:
+        """Longest context whose grouped positions stay inside the trained window: ``(L - W) * G + W``."""
+        self.validate_for(pretrained_context)
+        return (pretrained_context - self.neighbor_window) * self.group_size + self.neighbor_window
+
+    @classmethod
+    def for_target(
+        cls, pretrained_context: int, target_context: int, *, neighbor_window: int | None = None
+    ) -> SelfExtendConfig:
+        """Pick ``G`` and ``W`` for ``target_context`` tokens on a model trained on ``pretrained_context``.
+
+        ``W`` defaults to an eighth of the trained window (1024 for an 8k model), clamped to
+        [128, 4096]; ``G`` is the smallest group size whose grouped positions stay within
+        ``GROUPED_BUDGET`` of the trained window at the target length, so the model sees
+        positions it knows well rather than ones at the edge of its training.
+        """
+        if pretrained_context < 2:
+            raise ValueError(f"pretrained_context must be >= 2, got {pretrained_context}")
+        if target_context < 1:
+            raise ValueError(f"target_context must be >= 1, got {target_context}")
+        window = neighbor_window or min(4096, max(128, pretrained_context // 8))
+        window = min(window, pretrained_context // 2)
+        budget = max(window + 1, int(pretrained_context * GROUPED_BUDGET))
+        if target_context <= budget:
+            return cls(group_size=1, neighbor_window=window)
+        group = max(1, math.ceil((target_context - window) / (budget - window)))
+        return cls(group_size=group, neighbor_window=window)
