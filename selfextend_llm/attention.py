@@ -98,6 +98,34 @@ def grouped_keys(
     return out, new_cache
 
 
+def region_mask(
+    rows: torch.Tensor,
+    k0: int,
+    k1: int,
+    band: str,
+    window: int,
+    key_valid: torch.Tensor | None,
+    full_mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Boolean mask of keys ``[k0, k1)`` for query cache indices ``rows``; None when all are visible.
+
+    ``band`` is ``"bulk"`` (all grouped: only padding matters), ``"edge"`` (grouped where the
+    distance is at least ``window``) or ``"near"`` (plain where ``0 <= distance < window``).
+    """
+    mask = None
+    if band != "bulk":
+        dist = rows[:, None] - torch.arange(k0, k1, device=rows.device)[None, :]
+        mask = (dist >= window) if band == "edge" else (dist >= 0) & (dist < window)
+        mask = mask[None, None]
+    if key_valid is not None:
+        valid = key_valid[:, None, None, k0:k1]
+        mask = valid if mask is None else mask & valid
+    if full_mask is not None:
+        extra = full_mask[..., k0:k1]
+        mask = extra if mask is None else mask & extra
+    return mask
+
+
 def selfextend_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -140,9 +168,11 @@ def selfextend_attention(
     grouped_needed = max(0, min(n_keys, last_index - W + 1))
     # Keep grouped keys for every key the next step's queries may see grouped.
     cache_upto = min(n_keys, last_index + 1)
-    kg, new_cache = grouped_keys(
-        key, k_pos, offsets, cache_upto, G, inv_freq, layout, key_cache, query_start
-    ) if cache_upto > 0 else (key[:, :, :0], None)
+    kg, new_cache = (
+        grouped_keys(key, k_pos, offsets, cache_upto, G, inv_freq, layout, key_cache, query_start)
+        if cache_upto > 0
+        else (key[:, :, :0], None)
+    )
     gq_shift = grouped_query_position(query_positions, G, W) - query_positions
 
     outputs = []
@@ -151,23 +181,7 @@ def selfextend_attention(
         i0, i1 = query_start + t0, query_start + t1
         q_blk = query[:, :, t0:t1]
         rows = torch.arange(i0, i1, device=query.device)
-
-        def mask_for(k0: int, k1: int, band: str) -> torch.Tensor | None:
-            cols = torch.arange(k0, k1, device=query.device)
-            dist = rows[:, None] - cols[None, :]
-            cond = None
-            if band == "edge":
-                cond = dist >= W
-            elif band == "near":
-                cond = (dist >= 0) & (dist < W)
-            m = None if cond is None else cond[None, None]
-            if key_valid is not None:
-                kv = key_valid[:, None, None, k0:k1]
-                m = kv if m is None else m & kv
-            if full_mask is not None:
-                fm = full_mask[:, :, t0:t1, k0:k1]
-                m = fm if m is None else m & fm
-            return m
+        fm_blk = None if full_mask is None else full_mask[:, :, t0:t1]
 
         parts = []
         bulk_end = max(0, min(n_keys, i0 - W + 1))
@@ -176,19 +190,40 @@ def selfextend_attention(
         if edge_end > 0:
             qg = rotate(q_blk, gq_shift[:, t0:t1], inv_freq, layout)
             if bulk_end > 0:
-                parts.append(attention_with_lse(
-                    qg, kg[:, :, :bulk_end], value[:, :, :bulk_end], mask_for(0, bulk_end, "bulk"),
-                    scale, softcap, backend,
-                ))
+                parts.append(
+                    attention_with_lse(
+                        qg,
+                        kg[:, :, :bulk_end],
+                        value[:, :, :bulk_end],
+                        region_mask(rows, 0, bulk_end, "bulk", W, key_valid, fm_blk),
+                        scale,
+                        softcap,
+                        backend,
+                    )
+                )
             if edge_end > bulk_end:
-                parts.append(attention_with_lse(
-                    qg, kg[:, :, bulk_end:edge_end], value[:, :, bulk_end:edge_end],
-                    mask_for(bulk_end, edge_end, "edge"), scale, softcap, backend,
-                ))
-        parts.append(attention_with_lse(
-            q_blk, key[:, :, near_start:near_end], value[:, :, near_start:near_end],
-            mask_for(near_start, near_end, "near"), scale, softcap, backend,
-        ))
+                parts.append(
+                    attention_with_lse(
+                        qg,
+                        kg[:, :, bulk_end:edge_end],
+                        value[:, :, bulk_end:edge_end],
+                        region_mask(rows, bulk_end, edge_end, "edge", W, key_valid, fm_blk),
+                        scale,
+                        softcap,
+                        backend,
+                    )
+                )
+        parts.append(
+            attention_with_lse(
+                q_blk,
+                key[:, :, near_start:near_end],
+                value[:, :, near_start:near_end],
+                region_mask(rows, near_start, near_end, "near", W, key_valid, fm_blk),
+                scale,
+                softcap,
+                backend,
+            )
+        )
         outputs.append(merge_partials(parts, query.dtype))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out, new_cache

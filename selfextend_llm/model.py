@@ -1,0 +1,425 @@
+"""``SelfExtendModel``: a loaded model with SelfExtend, a tokenizer and a thread-safe generate API.
+
+The frameworks (LangChain, LlamaIndex, the CLI, the server) all stand on this class, so it owns
+what they share: prompt preparation (raw text or chat messages through the model's template),
+the context-window check, stop strings of any length, streaming, usage counts and the lock
+that makes one instance safe to call from many threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import patching
+from .config import SelfExtendConfig
+from .loading import DEFAULT_NAME, load_pretrained
+from .stopping import emittable, find_stop, normalize_stops
+from .tuning import choose_config
+
+Prompt = str | Sequence[Mapping[str, Any]]
+
+
+@dataclass
+class Completion:
+    """One finished generation with its usage counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of text or a stop string) or "length"
+
+
+@dataclass
+class StreamChunk:
+    """A piece of streamed text; the last chunk has ``finish_reason`` and the usage counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ContextWindowExceededError(ValueError):
+    """The prompt does not fit the (extended) context window."""
+
+
+class _StopCriteria:
+    """Stops a row once its new text contains a stop string, or when cancelled."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_len: int, cancel: threading.Event):
+        self.tokenizer, self.stops, self.prompt_len, self.cancel = tokenizer, stops, prompt_len, cancel
+        self.tail = max((len(s) for s in stops), default=0) + 8
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.cancel.is_set():
+            return ~done
+        if not self.stops:
+            return done
+        for row in range(input_ids.shape[0]):
+            new = input_ids[row, self.prompt_len :][-self.tail :]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            done[row] = find_stop(text, self.stops) is not None
+        return done
+
+
+class SelfExtendModel:
+    """A causal LM with SelfExtend applied, ready to answer prompts longer than its trained window.
+
+    ``context_window`` is the advertised (extended) length; a prompt longer than it raises
+    :class:`ContextWindowExceededError` before any work starts.  With ``adaptive=True`` (the
+    default when no group size was fixed) each call picks the grouping for its own length:
+    prompts that fit the trained window run exactly as the plain model.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        config: SelfExtendConfig | None,
+        context_window: int,
+        name: str = "model",
+        adaptive: bool = False,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.pretrained_context = patching.pretrained_context(model)
+        self.context_window = context_window
+        self.model_name = name
+        self.adaptive = adaptive
+        self._lock = threading.RLock()
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def self_extend(self) -> bool:
+        return self.config is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders tool definitions (so tool calling can work at all)."""
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        return "tools" in template
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "model": self.model_name,
+            "pretrained_context": self.pretrained_context,
+            "self_extend": self.self_extend,
+            "group_size": cfg.group_size if cfg else None,
+            "neighbor_window": cfg.neighbor_window if cfg else None,
+            "formula_reach": cfg.max_context(self.pretrained_context) if cfg else self.pretrained_context,
+            "context_window": self.context_window,
+            "adaptive": self.adaptive,
+            "device": str(self.device),
+        }
+
+    def __repr__(self) -> str:
+        d = self.describe()
+        return (
+            f"SelfExtendModel({d['model']!r}, trained={d['pretrained_context']}, context_window={d['context_window']}, "
+            f"G={d['group_size']}, W={d['neighbor_window']})"
+        )
+
+    # ----------------------------------------------------------------- prompts
+    def encode(self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Token ids of a prompt: raw text as is, chat messages through the model's chat template."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        if not isinstance(prompt, Sequence) or not all(isinstance(m, Mapping) for m in prompt):
+            raise TypeError("prompt must be a string or a list of {'role': ..., 'content': ...} messages")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.model_name} has no chat template; pass a plain string prompt instead")
+        kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": True}
+        if tools:
+            kwargs["tools"] = list(tools)
+        ids = self.tokenizer.apply_chat_template(list(prompt), **kwargs)
+        if isinstance(ids, Mapping) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Tokens the prompt takes, counted with the model's own tokenizer and chat template."""
+        return len(self.encode(prompt))
+
+    def check_fits(self, n_tokens: int) -> None:
+        if n_tokens > self.context_window:
+            cfg = self.config
+            how = (
+                f"SelfExtend G={cfg.group_size}, W={cfg.neighbor_window} on a {self.pretrained_context}-token model"
+                if cfg
+                else "plain model, SelfExtend off"
+            )
+            raise ContextWindowExceededError(
+                f"prompt is {n_tokens} tokens, longer than the context window of {self.context_window} tokens ({how}); "
+                "shorten the prompt or load with a larger target_context"
+            )
+
+    # ----------------------------------------------------------------- generation
+    def _configure_for(self, total_tokens: int) -> None:
+        if not self.self_extend:
+            return
+        settings = patching.settings_of(self.model)
+        if not self.adaptive:
+            settings.config, settings.bypass = self.config, False
+            return
+        chosen = choose_config(self.model_name, self.pretrained_context, total_tokens, self.config)
+        settings.bypass = chosen is None
+        if chosen is not None:
+            settings.config = chosen
+
+    def _gen_kwargs(
+        self, max_new_tokens: int, temperature: float, top_p: float | None, seed: int | None, **extra: Any
+    ) -> dict[str, Any]:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+            if top_p is not None:
+                kwargs["top_p"] = top_p
+            if seed is not None:
+                torch.manual_seed(seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs.update(extra)
+        return kwargs
+
+    def _prepare(self, prompts: Sequence[Prompt], max_new_tokens: int, tools) -> tuple[list[list[int]], int]:
+        encoded = [self.encode(p, tools=tools) for p in prompts]
+        longest = max(len(e) for e in encoded)
+        for e in encoded:
+            self.check_fits(len(e))
+        room = self.context_window - longest
+        return encoded, max(1, min(max_new_tokens, room))
+
+    def _batch_tensors(self, encoded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(e) for e in encoded)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):  # left padding: every row ends at the same index
+            ids[row, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+            mask[row, width - len(e) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def complete_batch(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_new_tokens: int = 256,
+        stop: str | Sequence[str] | None = None,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **generate_kwargs: Any,
+    ) -> list[Completion]:
+        """Generate for several prompts in one left-padded batch."""
+        stops = normalize_stops(stop)
+        encoded, max_new = self._prepare(prompts, max_new_tokens, tools)
+        ids, mask = self._batch_tensors(encoded)
+        with self._lock:
+            self._configure_for(ids.shape[1] + max_new)
+            criteria = _StopCriteria(self.tokenizer, stops, ids.shape[1], threading.Event())
+            kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
+            try:
+                with torch.inference_mode():
+                    out = self.model.generate(
+                        input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **kwargs
+                    )
+            finally:
+                if self.self_extend:
+                    patching.clear_cache(self.model)
+        results = []
+        eos = set(_as_list(self.model.generation_config.eos_token_id))
+        for row, e in enumerate(encoded):
+            new = out[row, ids.shape[1] :].tolist()
+            ended = next(
+                (i for i, t in enumerate(new) if t in eos or t == self.tokenizer.pad_token_id and t in eos), None
+            )
+            if ended is not None:
+                new = new[:ended]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            cut = find_stop(text, stops)
+            if cut is not None:
+                text = text[:cut]
+            reason = "stop" if ended is not None or cut is not None or len(new) < max_new else "length"
+            results.append(Completion(text, len(e), len(new), reason))
+        return results
+
+    def complete(self, prompt: Prompt, **kwargs: Any) -> Completion:
+        """Generate for one prompt; returns the text with usage counts and finish reason."""
+        return self.complete_batch([prompt], **kwargs)[0]
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        stop: str | Sequence[str] | None = None,
+        temperature: float = 0.0,
+        **kwargs: Any,
+    ) -> str:
+        """Generate text for a raw prompt (str) or chat messages (list of dicts); stop strings are cut off."""
+        return self.complete(prompt, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature, **kwargs).text
+
+    def stream_chunks(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 256,
+        stop: str | Sequence[str] | None = None,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **generate_kwargs: Any,
+    ) -> Iterator[StreamChunk]:
+        """Stream :class:`StreamChunk` pieces; the last carries the finish reason and usage.
+
+        Generation runs in a worker thread; closing the iterator early cancels it.
+        """
+        from transformers import TextIteratorStreamer
+
+        stops = normalize_stops(stop)
+        encoded, max_new = self._prepare([prompt], max_new_tokens, tools)
+        ids, mask = self._batch_tensors(encoded)
+        kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
+        cancel = threading.Event()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
+        criteria = _StopCriteria(self.tokenizer, stops, ids.shape[1], cancel)
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    out = self.model.generate(
+                        input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], streamer=streamer, **kwargs
+                    )
+                result["new"] = out[0, ids.shape[1] :].tolist()
+            except BaseException as err:  # surface errors in the consumer
+                result["error"] = err
+                streamer.end()
+            finally:
+                if self.self_extend:
+                    patching.clear_cache(self.model)
+
+        self._lock.acquire()
+        worker = None
+        try:
+            self._configure_for(ids.shape[1] + max_new)
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            text, shown, stopped = "", 0, False
+            for piece in streamer:
+                text += piece
+                cut = find_stop(text, stops)
+                if cut is not None:
+                    if cut > shown:
+                        yield StreamChunk(text[shown:cut])
+                    shown, stopped = cut, True
+                    cancel.set()
+                    break
+                upto = emittable(text, stops)
+                if upto > shown:
+                    yield StreamChunk(text[shown:upto])
+                    shown = upto
+            if not stopped:
+                for _ in streamer:  # drain
+                    pass
+            worker.join()
+            if "error" in result:
+                raise result["error"]
+            if not stopped and len(text) > shown:
+                yield StreamChunk(text[shown:])
+            eos = set(_as_list(self.model.generation_config.eos_token_id))
+            new = result.get("new", [])
+            ended = any(t in eos for t in new)
+            n_new = next((i for i, t in enumerate(new) if t in eos), len(new))
+            reason = "stop" if stopped or ended or n_new < max_new else "length"
+            yield StreamChunk("", finish_reason=reason, prompt_tokens=len(encoded[0]), completion_tokens=n_new)
+        finally:
+            cancel.set()
+            if worker is not None:
+                for _ in streamer:
+                    pass
+                worker.join()
+            self._lock.release()
+
+    def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
+        """Stream the answer as text pieces (stop strings never appear, even split across pieces)."""
+        for chunk in self.stream_chunks(prompt, **kwargs):
+            if chunk.text:
+                yield chunk.text
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def load(
+    model: str | None = None,
+    *,
+    target_context: int | None = None,
+    group_size: int | None = None,
+    neighbor_window: int | None = None,
+    gguf_file: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    self_extend: bool = True,
+) -> SelfExtendModel:
+    """Load a model (the embedded SmolLM2 default when ``model`` is None) with SelfExtend applied.
+
+    * ``target_context``: the context to plan for; G and W are chosen for it (tuned values for
+      the embedded default) and it becomes ``context_window``.  Default: 4x the trained window.
+    * ``group_size`` / ``neighbor_window``: fix G and W yourself (then every call uses them).
+    * ``self_extend=False``: the same model, plain, for side-by-side comparison.
+    """
+    lm, tok, name = load_pretrained(model, gguf_file=gguf_file, device=device, dtype=dtype)
+    trained = patching.pretrained_context(lm)
+    if not self_extend:
+        if target_context is not None and target_context > trained:
+            raise ValueError(
+                f"target_context={target_context} needs SelfExtend: the plain model is trained on {trained} tokens"
+            )
+        return SelfExtendModel(lm, tok, config=None, context_window=trained, name=name)
+    if target_context is not None and target_context < 1:
+        raise ValueError(f"target_context must be >= 1, got {target_context}")
+    fixed = group_size is not None
+    target = target_context or 4 * trained
+    if fixed:
+        config = SelfExtendConfig(
+            group_size, neighbor_window or SelfExtendConfig.for_target(trained, target).neighbor_window
+        )
+        reach = config.max_context(trained)
+        if target_context is not None and target_context > reach:
+            raise ValueError(
+                f"target_context={target_context} exceeds what G={config.group_size}, W={config.neighbor_window} reach "
+                f"on a {trained}-token model ({reach} tokens); raise group_size or drop it to let SelfExtend choose"
+            )
+        window = target_context or reach
+    else:
+        config = choose_config(name, trained, target, None, neighbor_window=neighbor_window) or SelfExtendConfig(
+            1, neighbor_window or min(trained // 2, 1024)
+        )
+        window = max(target, trained)
+    patching.apply(lm, config)
+    return SelfExtendModel(lm, tok, config=config, context_window=window, name=name, adaptive=not fixed)
+
+
+__all__ = ["Completion", "ContextWindowExceededError", "SelfExtendModel", "StreamChunk", "load", "DEFAULT_NAME"]

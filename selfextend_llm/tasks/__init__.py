@@ -1,0 +1,1 @@
+"""Seeded synthetic long-context tasks (no data is downloaded)."""
