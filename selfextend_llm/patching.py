@@ -18,6 +18,7 @@ from .hf_attention import LayerState, RuntimeSettings
 
 #: RoPE variants whose frequencies are fixed for a forward pass, so extra rotations compose.
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "longrope", "proportional"}
+ALIBI_MODEL_TYPES = {"bloom", "mpt", "baichuan", "jais"}
 SLIDING_LAYER_TYPES = {"sliding_attention", "chunked_attention", "local_attention"}
 
 
@@ -91,11 +92,8 @@ def check_supported(model: torch.nn.Module) -> None:
     cfg = text_config(model)
     name = type(model).__name__
     if not _rotary_modules(model):
-        kind = (
-            "ALiBi biases"
-            if "alibi" in str(type(model)).lower() or getattr(cfg, "alibi", False)
-            else ("learned or no position embeddings")
-        )
+        alibi = getattr(cfg, "alibi", False) or getattr(cfg, "model_type", "") in ALIBI_MODEL_TYPES
+        kind = "ALiBi attention biases" if alibi else "learned or no position embeddings"
         raise UnsupportedModelError(
             f"{name} has no rotary position embedding (it uses {kind}); SelfExtend regroups RoPE positions and "
             "only works on RoPE models such as Llama, Mistral, Qwen, Gemma or Phi-3"
