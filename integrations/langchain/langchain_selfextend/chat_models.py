@@ -1,0 +1,359 @@
+"""``ChatSelfExtend``: a local chat model whose extended context window LangChain can see."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import generate_from_stream
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from selfextend_llm import SelfExtendModel
+
+from ._messages import parse_tool_calls, to_chat_dicts
+from ._shared import shared_model
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageMetadata:
+    return UsageMetadata(
+        input_tokens=prompt_tokens, output_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+def _extract_json(text: str) -> Any:
+    start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
+    if start < 0:
+        raise OutputParserException(f"model output contains no JSON: {text[:200]!r}", llm_output=text)
+    decoder = json.JSONDecoder()
+    try:
+        value, _ = decoder.raw_decode(text[start:])
+    except json.JSONDecodeError as err:
+        raise OutputParserException(f"model output is not valid JSON ({err}): {text[:200]!r}", llm_output=text) from err
+    return value
+
+
+class ChatSelfExtend(BaseChatModel):
+    """Chat model over a local RoPE LLM with SelfExtend.
+
+    ``profile["max_input_tokens"]`` is the *extended* window, so stuff-style chains and
+    middleware that read it send whole documents in one call.
+
+    Example:
+        .. code-block:: python
+
+            from langchain_selfextend import ChatSelfExtend
+
+            llm = ChatSelfExtend()  # embedded SmolLM2, window 8k -> 32k
+            llm.invoke("Summarise: " + open("report.txt").read())
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
+
+    model: str | None = None
+    """Hugging Face id or local path; None for the embedded SmolLM2 default."""
+    target_context: int | None = None
+    group_size: int | None = None
+    neighbor_window: int | None = None
+    gguf_file: str | None = None
+    device: str | None = None
+    temperature: float = 0.0
+    max_tokens: int = Field(default=256, alias="max_new_tokens")
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    streaming: bool = False
+    timeout: float | None = None
+    """Seconds after which generation stops (passed to transformers as ``max_time``)."""
+    max_retries: int = 2
+    """Accepted for API compatibility with hosted models; local generation has nothing to retry."""
+    top_p: float | None = None
+    seed: int | None = None
+    selfextend_model: SelfExtendModel | None = Field(default=None, exclude=True, alias="client")
+    """An already loaded :class:`selfextend_llm.SelfExtendModel` to use instead of loading one."""
+
+    @model_validator(mode="after")
+    def _load(self) -> ChatSelfExtend:
+        if self.selfextend_model is None:
+            self.selfextend_model = shared_model(
+                model=self.model,
+                target_context=self.target_context,
+                group_size=self.group_size,
+                neighbor_window=self.neighbor_window,
+                gguf_file=self.gguf_file,
+                device=self.device,
+            )
+        if self.profile is None:
+            tools = self.selfextend_model.supports_tools
+            self.profile = {
+                "name": self.selfextend_model.model_name,
+                "open_weights": True,
+                "max_input_tokens": self.selfextend_model.context_window,
+                "max_output_tokens": self.selfextend_model.context_window,
+                "text_inputs": True,
+                "text_outputs": True,
+                "image_inputs": False,
+                "audio_inputs": False,
+                "video_inputs": False,
+                "pdf_inputs": False,
+                "tool_calling": tools,
+                "tool_choice": tools,
+                "structured_output": tools,
+                "reasoning_output": False,
+            }
+        return self
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def _llm_type(self) -> str:
+        return "selfextend-chat"
+
+    @property
+    def model_name(self) -> str:
+        return self.selfextend_model.model_name
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, **self.selfextend_model.describe(), "temperature": self.temperature}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "selfextend"
+        params["ls_model_name"] = self.model_name
+        params["ls_model_type"] = "chat"
+        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
+        params["ls_max_tokens"] = kwargs.get("max_tokens", self.max_tokens)
+        if stop or self.stop:
+            params["ls_stop"] = list(stop or self.stop or [])
+        return params
+
+    # ------------------------------------------------------------------ tokens
+    def get_token_ids(self, text: str) -> list[int]:
+        return self.selfextend_model.encode(text)
+
+    def get_num_tokens(self, text: str) -> int:
+        return len(self.get_token_ids(text))
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None
+    ) -> int:
+        formatted = [convert_to_openai_tool(t) for t in tools] if tools else None
+        return len(self.selfextend_model.encode(to_chat_dicts(messages), tools=formatted))
+
+    # ------------------------------------------------------------------ generation
+    def _call_args(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]):
+        tools = kwargs.pop("tools", None)
+        tool_choice = kwargs.pop("tool_choice", None)
+        response_format = kwargs.pop("response_format", None)
+        chat = to_chat_dicts(messages)
+        if response_format is not None:
+            chat.insert(0, {"role": "system", "content": _json_instruction(response_format)})
+        if tools and tool_choice not in (None, "auto", "none"):
+            name = tool_choice if isinstance(tool_choice, str) and tool_choice not in ("any", "required") else None
+            must = f"the tool {name!r}" if name else "one of the tools"
+            chat.insert(0, {"role": "system", "content": f"You must answer by calling {must}."})
+        if tool_choice == "none":
+            tools = None
+        params: dict[str, Any] = {
+            "max_new_tokens": kwargs.pop("max_tokens", kwargs.pop("max_new_tokens", self.max_tokens)),
+            "temperature": kwargs.pop("temperature", self.temperature),
+            "stop": list(stop or []) + list(self.stop or []) or None,
+            "top_p": kwargs.pop("top_p", self.top_p),
+            "seed": kwargs.pop("seed", self.seed),
+            "tools": tools,
+        }
+        if self.timeout is not None:
+            params["max_time"] = self.timeout
+        # Fail before any work when the prompt cannot fit.
+        self.selfextend_model.check_fits(len(self.selfextend_model.encode(chat, tools=tools)))
+        return chat, params
+
+    def _message(self, text: str, prompt_tokens: int, completion_tokens: int, finish: str, tools: bool) -> AIMessage:
+        content, calls = parse_tool_calls(text) if tools else (text, [])
+        return AIMessage(
+            content=content,
+            tool_calls=calls,
+            usage_metadata=_usage(prompt_tokens, completion_tokens),
+            response_metadata={
+                "model_name": self.model_name,
+                "finish_reason": "tool_calls" if calls else finish,
+                "model_provider": "selfextend",
+            },
+        )
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.streaming and not kwargs.get("tools"):
+            return generate_from_stream(self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
+        chat, params = self._call_args(messages, stop, kwargs)
+        done = self.selfextend_model.complete(chat, **params)
+        message = self._message(
+            done.text, done.prompt_tokens, done.completion_tokens, done.finish_reason, bool(params["tools"])
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": self.model_name})
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        chat, params = self._call_args(messages, stop, kwargs)
+        for piece in self.selfextend_model.stream_chunks(chat, **params):
+            if piece.finish_reason is None:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
+                if run_manager:
+                    run_manager.on_llm_new_token(piece.text, chunk=chunk)
+            else:
+                chunk = ChatGenerationChunk(
+                    message=AIMessageChunk(
+                        content="",
+                        usage_metadata=_usage(piece.prompt_tokens, piece.completion_tokens),
+                        response_metadata={
+                            "model_name": self.model_name,
+                            "finish_reason": piece.finish_reason,
+                            "model_provider": "selfextend",
+                        },
+                        chunk_position="last",
+                    )
+                )
+            yield chunk
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.streaming and not kwargs.get("tools"):
+            chunks = [c async for c in self._astream(messages, stop=stop, run_manager=run_manager, **kwargs)]
+            merged = chunks[0]
+            for c in chunks[1:]:
+                merged += c
+            return ChatResult(generations=[ChatGeneration(message=merged.message, generation_info=None)])
+        # The model runs in a worker thread; the event loop stays free.
+        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        end = object()
+
+        def produce() -> None:
+            iterator = self._stream(messages, stop=stop, **kwargs)
+            try:
+                for chunk in iterator:
+                    if cancelled.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except BaseException as err:  # hand the error to the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, err)
+            finally:
+                iterator.close()
+                loop.call_soon_threadsafe(queue.put_nowait, end)
+
+        worker = loop.run_in_executor(None, produce)
+        try:
+            while (item := await queue.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                if run_manager and item.message.content:
+                    await run_manager.on_llm_new_token(item.message.content, chunk=item)
+                yield item
+        finally:
+            cancelled.set()
+            await worker
+
+    # ------------------------------------------------------------------ tools and structured output
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Offer tools through the model's chat template (Hermes/Qwen ``<tool_call>`` output format)."""
+        if not self.selfextend_model.supports_tools:
+            raise ValueError(
+                f"{self.model_name}'s chat template has no tool support, so it cannot call tools; "
+                "use a model whose template renders tools (for example Qwen2.5-Instruct), or call the tool yourself"
+            )
+        if isinstance(tool_choice, dict):
+            tool_choice = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
+        elif tool_choice is True:
+            tool_choice = "any"
+        return super().bind(tools=[convert_to_openai_tool(t) for t in tools], tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: Literal["json_schema", "json_mode", "function_calling"] = "json_schema",
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
+        """Ask for JSON matching ``schema`` and parse and validate it (a Pydantic class gives instances).
+
+        A reply that is not valid JSON for the schema raises ``OutputParserException``.
+        """
+        if kwargs:
+            raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
+        json_schema = convert_to_json_schema(schema) if method != "json_mode" else None
+        llm = self.bind(
+            response_format=json_schema or {"type": "json_object"},
+            ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
+        )
+        is_pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
+
+        def parse(message: AIMessage) -> Any:
+            data = _extract_json(message.content if isinstance(message.content, str) else str(message.content))
+            if is_pydantic:
+                try:
+                    return schema.model_validate(data)
+                except Exception as err:
+                    raise OutputParserException(
+                        f"JSON does not match {schema.__name__}: {err}", llm_output=str(message.content)
+                    ) from err
+            return data
+
+        parser = RunnableLambda(parse)
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def _json_instruction(response_format: dict) -> str:
+    if response_format.get("type") == "json_object":
+        return "Answer with one JSON object and nothing else."
+    return "Answer with one JSON object that matches this JSON schema, and nothing else:\n" + json.dumps(
+        response_format
+    )
+
+
+__all__ = ["ChatSelfExtend"]

@@ -1,0 +1,33 @@
+"""LangChain's standard integration suite for ChatSelfExtend, run on the real embedded default model."""
+
+from __future__ import annotations
+
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+from langchain_selfextend import ChatSelfExtend
+
+
+class TestChatSelfExtendIntegration(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[ChatSelfExtend]:
+        return ChatSelfExtend
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"max_tokens": 48}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False  # the default model's chat template has no tool support
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False  # a 135M model does not produce schema-valid JSON reliably
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
