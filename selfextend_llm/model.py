@@ -319,6 +319,7 @@ class SelfExtendModel:
 
         self._lock.acquire()
         worker = None
+        exhausted = False  # the streamer's end signal was consumed
         try:
             self._configure_for(ids.shape[1] + max_new)
             worker = threading.Thread(target=work, daemon=True)
@@ -331,15 +332,18 @@ class SelfExtendModel:
                     if cut > shown:
                         yield StreamChunk(text[shown:cut])
                     shown, stopped = cut, True
-                    cancel.set()
                     break
                 upto = emittable(text, stops)
                 if upto > shown:
                     yield StreamChunk(text[shown:upto])
                     shown = upto
-            if not stopped:
-                for _ in streamer:  # drain
+            else:
+                exhausted = True
+            if not exhausted:  # stopped on a stop string: cancel and let the worker finish
+                cancel.set()
+                for _ in streamer:
                     pass
+                exhausted = True
             worker.join()
             if "error" in result:
                 raise result["error"]
@@ -347,15 +351,15 @@ class SelfExtendModel:
                 yield StreamChunk(text[shown:])
             eos = set(_as_list(self.model.generation_config.eos_token_id))
             new = result.get("new", [])
-            ended = any(t in eos for t in new)
             n_new = next((i for i, t in enumerate(new) if t in eos), len(new))
-            reason = "stop" if stopped or ended or n_new < max_new else "length"
+            reason = "stop" if stopped or n_new < len(new) or n_new < max_new else "length"
             yield StreamChunk("", finish_reason=reason, prompt_tokens=len(encoded[0]), completion_tokens=n_new)
         finally:
             cancel.set()
             if worker is not None:
-                for _ in streamer:
-                    pass
+                if not exhausted:  # the consumer left early
+                    for _ in streamer:
+                        pass
                 worker.join()
             self._lock.release()
 

@@ -129,7 +129,7 @@ class ChatSelfExtend(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "selfextend"
-        params["ls_model_name"] = self.model_name
+        params["ls_model_name"] = kwargs.get("model") or self.model_name
         params["ls_model_type"] = "chat"
         params["ls_temperature"] = kwargs.get("temperature", self.temperature)
         params["ls_max_tokens"] = kwargs.get("max_tokens", self.max_tokens)
@@ -152,6 +152,12 @@ class ChatSelfExtend(BaseChatModel):
 
     # ------------------------------------------------------------------ generation
     def _call_args(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]):
+        override = kwargs.pop("model", None)
+        if override not in (None, self.model, self.model_name):
+            raise ValueError(
+                f"per-call model={override!r} is not supported: this ChatSelfExtend holds {self.model_name!r} in memory; "
+                "create another ChatSelfExtend for another model"
+            )
         tools = kwargs.pop("tools", None)
         tool_choice = kwargs.pop("tool_choice", None)
         response_format = kwargs.pop("response_format", None)

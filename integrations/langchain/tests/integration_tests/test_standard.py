@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from langchain_tests.integration_tests import ChatModelIntegrationTests
-
 from langchain_selfextend import ChatSelfExtend
+from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 
 class TestChatSelfExtendIntegration(ChatModelIntegrationTests):
@@ -31,3 +30,7 @@ class TestChatSelfExtendIntegration(ChatModelIntegrationTests):
     @property
     def returns_usage_metadata(self) -> bool:
         return True
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # a per-call `model=` would mean loading other weights mid-chain; pick the model at init

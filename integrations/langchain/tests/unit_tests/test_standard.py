@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from langchain_tests.unit_tests import ChatModelUnitTests
-
 from langchain_selfextend import ChatSelfExtend
+from langchain_tests.unit_tests import ChatModelUnitTests
 
 
 class TestChatSelfExtendUnit(ChatModelUnitTests):
@@ -25,3 +24,7 @@ class TestChatSelfExtendUnit(ChatModelUnitTests):
     def has_structured_output(self) -> bool:
         # Offered through JSON prompting, but a 135M model does not write schema-valid JSON reliably.
         return False
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # a per-call `model=` would mean loading other weights mid-chain; pick the model at init

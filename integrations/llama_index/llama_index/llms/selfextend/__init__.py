@@ -1,0 +1,3 @@
+from llama_index.llms.selfextend.base import SelfExtendLLM
+
+__all__ = ["SelfExtendLLM"]

@@ -1,0 +1,215 @@
+"""``SelfExtendLLM`` for LlamaIndex: reports the extended window so prompts are packed whole."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.llm import LLM
+
+from selfextend_llm import SelfExtendModel, load
+
+_SHARED: dict[tuple, SelfExtendModel] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared(**kwargs: Any) -> SelfExtendModel:
+    key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = load(**kwargs)
+        return _SHARED[key]
+
+
+def _to_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    role = {MessageRole.CHATBOT: "assistant", MessageRole.MODEL: "assistant"}
+    return [{"role": role.get(m.role, m.role.value), "content": m.content or ""} for m in messages]
+
+
+class SelfExtendLLM(LLM):
+    """A local RoPE model with SelfExtend, as a LlamaIndex LLM.
+
+    Example:
+        .. code-block:: python
+
+            from llama_index.core import Settings
+            from llama_index.llms.selfextend import SelfExtendLLM
+
+            llm = SelfExtendLLM()  # embedded SmolLM2, 8k trained -> 32k window
+            Settings.llm = llm
+            Settings.tokenizer = llm.tokenizer
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    model: str | None = Field(default=None, description="Hugging Face id or path; None for the embedded default.")
+    target_context: int | None = Field(default=None, description="Context to plan G and W for.")
+    group_size: int | None = Field(default=None, description="Fixed SelfExtend group size G.")
+    neighbor_window: int | None = Field(default=None, description="Fixed SelfExtend neighbor window W.")
+    gguf_file: str | None = Field(default=None, description="A GGUF file to load.")
+    device: str | None = Field(default=None, description="Torch device; default cuda when available.")
+    temperature: float = Field(default=0.0, ge=0.0)
+    max_new_tokens: int = Field(default=256, gt=0)
+    stop: list[str] | None = Field(default=None, description="Stop strings, cut from the output.")
+    context_window_override: int | None = Field(
+        default=None, description="Advertise a smaller window than the model's (for comparisons)."
+    )
+    _model: SelfExtendModel = PrivateAttr()
+
+    def __init__(self, selfextend_model: SelfExtendModel | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._model = selfextend_model or _shared(
+            model=self.model,
+            target_context=self.target_context,
+            group_size=self.group_size,
+            neighbor_window=self.neighbor_window,
+            gguf_file=self.gguf_file,
+            device=self.device,
+        )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "SelfExtendLLM"
+
+    @property
+    def selfextend_model(self) -> SelfExtendModel:
+        return self._model
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        m = self._model
+        return LLMMetadata(
+            context_window=self.context_window_override or m.context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=bool(getattr(m.tokenizer, "chat_template", None)),
+            is_function_calling_model=False,
+            model_name=m.model_name,
+        )
+
+    @property
+    def tokenizer(self) -> Callable[[str], list[int]]:
+        """For ``Settings.tokenizer``: counts with the model's own tokenizer."""
+        return self._model.encode
+
+    # ------------------------------------------------------------------ helpers
+    def _params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        stop = list(kwargs.pop("stop", None) or []) + list(self.stop or [])
+        return {
+            "max_new_tokens": kwargs.pop("max_new_tokens", kwargs.pop("max_tokens", self.max_new_tokens)),
+            "temperature": kwargs.pop("temperature", self.temperature),
+            "stop": stop or None,
+        }
+
+    def _completion_prompt(self, prompt: str, formatted: bool) -> str | list[dict[str, str]]:
+        if not formatted:
+            prompt = self.completion_to_prompt(prompt) if self.completion_to_prompt else prompt
+            if self.metadata.is_chat_model:
+                messages = []
+                if self.system_prompt:
+                    messages.append({"role": "system", "content": self.system_prompt})
+                return [*messages, {"role": "user", "content": prompt}]
+        return prompt
+
+    def _checked(self, prompt: str | list[dict[str, str]]) -> str | list[dict[str, str]]:
+        self._model.check_fits(self._model.count_tokens(prompt))  # before any generation starts
+        return prompt
+
+    # ------------------------------------------------------------------ completion
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        done = self._model.complete(self._checked(self._completion_prompt(prompt, formatted)), **self._params(kwargs))
+        return CompletionResponse(
+            text=done.text,
+            raw={
+                "finish_reason": done.finish_reason,
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+            },
+        )
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        full = self._checked(self._completion_prompt(prompt, formatted))  # formatting applies to streams too
+        params = self._params(kwargs)
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for piece in self._model.stream(full, **params):
+                text += piece
+                yield CompletionResponse(text=text, delta=piece)
+
+        return gen()
+
+    # ------------------------------------------------------------------ chat
+    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> list[dict[str, str]] | str:
+        if self.metadata.is_chat_model:
+            return _to_dicts(messages)
+        return self.messages_to_prompt(messages)
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        done = self._model.complete(self._checked(self._chat_prompt(messages)), **self._params(kwargs))
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=done.text),
+            raw={
+                "finish_reason": done.finish_reason,
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+            },
+        )
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        prompt = self._checked(self._chat_prompt(messages))
+        params = self._params(kwargs)
+
+        def gen() -> ChatResponseGen:
+            text = ""
+            for piece in self._model.stream(prompt, **params):
+                text += piece
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece)
+
+        return gen()
+
+    # ------------------------------------------------------------------ async: the model runs in a worker thread
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self.complete, prompt, formatted, **kwargs)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await asyncio.to_thread(self.chat, messages, **kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        return _athread(self.stream_complete(prompt, formatted, **kwargs))
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return _athread(self.stream_chat(messages, **kwargs))
+
+
+async def _athread(sync_gen):
+    """Drive a blocking generator in a worker thread, yielding its items without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    end = object()
+    while True:
+        item = await loop.run_in_executor(None, next, sync_gen, end)
+        if item is end:
+            return
+        yield item

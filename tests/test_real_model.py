@@ -1,0 +1,97 @@
+"""The embedded default model, offline: long-context retrieval and the SelfExtendModel API."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import selfextend_llm
+from selfextend_llm.model import ContextWindowExceededError
+from selfextend_llm.tasks.passkey import passkey_prompt
+
+
+def test_default_loads_offline_with_extended_window(default_model):
+    assert default_model.model_name == "SmolLM2-135M-Instruct"
+    assert default_model.pretrained_context == 8192
+    assert default_model.context_window == 4 * 8192
+    assert selfextend_llm.is_applied(default_model.model)
+
+
+def test_passkey_at_one_and_a_half_trained_windows(default_model):
+    """SelfExtend finds the key in ~12k tokens; the plain model, same prompt, does not."""
+    prompt = passkey_prompt(12_000, depth=0.4, seed=1, count_tokens=default_model.count_tokens)
+    assert 11_500 < default_model.count_tokens(prompt.text) <= 12_100
+    answer = default_model.generate(prompt.text, max_new_tokens=10)
+    assert prompt.passkey in answer
+    selfextend_llm.remove(default_model.model)
+    try:
+        ids = torch.tensor([default_model.encode(prompt.text)])
+        with torch.inference_mode():
+            out = default_model.model.generate(ids, max_new_tokens=10, do_sample=False)
+        plain = default_model.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    finally:
+        selfextend_llm.apply(default_model.model, default_model.config)
+    assert prompt.passkey not in plain
+
+
+def test_prompt_past_window_is_refused(default_model):
+    text = "word " * (default_model.context_window + 10)
+    with pytest.raises(ContextWindowExceededError, match=rf"longer than the context window of {32768} tokens"):
+        default_model.generate(text)
+
+
+def test_chat_messages_use_template(default_model):
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    assert default_model.count_tokens(msgs) > default_model.count_tokens(msgs[0]["content"])
+    assert "paris" in default_model.generate(msgs, max_new_tokens=12).lower()
+
+
+def test_stop_strings_of_several_tokens_are_cut(default_model):
+    msgs = [{"role": "user", "content": "Count from one to ten in words, separated by commas."}]
+    full = default_model.generate(msgs, max_new_tokens=40)
+    assert "four" in full.lower()
+    stop = "four," if "four," in full else "four"
+    cut = default_model.generate(msgs, max_new_tokens=40, stop=[stop])
+    assert stop not in cut and full.startswith(cut)
+    streamed = "".join(default_model.stream(msgs, max_new_tokens=40, stop=[stop]))
+    assert streamed == cut
+
+
+def test_stream_equals_generate_and_reports_usage(default_model):
+    msgs = [{"role": "user", "content": "Say hello."}]
+    whole = default_model.complete(msgs, max_new_tokens=8)
+    chunks = list(default_model.stream_chunks(msgs, max_new_tokens=8))
+    assert "".join(c.text for c in chunks) == whole.text
+    assert chunks[-1].finish_reason == whole.finish_reason
+    assert chunks[-1].prompt_tokens == whole.prompt_tokens == default_model.count_tokens(msgs)
+    assert whole.completion_tokens == 8 and whole.finish_reason == "length"
+
+
+def test_abandoned_stream_frees_the_model(default_model):
+    gen = default_model.stream("Once upon a time", max_new_tokens=64)
+    next(gen)
+    gen.close()
+    assert default_model.generate("Once upon a time", max_new_tokens=3)
+
+
+def test_threads_get_the_same_answers_as_sequential(default_model):
+    prompts = [f"The number after {n} is" for n in (3, 11, 41)]
+    sequential = [default_model.generate(p, max_new_tokens=4) for p in prompts]
+    results: dict[int, str] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, default_model.generate(prompts[i], max_new_tokens=4)))
+        for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(3)] == sequential
+
+
+def test_batch_equals_single(default_model):
+    prompts = ["The capital of Italy is", "One, two, three, four,"]
+    batch = default_model.complete_batch(prompts, max_new_tokens=5)
+    assert [c.text for c in batch] == [default_model.generate(p, max_new_tokens=5) for p in prompts]
