@@ -30,8 +30,10 @@ def main(n_tokens: int = 12_000) -> None:
     model = selfextend_llm.load()
     print(model)
     prompt = passkey_prompt(n_tokens, depth=0.35, seed=2024, count_tokens=model.count_tokens)
-    print(f"document: {model.count_tokens(prompt.text)} tokens, trained window {model.pretrained_context}; "
-          f"hidden pass key {prompt.passkey}")
+    print(
+        f"document: {model.count_tokens(prompt.text)} tokens, trained window {model.pretrained_context}; "
+        f"hidden pass key {prompt.passkey}"
+    )
     start = time.perf_counter()
     print("SelfExtend: ", end="", flush=True)
     for piece in model.stream(prompt.text, max_new_tokens=16, stop=["\n"]):

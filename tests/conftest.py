@@ -28,15 +28,22 @@ FAMILIES = {
         **COMMON, num_key_value_heads=2, head_dim=16, max_position_embeddings=TRAINED
     ),
     "phi3": lambda: transformers.Phi3Config(
-        **COMMON, num_key_value_heads=2, max_position_embeddings=TRAINED, original_max_position_embeddings=TRAINED,
+        **COMMON,
+        num_key_value_heads=2,
+        max_position_embeddings=TRAINED,
+        original_max_position_embeddings=TRAINED,
         pad_token_id=0,
     ),
     "gemma2": lambda: transformers.Gemma2Config(
         **COMMON, num_key_value_heads=2, head_dim=16, max_position_embeddings=TRAINED, sliding_window=16
     ),
     "gemma3": lambda: transformers.Gemma3TextConfig(
-        **{**COMMON, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=16, max_position_embeddings=TRAINED,
-        sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        **{**COMMON, "num_hidden_layers": 3},
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=TRAINED,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
     ),
     # partial rotary (half the head dim rotates)
     "phi": lambda: transformers.PhiConfig(**COMMON, max_position_embeddings=TRAINED, partial_rotary_factor=0.5),
@@ -70,9 +77,18 @@ def reference_attention_forward(module, query, key, value, attention_mask, dropo
         dense = (torch.arange(n)[None, :] <= rows[:, None])[None, None]
     cfg = state.settings.config
     out = reference_selfextend(
-        query, key, value, query_positions=positions, key_positions=k_pos, group_size=cfg.group_size,
-        neighbor_window=cfg.neighbor_window, inv_freq=state.inv_freq, layout=state.layout,
-        scale=scaling if scaling is not None else query.shape[-1] ** -0.5, mask=dense, softcap=kwargs.get("softcap"),
+        query,
+        key,
+        value,
+        query_positions=positions,
+        key_positions=k_pos,
+        group_size=cfg.group_size,
+        neighbor_window=cfg.neighbor_window,
+        inv_freq=state.inv_freq,
+        layout=state.layout,
+        scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        mask=dense,
+        softcap=kwargs.get("softcap"),
     )
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 

@@ -52,8 +52,13 @@ def test_alibi_model_is_refused():
 
 def test_dynamic_rope_is_refused():
     cfg = transformers.LlamaConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=64, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
     )
     with pytest.raises(se.UnsupportedModelError, match="dynamic NTK"):
         se.apply(transformers.LlamaForCausalLM(cfg))

@@ -81,7 +81,9 @@ def test_threads_get_the_same_answers_as_sequential(default_model):
     sequential = [default_model.generate(p, max_new_tokens=4) for p in prompts]
     results: dict[int, str] = {}
     threads = [
-        threading.Thread(target=lambda i=i: results.__setitem__(i, default_model.generate(prompts[i], max_new_tokens=4)))
+        threading.Thread(
+            target=lambda i=i: results.__setitem__(i, default_model.generate(prompts[i], max_new_tokens=4))
+        )
         for i in range(3)
     ]
     for t in threads:

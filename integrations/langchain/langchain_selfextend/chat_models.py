@@ -155,7 +155,8 @@ class ChatSelfExtend(BaseChatModel):
         override = kwargs.pop("model", None)
         if override not in (None, self.model, self.model_name):
             raise ValueError(
-                f"per-call model={override!r} is not supported: this ChatSelfExtend holds {self.model_name!r} in memory; "
+                f"per-call model={override!r} is not supported: this ChatSelfExtend holds {self.model_name!r} "
+                "in memory; "
                 "create another ChatSelfExtend for another model"
             )
         tools = kwargs.pop("tools", None)

@@ -1,0 +1,101 @@
+"""A ~12,000-token document through one stuff-style call, and the examples."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_selfextend import ChatSelfExtend, SelfExtendLLM
+
+from selfextend_llm.tasks.documents import make_fact_document
+
+EXAMPLES = Path(__file__).resolve().parents[4] / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class CallCounter(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_chat_model_start(self, *args, **kwargs) -> None:
+        self.calls += 1
+
+    def on_llm_start(self, *args, **kwargs) -> None:
+        self.calls += 1
+
+
+def test_profile_advertises_extended_window():
+    llm = ChatSelfExtend()
+    assert llm.profile["max_input_tokens"] == llm.selfextend_model.context_window == 32768
+    assert llm.profile["tool_calling"] is False  # SmolLM2's template has no tools
+    with pytest.raises(ValueError, match="no tool support"):
+        llm.bind_tools([])
+
+
+def test_same_arguments_share_one_model():
+    assert ChatSelfExtend().selfextend_model is ChatSelfExtend(temperature=0.5).selfextend_model
+    assert SelfExtendLLM().selfextend_model is ChatSelfExtend().selfextend_model
+
+
+def test_token_counts_use_model_tokenizer():
+    llm = ChatSelfExtend()
+    tok = llm.selfextend_model.tokenizer
+    assert llm.get_token_ids("hello world") == tok("hello world")["input_ids"]
+    assert llm.get_num_tokens_from_messages([("human", "hi")]) > llm.get_num_tokens("hi")
+
+
+def test_prompt_past_window_fails_before_generation():
+    llm = ChatSelfExtend()
+    counter = CallCounter()
+    with pytest.raises(ValueError, match="longer than the context window"):
+        llm.invoke("word " * 33_000, config={"callbacks": [counter]})
+
+
+def test_whole_document_chain_one_call():
+    example = load_example("langchain_whole_document_qa")
+    llm = ChatSelfExtend(max_tokens=16)
+    document, question, answer = make_fact_document(12_000, llm.get_num_tokens, seed=7)
+    assert llm.get_num_tokens(document) > 11_000
+    counter = CallCounter()
+    reply = example.build_chain(llm).invoke(
+        {"document": document, "question": question}, config={"callbacks": [counter]}
+    )
+    assert counter.calls == 1
+    assert answer in reply
+
+
+def test_long_file_tool(tmp_path):
+    example = load_example("langchain_long_file_tool")
+    document, question, answer = make_fact_document(3_000, ChatSelfExtend().get_num_tokens, seed=3)
+    path = tmp_path / "minutes.txt"
+    path.write_text(document)
+    assert answer in example.read_long_file.invoke({"path": str(path), "question": question})
+
+
+def test_drop_in_pipeline():
+    example = load_example("langchain_drop_in")
+    reply = example.build_pipeline(example.make_llm()).invoke({"text": "Good morning"})
+    assert isinstance(reply, str) and reply.strip()
+
+
+def test_completion_llm_stop_and_stream():
+    llm = SelfExtendLLM(max_tokens=20)
+    text = llm.invoke("One, two, three, four, five,", stop=[" seven"])
+    assert "seven" not in text
+    assert "".join(llm.stream("One, two, three, four, five,", stop=[" seven"])) == text
+
+
+async def test_async_batch_matches_sequential():
+    llm = ChatSelfExtend(max_tokens=6)
+    prompts = ["Name a colour.", "Name a fruit."]
+    sequential = [llm.invoke(p).content for p in prompts]
+    assert [m.content for m in await llm.abatch(prompts)] == sequential
+    assert [m.content for m in llm.batch(prompts)] == sequential

@@ -1,0 +1,97 @@
+"""SelfExtendLLM in LlamaIndex: whole-document packing, streaming, chat, async, stop, examples."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from llama_index.core import Settings
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
+from llama_index.llms.selfextend import SelfExtendLLM
+
+from selfextend_llm.tasks.documents import make_fact_document
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return SelfExtendLLM(max_new_tokens=16)
+
+
+def llm_calls(engine_llm, run) -> int:
+    debug = LlamaDebugHandler()
+    engine_llm.callback_manager = CallbackManager([debug])
+    Settings.callback_manager = engine_llm.callback_manager
+    run()
+    return len(debug.get_event_pairs(CBEventType.LLM))
+
+
+def test_metadata_reports_extended_window(llm):
+    meta = llm.metadata
+    assert meta.context_window == 32768 and meta.is_chat_model and not meta.is_function_calling_model
+    assert meta.model_name == "SmolLM2-135M-Instruct"
+    assert llm.tokenizer("hello world") == llm.selfextend_model.tokenizer("hello world")["input_ids"]
+
+
+def test_compact_query_is_one_call_with_selfextend_and_several_without(llm):
+    example = load_example("llamaindex_whole_document_qa")
+    text, question, answer = make_fact_document(12_000, lambda s: len(llm.tokenizer(s)), seed=11)
+    answers = []
+    calls = llm_calls(llm, lambda: answers.append(str(example.build_query_engine(llm, text).query(question))))
+    assert calls == 1
+    assert answer in answers[0]
+    plain_window = SelfExtendLLM(selfextend_model=llm.selfextend_model, max_new_tokens=4, context_window_override=8192)
+    calls = llm_calls(plain_window, lambda: example.build_query_engine(plain_window, text).query(question))
+    assert calls > 1
+
+
+def test_stream_complete_applies_prompt_formatting(llm):
+    formatted = SelfExtendLLM(
+        selfextend_model=llm.selfextend_model,
+        max_new_tokens=12,
+        completion_to_prompt=lambda p: p + " Answer in one word.",
+    )
+    assert (
+        "".join(r.delta for r in formatted.stream_complete("What is the capital of France?"))
+        == formatted.complete("What is the capital of France?").text
+    )
+
+
+def test_chat_stream_chat_and_stop(llm):
+    msgs = [ChatMessage(role="user", content="Count from one to ten in words, separated by commas.")]
+    whole = llm.chat(msgs, max_new_tokens=40).message.content
+    assert "four" in whole.lower()
+    cut = llm.chat(msgs, max_new_tokens=40, stop=["four"]).message.content
+    assert "four" not in cut and whole.startswith(cut)
+    streamed = list(llm.stream_chat(msgs, max_new_tokens=40, stop=["four"]))
+    assert streamed[-1].message.content == cut
+
+
+async def test_async_forms(llm):
+    msgs = [ChatMessage(role="user", content="Say hi.")]
+    assert (await llm.achat(msgs)).message.content == llm.chat(msgs).message.content
+    assert (await llm.acomplete("Say hi.")).text == llm.complete("Say hi.").text
+    pieces = [r.delta async for r in await llm.astream_complete("Say hi.")]
+    assert "".join(pieces) == llm.complete("Say hi.").text
+
+
+def test_prompt_past_window_raises_before_generation(llm):
+    with pytest.raises(ValueError, match="longer than the context window"):
+        llm.complete("word " * 33_000)
+
+
+def test_drop_in_example():
+    example = load_example("llamaindex_drop_in")
+    example.configure()
+    assert isinstance(Settings.llm, SelfExtendLLM)
+    assert example.existing_pipeline("When does the museum open?").strip()
