@@ -14,6 +14,9 @@ from selfextend_llm.attention import key_positions
 from selfextend_llm.hf_attention import PaddingMask, _plain, selfextend_mask
 from selfextend_llm.reference import reference_selfextend
 
+if os.environ.get("SELFEXTEND_TEST_DEVICE"):  # e.g. "cuda": run the tiny-model suites on a GPU
+    torch.set_default_device(os.environ["SELFEXTEND_TEST_DEVICE"])
+
 TRAINED = 64  # tiny trained window so that short sequences already exercise grouping
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
