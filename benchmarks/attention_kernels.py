@@ -127,8 +127,46 @@ def main() -> None:
         with torch.inference_mode():
             tp, ts = timed(plain, args.repeats), timed(se, args.repeats)
             mp, ms = peak(plain), peak(se)
+        # decoding one token against n cached keys (grouped keys already cached, as in generation)
+        q1, p1 = q[:, :, -1:], pos[:, -1:]
+        with torch.inference_mode():
+            _, cache = selfextend_attention(
+                q[:, :, -2:-1],
+                k[:, :, : n - 1],
+                v[:, :, : n - 1],
+                query_positions=pos[:, -2:-1],
+                query_start=n - 2,
+                group_size=args.group,
+                neighbor_window=args.window,
+                inv_freq=inv,
+                scale=d**-0.5,
+            )
+
+        def plain_dec(q1=q1, k=k, v=v):
+            return F.scaled_dot_product_attention(q1, k, v, enable_gqa=True)
+
+        def se_dec(q1=q1, k=k, v=v, p1=p1, cache=cache, n=n):
+            return selfextend_attention(
+                q1,
+                k,
+                v,
+                query_positions=p1,
+                query_start=n - 1,
+                group_size=args.group,
+                neighbor_window=args.window,
+                inv_freq=inv,
+                scale=d**-0.5,
+                key_cache=cache,
+            )[0]
+
+        with torch.inference_mode():
+            dp, ds = timed(plain_dec, args.repeats * 4), timed(se_dec, args.repeats * 4)
+        print(f"{'':>8} decode: plain {dp * 1e3:.3f} ms, selfextend {ds * 1e3:.3f} ms, ratio {ds / dp:.2f}", flush=True)
         rows.append(
             {
+                "decode_plain_ms": dp * 1e3,
+                "decode_selfextend_ms": ds * 1e3,
+                "decode_ratio": ds / dp,
                 "tokens": n,
                 "plain_ms": tp * 1e3,
                 "selfextend_ms": ts * 1e3,

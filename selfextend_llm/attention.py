@@ -24,10 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
+from . import flex
 from .backends import attention_with_lse, merge_partials
 from .rope import Layout, grouped_key_position, grouped_query_position, rotate
 
 DEFAULT_BLOCK_SIZE = 1024
+#: Prefill chunks at least this long use the flex_attention path on CUDA.
+FLEX_MIN_QUERIES = 128
 
 
 @dataclass
@@ -174,6 +177,26 @@ def selfextend_attention(
         else (key[:, :, :0], None)
     )
     gq_shift = grouped_query_position(query_positions, G, W) - query_positions
+
+    if (
+        backend in ("auto", "flex")
+        and q_len >= FLEX_MIN_QUERIES
+        and full_mask is None
+        and softcap is None
+        and flex.available(query.device)
+    ):
+        out = flex.flex_selfextend(
+            query,
+            key,
+            value,
+            rotate(query, gq_shift, inv_freq, layout),
+            kg,
+            query_start=query_start,
+            neighbor_window=W,
+            key_valid=key_valid,
+            scale=scale,
+        )
+        return out, new_cache
 
     outputs = []
     for t0 in range(0, q_len, block_size):

@@ -111,6 +111,14 @@ def attention_with_lse(
     if k.shape[2] == 0:
         shape = q.shape[:3]
         return q.new_zeros(q.shape), torch.full(shape, NEG_INF, device=q.device)
+    n_rep = q.shape[1] // k.shape[1]
+    if q.shape[2] == 1 and n_rep > 1 and (mask is None or mask.shape[-2] == 1):
+        # One query (decoding): fold the query heads of each KV head into the query axis, so no
+        # kernel needs the cache repeated per query head.
+        b, h, _, d = q.shape
+        packed = q.reshape(b, k.shape[1], n_rep, d)
+        out, lse = attention_with_lse(packed, k, v, mask, scale, softcap, backend)
+        return out.reshape(b, h, 1, d), lse.reshape(b, h, 1)
     if backend == "auto":
         if softcap is not None or q.requires_grad:
             backend = "math"
