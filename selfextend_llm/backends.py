@@ -82,9 +82,10 @@ def cuda_efficient_attention(
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     bias = None
     if mask is not None:
-        b, _, lq, lk = mask.shape
+        lq, lk = q.shape[2], mask.shape[-1]
+        mask = mask.expand(mask.shape[0], 1, lq, lk)
         padded = (lk + 15) // 16 * 16
-        full = torch.zeros((b, 1, lq, padded), dtype=q.dtype, device=q.device)
+        full = torch.zeros((mask.shape[0], 1, lq, padded), dtype=q.dtype, device=q.device)
         full[..., :lk].masked_fill_(~mask, NEG_INF)
         bias = full[..., :lk].expand(q.shape[0], q.shape[1], lq, lk)
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
