@@ -20,6 +20,9 @@ def _kernels():
     return torch.compile(flex_attention, dynamic=None), create_block_mask
 
 
+_MASKS: dict[tuple, tuple] = {}
+
+
 def available(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
@@ -63,9 +66,25 @@ def flex_selfextend(
         return ok & valid[b, kv_idx] if valid is not None else ok
 
     mask_b = bsz if valid is not None else None
+    # Every layer of one forward pass shares these masks: build them once per shape.
+    key_id = (
+        q_len,
+        n,
+        query_start,
+        neighbor_window,
+        str(query.device),
+        mask_b,
+        None if valid is None else (valid.data_ptr(), valid._version),
+    )
+    masks = _MASKS.get(key_id)
+    if masks is None:
+        masks = tuple(
+            create_block_mask(mod, mask_b, None, q_len, n, device=query.device, _compile=True) for mod in (near, far)
+        )
+        _MASKS.clear()
+        _MASKS[key_id] = masks
     parts = []
-    for mod, q, k in ((near, query, key), (far, grouped_query, grouped_key)):
-        block_mask = create_block_mask(mod, mask_b, None, q_len, n, device=query.device)
+    for block_mask, q, k in zip(masks, (query, grouped_query), (key, grouped_key), strict=True):
         out, lse = flex(q, k, value, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
         parts.append((out.nan_to_num(0.0), lse.float()))
     return merge_partials(parts, query.dtype)
