@@ -7,7 +7,15 @@ import re
 import uuid
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+    convert_to_messages,
+)
 
 _ROLES = {HumanMessage: "user", AIMessage: "assistant", SystemMessage: "system", ToolMessage: "tool"}
 
@@ -28,7 +36,7 @@ def _text(content: Any) -> str:
 
 def to_chat_dicts(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     out = []
-    for m in messages:
+    for m in convert_to_messages(messages):
         role = (
             m.role if isinstance(m, ChatMessage) else next((r for cls, r in _ROLES.items() if isinstance(m, cls)), None)
         )
