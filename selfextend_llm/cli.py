@@ -62,6 +62,70 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_passkey(args: argparse.Namespace) -> int:
+    from .evaluation import Method, default_depths, passkey_grid, plot_heatmaps, save
+
+    model = _load(args)
+    methods = [Method.parse(m) for m in args.methods]
+    result = passkey_grid(
+        model,
+        args.lengths,
+        default_depths(args.depths),
+        methods,
+        args.prompts,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    out = Path(args.out_dir)
+    save(result, out / "passkey.json")
+    png = plot_heatmaps(result, out / "passkey_heatmap.png")
+    if args.json:
+        print(json.dumps(result.to_json()["mean"]))
+    else:
+        print(result.table())
+        print(f"results: {out / 'passkey.json'}  heatmap: {png}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .evaluation import Method, default_depths, passkey_grid, save
+
+    model = _load(args)
+    windows = [w for w in args.windows if w < model.pretrained_context]
+    methods = [
+        Method.parse(f"se:{g},{w}")
+        for g in args.groups
+        for w in windows
+        if (model.pretrained_context - w) * g + w >= args.target
+    ]
+    if not methods:
+        print("error: no G/W pair reaches the target; add larger --groups", file=sys.stderr)
+        return 2
+    result = passkey_grid(
+        model,
+        [args.target],
+        default_depths(args.depths),
+        methods,
+        args.prompts,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    ranked = sorted(methods, key=lambda m: (-result.mean(m.name, args.target), m.config.group_size))
+    best = ranked[0].config
+    summary = {
+        "target": args.target,
+        "group_size": best.group_size,
+        "neighbor_window": best.neighbor_window,
+        "accuracy": result.mean(ranked[0].name, args.target),
+        "all": {m.name: result.mean(m.name, args.target) for m in ranked},
+    }
+    if args.save:
+        save(result, Path(args.save).with_suffix(".grid.json"))
+        Path(args.save).write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=None if args.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfextend-llm",
@@ -84,6 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=256)
     ask.add_argument("question", nargs="*", help="the question (default: summarise)")
     ask.set_defaults(func=cmd_ask)
+
+    grid = argparse.ArgumentParser(add_help=False)
+    grid.add_argument("--depths", type=int, default=5, help="needle depths, spread from 5%% to 95%%")
+    grid.add_argument("--prompts", type=int, default=4, help="prompts per cell")
+    grid.add_argument("--seed", type=int, default=0)
+    grid.add_argument("--batch-size", type=int, default=4)
+    pk = sub.add_parser("passkey", parents=[common, grid], help="pass-key grid: plain, dynamic NTK, YaRN, SelfExtend")
+    pk.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    pk.add_argument(
+        "--methods",
+        nargs="+",
+        default=["plain", "dynamic-ntk", "yarn", "selfextend"],
+        help="plain, dynamic-ntk, yarn, selfextend (shipped defaults) or se:G,W[+log]",
+    )
+    pk.add_argument("--out-dir", default="results/passkey")
+    pk.set_defaults(func=cmd_passkey)
+    tune = sub.add_parser(
+        "tune", parents=[common, grid], help="search G and W for a target length on the pass-key task"
+    )
+    tune.add_argument("--target", type=int, required=True, help="context length to tune for")
+    tune.add_argument("--groups", type=int, nargs="+", default=[4, 6, 8, 12, 16])
+    tune.add_argument("--windows", type=int, nargs="+", default=[512, 1024, 2048])
+    tune.add_argument("--save", help="write the best setting (JSON) here")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -25,3 +25,52 @@ def test_ask_refuses_a_file_past_the_window(tmp_path, capsys):
     doc.write_text("word " * 33_000)
     assert main(["ask", "--file", str(doc)]) == 2
     assert "longer than the context window" in capsys.readouterr().err
+
+
+def test_passkey_grid_writes_table_json_and_heatmap(tmp_path, capsys):
+    args = [
+        "passkey",
+        "--lengths",
+        "600",
+        "--depths",
+        "2",
+        "--prompts",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        "--methods",
+        "plain",
+        "yarn",
+        "se:2,128",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| 600 |" in out and "se:2,128" in out
+    data = json.loads((tmp_path / "passkey.json").read_text())
+    assert set(data["mean"]) == {"plain", "yarn", "se:2,128"}
+    assert data["mean"]["plain"]["600"] == 1.0  # inside the trained window the plain model finds it
+    assert (tmp_path / "passkey_heatmap.png").stat().st_size > 1000
+
+
+def test_tune_picks_a_setting(tmp_path, capsys):
+    save = tmp_path / "best.json"
+    args = [
+        "tune",
+        "--target",
+        "700",
+        "--groups",
+        "2",
+        "3",
+        "--windows",
+        "256",
+        "--depths",
+        "1",
+        "--prompts",
+        "1",
+        "--save",
+        str(save),
+        "--json",
+    ]
+    assert main(args) == 0
+    best = json.loads(save.read_text())
+    assert best["group_size"] in (2, 3) and best["neighbor_window"] == 256 and 0 <= best["accuracy"] <= 1

@@ -1,0 +1,237 @@
+"""Long-context evaluation: pass-key grids with plain, dynamic NTK, YaRN and SelfExtend side by side.
+
+Every method runs on the same weights and the same seeded prompts.  Generation bypasses the
+context-window check on purpose: the point is to see where each method breaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import patching
+from .config import SelfExtendConfig
+from .model import SelfExtendModel
+from .tasks.passkey import passkey_prompt
+from .tuning import choose_config
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of running the model: ``plain``, ``dynamic-ntk``, ``yarn``, ``selfextend`` or ``se:G,W[+log]``."""
+
+    name: str
+    config: SelfExtendConfig | None = None  # fixed SelfExtend setting; None with name "selfextend" = shipped defaults
+
+    @classmethod
+    def parse(cls, text: str) -> Method:
+        text = text.strip()
+        if text in ("plain", "dynamic-ntk", "yarn", "selfextend"):
+            return cls(text)
+        if text.startswith("se:"):
+            body, log = text[3:], False
+            if body.endswith("+log"):
+                body, log = body[:-4], True
+            g, w = (int(x) for x in body.split(","))
+            return cls(text, SelfExtendConfig(g, w, log_scale=log))
+        raise ValueError(f"unknown method {text!r}: use plain, dynamic-ntk, yarn, selfextend or se:G,W[+log]")
+
+
+def _rotary(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Module]:
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if any(n == "inv_freq" for n, _ in child.named_buffers(recurse=False)):
+                return parent, name, child
+    raise ValueError("no rotary embedding module with inv_freq found")
+
+
+@contextlib.contextmanager
+def using(se: SelfExtendModel, method: Method, length: int, factor: float = 4.0) -> Iterator[None]:
+    """Run ``se.model`` as ``method`` inside the block, for prompts of about ``length`` tokens."""
+    lm, trained = se.model, se.pretrained_context
+    previous = patching.settings_of(lm).config if patching.is_applied(lm) else None
+    patching.remove(lm)
+    swapped = None
+    try:
+        if method.name in ("dynamic-ntk", "yarn"):
+            parent, attr, rotary = _rotary(lm)
+            cfg = copy.deepcopy(patching.text_config(lm))
+            theta = cfg.rope_parameters.get("rope_theta", 10000.0)
+            if method.name == "dynamic-ntk":
+                cfg.rope_parameters = {"rope_type": "dynamic", "factor": factor, "rope_theta": theta}
+            else:
+                cfg.rope_parameters = {
+                    "rope_type": "yarn",
+                    "factor": factor,
+                    "rope_theta": theta,
+                    "original_max_position_embeddings": trained,
+                }
+            new = type(rotary)(config=cfg).to(next(lm.parameters()).device)
+            setattr(parent, attr, new)
+            swapped = (parent, attr, rotary)
+        elif method.name == "selfextend":
+            chosen = choose_config(se.model_name, trained, length, None)
+            if chosen is not None:
+                patching.apply(lm, chosen)
+        elif method.config is not None:
+            patching.apply(lm, method.config)
+        yield
+    finally:
+        if swapped is not None:
+            setattr(swapped[0], swapped[1], swapped[2])
+        patching.remove(lm)
+        if previous is not None:
+            patching.apply(lm, previous)
+
+
+def generate_raw(se: SelfExtendModel, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers for a left-padded batch, with no window check."""
+    encoded = [se.encode(p) for p in prompts]
+    ids, mask = se._batch_tensors(encoded)
+    with torch.inference_mode():
+        out = se.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=se.tokenizer.pad_token_id,
+        )
+    if patching.is_applied(se.model):
+        patching.clear_cache(se.model)
+    return [se.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
+
+
+@dataclass
+class GridResult:
+    task: str
+    lengths: list[int]
+    depths: list[float]
+    methods: list[str]
+    #: accuracy[method][length][depth index]
+    accuracy: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+
+    def mean(self, method: str, length: int) -> float:
+        cells = self.accuracy[method][length]
+        return sum(cells) / len(cells)
+
+    def table(self) -> str:
+        head = "| length | " + " | ".join(self.methods) + " |\n|---|" + "---|" * len(self.methods) + "\n"
+        rows = "".join(
+            f"| {n:,} | " + " | ".join(f"{self.mean(m, n):.2f}" for m in self.methods) + " |\n" for n in self.lengths
+        )
+        return head + rows
+
+    def to_json(self) -> dict:
+        return {
+            "task": self.task,
+            "lengths": self.lengths,
+            "depths": self.depths,
+            "methods": self.methods,
+            "accuracy": {m: {str(n): v for n, v in d.items()} for m, d in self.accuracy.items()},
+            "mean": {m: {str(n): self.mean(m, n) for n in self.lengths} for m in self.methods},
+            "samples": self.samples,
+        }
+
+
+def passkey_grid(
+    se: SelfExtendModel,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    methods: Sequence[Method],
+    prompts_per_cell: int = 4,
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> GridResult:
+    """Pass-key accuracy for each method x length x depth over ``prompts_per_cell`` seeded prompts."""
+    from tqdm.auto import tqdm
+
+    result = GridResult("passkey", list(lengths), list(depths), [m.name for m in methods])
+    total = len(methods) * len(lengths) * len(depths) * prompts_per_cell
+    bar = tqdm(total=total, desc="passkey", disable=not progress)
+    for method in methods:
+        result.accuracy[method.name] = {}
+        for n in lengths:
+            cells = []
+            with using(se, method, n + 16):
+                for di, depth in enumerate(depths):
+                    prompts = [
+                        passkey_prompt(n, depth, seed + 1000 * di + i, se.count_tokens) for i in range(prompts_per_cell)
+                    ]
+                    hits = 0
+                    for b0 in range(0, len(prompts), batch_size):
+                        batch = prompts[b0 : b0 + batch_size]
+                        for p, answer in zip(batch, generate_raw(se, [p.text for p in batch], 10), strict=True):
+                            ok = p.passkey in answer
+                            hits += ok
+                            result.samples.append(
+                                {
+                                    "method": method.name,
+                                    "length": n,
+                                    "depth": depth,
+                                    "passkey": p.passkey,
+                                    "answer": answer,
+                                    "correct": ok,
+                                }
+                            )
+                        bar.update(len(batch))
+                    cells.append(hits / len(prompts))
+            result.accuracy[method.name][n] = cells
+            bar.set_postfix_str(f"{method.name} {n}: {sum(cells) / len(cells):.2f}")
+    bar.close()
+    return result
+
+
+def plot_heatmaps(result: GridResult, path: str | Path) -> Path:
+    """Needle-in-a-haystack picture: one panel per method, length across, depth down, green = found."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(result.methods)
+    cols = min(k, 4)
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    for ax, method in zip(axes.flat, result.methods, strict=False):
+        grid = [[result.accuracy[method][n][d] for n in result.lengths] for d in range(len(result.depths))]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_title(method, fontsize=10)
+        ax.set_xticks(range(len(result.lengths)), [f"{n // 1024}k" for n in result.lengths], fontsize=8)
+        ax.set_yticks(range(len(result.depths)), [f"{int(d * 100)}%" for d in result.depths], fontsize=8)
+        ax.set_xlabel("context length")
+        ax.set_ylabel("needle depth")
+    for ax in list(axes.flat)[k:]:
+        ax.axis("off")
+    fig.suptitle(f"{result.task} accuracy")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save(result: GridResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2))
+    return path
+
+
+def default_depths(count: int = 5) -> list[float]:
+    """Needle depths spread from 5% to 95%."""
+    if count == 1:
+        return [0.5]
+    return [round(0.05 + 0.9 * i / (count - 1), 3) for i in range(count)]
+
+
+__all__ = ["GridResult", "Method", "default_depths", "passkey_grid", "plot_heatmaps", "save"]
