@@ -10,13 +10,13 @@ from __future__ import annotations
 from .config import SelfExtendConfig
 
 #: Measured settings for the embedded default (SmolLM2-135M-Instruct, trained on 8,192 tokens):
-#: (longest total tokens, G, W), first match wins.  See BENCHMARKS.md for the grids behind them.
-TUNED: dict[str, list[tuple[int, int, int]]] = {
+#: First match wins.  See BENCHMARKS.md for the grids behind them.
+TUNED: dict[str, list[tuple[int, int, int, bool]]] = {
+    # (longest total tokens, G, W, log-scaled queries)
     "SmolLM2-135M-Instruct": [
-        (12_288, 4, 1024),
-        (16_384, 12, 1024),
-        (24_576, 8, 2048),
-        (1 << 62, 8, 2048),
+        (12_288, 4, 1024, False),
+        (16_384, 12, 1024, False),
+        (1 << 62, 8, 2048, True),
     ],
 }
 
@@ -32,7 +32,7 @@ def choose_config(
     """The grouping for a call of ``total_tokens`` (prompt plus new tokens); None means plain attention."""
     if total_tokens <= pretrained_context:
         return None
-    for upto, group, window in TUNED.get(model_name, []):
+    for upto, group, window, log in TUNED.get(model_name, []):
         if total_tokens <= upto and neighbor_window in (None, window):
-            return SelfExtendConfig(group, window)
+            return SelfExtendConfig(group, window, log_scale=log)
     return SelfExtendConfig.for_target(pretrained_context, total_tokens, neighbor_window=neighbor_window)
