@@ -15,7 +15,7 @@ TUNED: dict[str, list[tuple[int, int, int, bool]]] = {
     # (longest total tokens, G, W, log-scaled queries)
     "SmolLM2-135M-Instruct": [
         (12_288, 4, 1024, False),
-        (16_384, 12, 1024, False),
+        (20_480, 12, 1024, False),
         (1 << 62, 8, 2048, True),
     ],
 }
