@@ -52,6 +52,11 @@ def _gguf_cache_dir(path: Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
+def _gguf_name(path: Path) -> str:
+    """Model name of a GGUF file: its stem without the quantisation suffix (``X.Q4_1.gguf`` -> ``X``)."""
+    return path.name.split(".")[0]
+
+
 def _resolve(model: str | os.PathLike | None, gguf_file: str | None) -> tuple[str, str | None, str]:
     """(directory or id, gguf file name or None, display name)."""
     if model is None and gguf_file is None:
@@ -61,16 +66,16 @@ def _resolve(model: str | os.PathLike | None, gguf_file: str | None) -> tuple[st
         path = Path(gguf_file)
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {gguf_file!r} does not exist; pass the path of a .gguf file")
-        return str(path.parent), path.name, path.stem
+        return str(path.parent), path.name, _gguf_name(path)
     text = str(model)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return str(path.parent), path.name, path.stem
+        return str(path.parent), path.name, _gguf_name(path)
     if gguf_file is not None:
         candidate = path / gguf_file if path.is_dir() else Path(gguf_file)
         if not candidate.is_file():
             raise ModelNotFoundError(f"GGUF file {gguf_file!r} not found in {text!r}")
-        return str(candidate.parent), candidate.name, candidate.stem
+        return str(candidate.parent), candidate.name, _gguf_name(candidate)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
