@@ -126,6 +126,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(_load(args), host=args.host, port=args.port, api_key=args.api_key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfextend-llm",
@@ -172,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--windows", type=int, nargs="+", default=[512, 1024, 2048])
     tune.add_argument("--save", help="write the best setting (JSON) here")
     tune.set_defaults(func=cmd_tune)
+    srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (chat and completions)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

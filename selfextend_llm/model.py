@@ -94,7 +94,8 @@ class SelfExtendModel:
         self.context_window = context_window
         self.model_name = name
         self.adaptive = adaptive
-        self._lock = threading.RLock()
+        # A plain Lock, not an RLock: a stream may be advanced (and closed) from different worker threads.
+        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- properties
     @property
