@@ -99,3 +99,17 @@ async def test_async_batch_matches_sequential():
     sequential = [llm.invoke(p).content for p in prompts]
     assert [m.content for m in await llm.abatch(prompts)] == sequential
     assert [m.content for m in llm.batch(prompts)] == sequential
+
+
+def test_summarization_middleware_sees_extended_window():
+    """LangChain's SummarizationMiddleware reads profile['max_input_tokens'] for fractional triggers."""
+    middleware = pytest.importorskip("langchain.agents.middleware")
+    llm = ChatSelfExtend()
+    summarizer = middleware.SummarizationMiddleware(model=llm, trigger=("fraction", 0.8))
+    assert summarizer._get_profile_limits() == 32768
+    # a 12k-token conversation is far below 80% of the extended window: nothing to summarise
+    messages = [("human", "word " * 12_000)]
+    from langchain_core.messages import convert_to_messages
+
+    n = llm.get_num_tokens_from_messages(convert_to_messages(messages))
+    assert 0.8 * 8192 < n < 0.8 * 32768  # would trigger on the plain 8k window, not on the extended one
