@@ -62,13 +62,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_passkey(args: argparse.Namespace) -> int:
-    from .evaluation import Method, default_depths, passkey_grid, plot_heatmaps, save
+def cmd_grid(args: argparse.Namespace) -> int:
+    """passkey and needle: accuracy grid, JSON results and a heatmap."""
+    from .evaluation import Method, default_depths, plot_heatmaps, save, task_grid
 
     model = _load(args)
     methods = [Method.parse(m) for m in args.methods]
-    result = passkey_grid(
+    result = task_grid(
         model,
+        args.command,
         args.lengths,
         default_depths(args.depths),
         methods,
@@ -77,13 +79,42 @@ def cmd_passkey(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     out = Path(args.out_dir)
-    save(result, out / "passkey.json")
-    png = plot_heatmaps(result, out / "passkey_heatmap.png")
+    save(result, out / f"{args.command}.json")
+    png = plot_heatmaps(result, out / f"{args.command}_heatmap.png")
     if args.json:
         print(json.dumps(result.to_json()["mean"]))
     else:
         print(result.table())
-        print(f"results: {out / 'passkey.json'}  heatmap: {png}")
+        print(f"results: {out / (args.command + '.json')}  heatmap: {png}")
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .evaluation import Method, perplexity_curve, plot_perplexity
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"error: no such file: {path}", file=sys.stderr)
+        return 2
+    model = _load(args)
+    methods = [Method.parse(m) for m in args.methods]
+    try:
+        curve = perplexity_curve(model, path.read_text(encoding="utf-8", errors="replace"), args.lengths, methods)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perplexity.json").write_text(json.dumps(curve, indent=2))
+    png = plot_perplexity(curve, out / "perplexity.png")
+    if args.json:
+        print(json.dumps(curve))
+    else:
+        lengths = sorted({n for points in curve.values() for n in points})
+        print("| length | " + " | ".join(curve) + " |\n|---|" + "---|" * len(curve))
+        for n in lengths:
+            print(f"| {n:,} | " + " | ".join(f"{curve[m].get(n, float('nan')):.2f}" for m in curve) + " |")
+        print(f"results: {out / 'perplexity.json'}  plot: {png}")
     return 0
 
 
@@ -161,16 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--prompts", type=int, default=4, help="prompts per cell")
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--batch-size", type=int, default=4)
-    pk = sub.add_parser("passkey", parents=[common, grid], help="pass-key grid: plain, dynamic NTK, YaRN, SelfExtend")
-    pk.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
-    pk.add_argument(
-        "--methods",
-        nargs="+",
-        default=["plain", "dynamic-ntk", "yarn", "selfextend"],
-        help="plain, dynamic-ntk, yarn, selfextend (shipped defaults) or se:G,W[+log]",
-    )
-    pk.add_argument("--out-dir", default="results/passkey")
-    pk.set_defaults(func=cmd_passkey)
+    methods_help = "plain, dynamic-ntk, yarn, selfextend (shipped defaults) or se:G,W[+log]"
+    all_methods = ["plain", "dynamic-ntk", "yarn", "selfextend"]
+    for task, text in (("passkey", "pass-key grid"), ("needle", "RULER-style multi-key needle grid")):
+        p = sub.add_parser(task, parents=[common, grid], help=f"{text}: plain, dynamic NTK, YaRN, SelfExtend")
+        p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+        p.add_argument("--methods", nargs="+", default=all_methods, help=methods_help)
+        p.add_argument("--out-dir", default=f"results/{task}")
+        p.set_defaults(func=cmd_grid)
+    ppl = sub.add_parser("perplexity", parents=[common], help="perplexity against context length on a text file")
+    ppl.add_argument("--file", required=True)
+    ppl.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    ppl.add_argument("--methods", nargs="+", default=all_methods, help=methods_help)
+    ppl.add_argument("--out-dir", default="results/perplexity")
+    ppl.set_defaults(func=cmd_perplexity)
     tune = sub.add_parser(
         "tune", parents=[common, grid], help="search G and W for a target length on the pass-key task"
     )

@@ -19,6 +19,7 @@ import torch
 from . import patching
 from .config import SelfExtendConfig
 from .model import SelfExtendModel
+from .tasks.needle import needle_prompt
 from .tasks.passkey import passkey_prompt
 from .tuning import choose_config
 
@@ -141,8 +142,21 @@ class GridResult:
         }
 
 
-def passkey_grid(
+def _passkey_task(n: int, depth: float, seed: int, count_tokens) -> tuple[str, str]:
+    p = passkey_prompt(n, depth, seed, count_tokens)
+    return p.text, p.passkey
+
+
+def _needle_task(n: int, depth: float, seed: int, count_tokens) -> tuple[str, str]:
+    return needle_prompt(n, depth, seed, count_tokens)
+
+
+TASKS = {"passkey": _passkey_task, "needle": _needle_task}
+
+
+def task_grid(
     se: SelfExtendModel,
+    task: str,
     lengths: Sequence[int],
     depths: Sequence[float],
     methods: Sequence[Method],
@@ -151,43 +165,95 @@ def passkey_grid(
     batch_size: int = 4,
     progress: bool = True,
 ) -> GridResult:
-    """Pass-key accuracy for each method x length x depth over ``prompts_per_cell`` seeded prompts."""
+    """Exact-match accuracy of ``task`` for each method x length x depth over seeded prompts."""
     from tqdm.auto import tqdm
 
-    result = GridResult("passkey", list(lengths), list(depths), [m.name for m in methods])
+    make = TASKS[task]
+    result = GridResult(task, list(lengths), list(depths), [m.name for m in methods])
     total = len(methods) * len(lengths) * len(depths) * prompts_per_cell
-    bar = tqdm(total=total, desc="passkey", disable=not progress)
+    bar = tqdm(total=total, desc=task, disable=not progress)
     for method in methods:
         result.accuracy[method.name] = {}
         for n in lengths:
             cells = []
             with using(se, method, n + 16):
                 for di, depth in enumerate(depths):
-                    prompts = [
-                        passkey_prompt(n, depth, seed + 1000 * di + i, se.count_tokens) for i in range(prompts_per_cell)
-                    ]
+                    items = [make(n, depth, seed + 1000 * di + i, se.count_tokens) for i in range(prompts_per_cell)]
                     hits = 0
-                    for b0 in range(0, len(prompts), batch_size):
-                        batch = prompts[b0 : b0 + batch_size]
-                        for p, answer in zip(batch, generate_raw(se, [p.text for p in batch], 10), strict=True):
-                            ok = p.passkey in answer
+                    for b0 in range(0, len(items), batch_size):
+                        batch = items[b0 : b0 + batch_size]
+                        answers = generate_raw(se, [text for text, _ in batch], 12)
+                        for (_, expected), answer in zip(batch, answers, strict=True):
+                            ok = expected in answer
                             hits += ok
                             result.samples.append(
                                 {
                                     "method": method.name,
                                     "length": n,
                                     "depth": depth,
-                                    "passkey": p.passkey,
+                                    "expected": expected,
                                     "answer": answer,
                                     "correct": ok,
                                 }
                             )
                         bar.update(len(batch))
-                    cells.append(hits / len(prompts))
+                    cells.append(hits / len(items))
             result.accuracy[method.name][n] = cells
             bar.set_postfix_str(f"{method.name} {n}: {sum(cells) / len(cells):.2f}")
     bar.close()
     return result
+
+
+def passkey_grid(se: SelfExtendModel, lengths, depths, methods, prompts_per_cell: int = 4, **kwargs) -> GridResult:
+    """Pass-key accuracy for each method x length x depth (see :func:`task_grid`)."""
+    return task_grid(se, "passkey", lengths, depths, methods, prompts_per_cell, **kwargs)
+
+
+def perplexity_curve(
+    se: SelfExtendModel, text: str, lengths: Sequence[int], methods: Sequence[Method], progress: bool = True
+) -> dict[str, dict[int, float]]:
+    """Perplexity of the first ``n`` tokens of ``text`` for each method and length."""
+    from tqdm.auto import tqdm
+
+    ids = se.encode(text)
+    usable = [n for n in lengths if n <= len(ids)]
+    if not usable:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than the shortest length asked for ({min(lengths)})")
+    curve: dict[str, dict[int, float]] = {}
+    bar = tqdm(total=len(usable) * len(methods), desc="perplexity", disable=not progress)
+    for method in methods:
+        curve[method.name] = {}
+        for n in usable:
+            x = torch.tensor([ids[:n]], device=se.device)
+            with using(se, method, n), torch.inference_mode():
+                loss = se.model(x, labels=x).loss
+            curve[method.name][n] = float(torch.exp(loss.float()))
+            bar.update(1)
+    bar.close()
+    return curve
+
+
+def plot_perplexity(curve: dict[str, dict[int, float]], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, points in curve.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_heatmaps(result: GridResult, path: str | Path) -> Path:
@@ -234,4 +300,14 @@ def default_depths(count: int = 5) -> list[float]:
     return [round(0.05 + 0.9 * i / (count - 1), 3) for i in range(count)]
 
 
-__all__ = ["GridResult", "Method", "default_depths", "passkey_grid", "plot_heatmaps", "save"]
+__all__ = [
+    "GridResult",
+    "Method",
+    "default_depths",
+    "passkey_grid",
+    "perplexity_curve",
+    "plot_heatmaps",
+    "plot_perplexity",
+    "save",
+    "task_grid",
+]

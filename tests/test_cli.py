@@ -74,3 +74,53 @@ def test_tune_picks_a_setting(tmp_path, capsys):
     assert main(args) == 0
     best = json.loads(save.read_text())
     assert best["group_size"] in (2, 3) and best["neighbor_window"] == 256 and 0 <= best["accuracy"] <= 1
+
+
+def test_needle_grid(tmp_path, capsys):
+    args = [
+        "needle",
+        "--lengths",
+        "700",
+        "--depths",
+        "1",
+        "--prompts",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--methods",
+        "plain",
+        "se:2,128",
+        "--json",
+    ]
+    assert main(args) == 0
+    mean = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(mean) == {"plain", "se:2,128"}
+    assert (tmp_path / "needle_heatmap.png").is_file()
+
+
+def test_perplexity_on_a_file(tmp_path, capsys):
+    from selfextend_llm.tasks.documents import make_fact_document
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(make_fact_document(1_200, lambda s: len(s) // 4, seed=1)[0])
+    args = [
+        "perplexity",
+        "--file",
+        str(doc),
+        "--lengths",
+        "256",
+        "512",
+        "--methods",
+        "plain",
+        "se:4,64",
+        "--out-dir",
+        str(tmp_path),
+        "--json",
+    ]
+    assert main(args) == 0
+    curve = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(curve["plain"]) == {"256", "512"}
+    assert all(1.0 < v < 1000 for points in curve.values() for v in points.values())
+    # G=4, W=64 changes attention only past 64 tokens: it must give a different, finite perplexity
+    assert curve["se:4,64"]["512"] != curve["plain"]["512"]
+    assert (tmp_path / "perplexity.png").is_file()
