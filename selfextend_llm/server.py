@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -204,23 +204,33 @@ def create_app(
             raise APIError(400, str(err), "invalid_request_error", "context_length_exceeded", "messages") from err
         return n
 
-    async def _stream(request: Request, chunks: Iterator, make: Any, final: Any) -> AsyncIterator[bytes]:
+    # One request at a time reaches the model; the rest wait here, on the event loop, without holding
+    # a worker thread (threads blocked on the model's lock could starve the stream that holds it).
+    gate = asyncio.Lock()
+
+    async def _run(fn, *args, **kwargs):
+        async with gate:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def _stream(request: Request, start: Any, make: Any, final: Any) -> AsyncIterator[bytes]:
         """SSE from a blocking chunk iterator; a disconnect closes it, which cancels generation."""
         loop = asyncio.get_running_loop()
         end = object()
-        try:
-            while True:
-                chunk = await loop.run_in_executor(None, next, chunks, end)
-                if chunk is end:
-                    break
-                if await request.is_disconnected():
-                    break
-                for payload in (make(chunk), final(chunk)):
-                    if payload is not None:
-                        yield f"data: {json.dumps(payload)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-        finally:
-            await loop.run_in_executor(None, chunks.close)
+        async with gate:
+            chunks = start()
+            try:
+                while True:
+                    chunk = await loop.run_in_executor(None, next, chunks, end)
+                    if chunk is end:
+                        break
+                    if await request.is_disconnected():
+                        break
+                    for payload in (make(chunk), final(chunk)):
+                        if payload is not None:
+                            yield f"data: {json.dumps(payload)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+            finally:
+                await loop.run_in_executor(None, chunks.close)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -245,7 +255,7 @@ def create_app(
             params["tools"] = [t.get("function", t) if t.get("type") == "function" else t for t in req.tools]
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not req.stream:
-            done = await asyncio.to_thread(model.complete, messages, **params)
+            done = await _run(model.complete, messages, **params)
             return {
                 "id": cid,
                 "object": "chat.completion",
@@ -278,8 +288,8 @@ def create_app(
                 return None
             return {**base, "choices": [], "usage": _usage(c.prompt_tokens, c.completion_tokens)}
 
-        chunks = model.stream_chunks(messages, **params)
-        return StreamingResponse(_stream(request, chunks, make, final), media_type="text/event-stream")
+        start = lambda: model.stream_chunks(messages, **params)
+        return StreamingResponse(_stream(request, start, make, final), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -292,7 +302,7 @@ def create_app(
         params = _params(req, req.max_tokens)
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if not req.stream:
-            done = await asyncio.to_thread(model.complete, prompt, **params)
+            done = await _run(model.complete, prompt, **params)
             return {
                 "id": cid,
                 "object": "text_completion",
@@ -318,7 +328,7 @@ def create_app(
             return {**base, "choices": [], "usage": _usage(c.prompt_tokens, c.completion_tokens)}
 
         return StreamingResponse(
-            _stream(request, model.stream_chunks(prompt, **params), make, final), media_type="text/event-stream"
+            _stream(request, lambda: model.stream_chunks(prompt, **params), make, final), media_type="text/event-stream"
         )
 
     return app

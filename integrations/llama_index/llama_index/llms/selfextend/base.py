@@ -205,11 +205,34 @@ class SelfExtendLLM(LLM):
 
 
 async def _athread(sync_gen):
-    """Drive a blocking generator in a worker thread, yielding its items without blocking the loop."""
+    """Drive a blocking generator in one worker thread, yielding its items without blocking the loop.
+
+    The whole generator runs in a single thread: handing each ``next`` to the shared executor could
+    starve it while other calls wait there on the model's lock.
+    """
     loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
     end = object()
-    while True:
-        item = await loop.run_in_executor(None, next, sync_gen, end)
-        if item is end:
-            return
-        yield item
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in sync_gen:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+                if stop.is_set():
+                    break
+        except BaseException as err:
+            loop.call_soon_threadsafe(queue.put_nowait, err)
+        finally:
+            sync_gen.close()
+            loop.call_soon_threadsafe(queue.put_nowait, end)
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while (item := await queue.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
