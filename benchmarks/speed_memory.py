@@ -13,6 +13,8 @@ import argparse
 import json
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -56,6 +58,25 @@ def run_one(model, ids: torch.Tensor, decode_tokens: int) -> dict:
     return {"prefill_tok_s": ids.shape[1] / prefill, "decode_tok_s": decode_tokens / decode, "peak_mib": _peak(device)}
 
 
+def measure(args, n: int, method: str) -> dict:
+    """One setting in this process: load, (warm up on GPU,) time prefill and decode."""
+    se = selfextend_llm.load(args.model, gguf_file=args.gguf_file, dtype=args.dtype, target_context=max(args.lengths))
+    lm, device = se.model, se.device
+    text = passkey_prompt(n, 0.5, 0, se.count_tokens).text
+    ids = torch.tensor([se.encode(text)[:n]], device=device)
+    selfextend_llm.remove(lm)
+    if method == "selfextend":
+        selfextend_llm.apply(lm, selfextend_llm.SelfExtendConfig.for_target(se.pretrained_context, n))
+    if device.type == "cuda":  # warm-up: kernel selection and compilation are not what we time
+        run_one(lm, ids, 2)
+    row = run_one(lm, ids, args.decode_tokens)
+    row["device"] = (
+        torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    )
+    row["model"] = se.model_name
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -64,28 +85,38 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--child", nargs=2, metavar=("LENGTH", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    se = selfextend_llm.load(args.model, gguf_file=args.gguf_file, dtype=args.dtype, target_context=max(args.lengths))
-    lm, device = se.model, se.device
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    rows = []
-    print(f"{se!r} on {name}")
+    if args.child:
+        print("RESULT " + json.dumps(measure(args, int(args.child[0]), args.child[1])), flush=True)
+        return
+    rows, name, model = [], "?", "?"
     print(
         f"{'tokens':>7} {'plain prefill':>14} {'SE prefill':>11} {'ratio':>6} {'plain decode':>13} {'SE decode':>10} "
         f"{'ratio':>6} {'plain MiB':>10} {'SE MiB':>8}"
     )
     for n in args.lengths:
-        text = passkey_prompt(n, 0.5, 0, se.count_tokens).text
-        ids = torch.tensor([se.encode(text)[:n]], device=device)
-        selfextend_llm.remove(lm)
-        if device.type == "cuda":  # warm-up: kernel selection and compilation are not what we time
-            run_one(lm, ids, 2)
-        plain = run_one(lm, ids, args.decode_tokens)
-        selfextend_llm.apply(lm, selfextend_llm.SelfExtendConfig.for_target(se.pretrained_context, n))
-        if device.type == "cuda":
-            run_one(lm, ids, 2)
-        ext = run_one(lm, ids, args.decode_tokens)
-        selfextend_llm.clear_cache(lm)
+        got = {}
+        for method in ("plain", "selfextend"):
+            # each setting in a fresh process, so that peak memory is its own
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(n),
+                method,
+                "--lengths",
+                *map(str, args.lengths),
+                "--decode-tokens",
+                str(args.decode_tokens),
+            ]
+            for flag in ("model", "gguf_file", "dtype"):
+                if getattr(args, flag):
+                    cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            got[method] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        plain, ext = got["plain"], got["selfextend"]
+        name, model = plain["device"], plain["model"]
         row = {
             "tokens": n,
             "plain": plain,
@@ -101,10 +132,11 @@ def main() -> None:
             f"{plain['peak_mib']:>10.0f} {ext['peak_mib']:>8.0f}",
             flush=True,
         )
-    out = Path(args.out or f"results/speed_memory_{device.type}.json")
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out or f"results/speed_memory_{kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"device": name, "model": se.model_name, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2)
+        json.dumps({"device": name, "model": model, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2)
     )
 
 
