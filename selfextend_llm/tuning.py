@@ -37,7 +37,9 @@ def choose_config(
     """
     for upto, group, window, log in TUNED.get(model_name, []):
         if total_tokens <= upto and neighbor_window in (None, window):
-            return SelfExtendConfig(group, window, log_scale=log)
+            tuned = SelfExtendConfig(group, window, log_scale=log)
+            if tuned.max_context(pretrained_context) >= total_tokens:  # else it cannot reach: use the rule
+                return tuned
     if total_tokens <= pretrained_context:
         return None
     return SelfExtendConfig.for_target(pretrained_context, total_tokens, neighbor_window=neighbor_window)

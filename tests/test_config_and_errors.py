@@ -115,3 +115,13 @@ def test_rotate_composes():
     a, b = torch.randint(-50, 50, (1, 5)), torch.randint(-50, 50, (1, 5))
     for layout in ("half", "interleaved"):
         assert torch.allclose(rotate(rotate(x, a, inv, layout), b, inv, layout), rotate(x, a + b, inv, layout))
+
+
+def test_chosen_grouping_always_reaches_the_length():
+    from selfextend_llm.tuning import choose_config
+
+    for name in ("SmolLM2-135M-Instruct", "some-other-model"):
+        for total in (9_000, 16_000, 32_768, 100_000):
+            cfg = choose_config(name, 8192, total, None)
+            assert cfg.max_context(8192) >= total
+    assert choose_config("some-other-model", 8192, 4_000, None) is None  # plain inside the window
