@@ -17,6 +17,7 @@ __all__ = [
     "clear_cache",
     "is_applied",
     "load",
+    "load_shared",
     "remove",
     "__version__",
 ]
@@ -24,7 +25,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # Loading pulls in tokenizers and the GGUF reader; keep `import selfextend_llm` light.
-    if name in ("load", "SelfExtendModel"):
+    if name in ("load", "load_shared", "SelfExtendModel"):
         from . import model
 
         return getattr(model, name)

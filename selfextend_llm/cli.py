@@ -21,6 +21,14 @@ def _load(args: argparse.Namespace):
     )
 
 
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None after telling the user it does not exist."""
+    if not path.is_file():
+        print(f"error: no such file: {path}", file=sys.stderr)
+        return None
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     info = _load(args).describe()
     if args.json:
@@ -35,11 +43,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from selfextend_llm.model import ContextWindowExceededError
 
     path = Path(args.file)
-    if not path.is_file():
-        print(f"error: no such file: {path}", file=sys.stderr)
+    text = _read_text(path)
+    if text is None:
         return 2
     model = _load(args)
-    text = path.read_text(encoding="utf-8", errors="replace")
     question = " ".join(args.question) or "Summarise this document."
     messages = [
         {"role": "system", "content": "Answer the question using the document."},
@@ -93,13 +100,13 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from .evaluation import Method, perplexity_curve, plot_perplexity
 
     path = Path(args.file)
-    if not path.is_file():
-        print(f"error: no such file: {path}", file=sys.stderr)
+    text = _read_text(path)
+    if text is None:
         return 2
     model = _load(args)
     methods = [Method.parse(m) for m in args.methods]
     try:
-        curve = perplexity_curve(model, path.read_text(encoding="utf-8", errors="replace"), args.lengths, methods)
+        curve = perplexity_curve(model, text, args.lengths, methods)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

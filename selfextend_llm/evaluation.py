@@ -233,11 +233,26 @@ def perplexity_curve(
     return curve
 
 
-def plot_perplexity(curve: dict[str, dict[int, float]], path: str | Path) -> Path:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_perplexity(curve: dict[str, dict[int, float]], path: str | Path) -> Path:
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, points in curve.items():
@@ -249,19 +264,12 @@ def plot_perplexity(curve: dict[str, dict[int, float]], path: str | Path) -> Pat
     ax.set_ylabel("perplexity")
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_heatmaps(result: GridResult, path: str | Path) -> Path:
     """Needle-in-a-haystack picture: one panel per method, length across, depth down, green = found."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     k = len(result.methods)
     cols = min(k, 4)
@@ -279,11 +287,7 @@ def plot_heatmaps(result: GridResult, path: str | Path) -> Path:
         ax.axis("off")
     fig.suptitle(f"{result.task} accuracy")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def save(result: GridResult, path: str | Path) -> Path:

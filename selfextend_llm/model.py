@@ -207,6 +207,11 @@ class SelfExtendModel:
         room = self.context_window - longest
         return encoded, max(1, min(max_new_tokens, room))
 
+    def _until_eos(self, new: list[int]) -> list[int]:
+        """Generated ids up to (not including) the first end-of-sequence token (padding follows it)."""
+        eos = set(_as_list(self.model.generation_config.eos_token_id))
+        return next((new[:i] for i, t in enumerate(new) if t in eos), new)
+
     def _batch_tensors(self, encoded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(e) for e in encoded)
         pad = self.tokenizer.pad_token_id
@@ -246,19 +251,13 @@ class SelfExtendModel:
                 if self.self_extend:
                     patching.clear_cache(self.model)
         results = []
-        eos = set(_as_list(self.model.generation_config.eos_token_id))
         for row, e in enumerate(encoded):
-            new = out[row, ids.shape[1] :].tolist()
-            ended = next(
-                (i for i, t in enumerate(new) if t in eos or t == self.tokenizer.pad_token_id and t in eos), None
-            )
-            if ended is not None:
-                new = new[:ended]
+            new = self._until_eos(out[row, ids.shape[1] :].tolist())
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             cut = find_stop(text, stops)
             if cut is not None:
                 text = text[:cut]
-            reason = "stop" if ended is not None or cut is not None or len(new) < max_new else "length"
+            reason = "stop" if cut is not None or len(new) < max_new else "length"
             results.append(Completion(text, len(e), len(new), reason))
         return results
 
@@ -350,10 +349,8 @@ class SelfExtendModel:
                 raise result["error"]
             if not stopped and len(text) > shown:
                 yield StreamChunk(text[shown:])
-            eos = set(_as_list(self.model.generation_config.eos_token_id))
-            new = result.get("new", [])
-            n_new = next((i for i, t in enumerate(new) if t in eos), len(new))
-            reason = "stop" if stopped or n_new < len(new) or n_new < max_new else "length"
+            n_new = len(self._until_eos(result.get("new", [])))
+            reason = "stop" if stopped or n_new < max_new else "length"
             yield StreamChunk("", finish_reason=reason, prompt_tokens=len(encoded[0]), completion_tokens=n_new)
         finally:
             cancel.set()
@@ -375,6 +372,22 @@ def _as_list(value) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+_SHARED: dict[tuple, SelfExtendModel] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def load_shared(**kwargs: Any) -> SelfExtendModel:
+    """:func:`load` once per distinct set of arguments; later calls reuse the same weights.
+
+    The framework wrappers use it so that two chat models built with the same arguments share one model.
+    """
+    key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = load(**kwargs)
+        return _SHARED[key]
 
 
 def load(
@@ -427,4 +440,12 @@ def load(
     return SelfExtendModel(lm, tok, config=config, context_window=window, name=name, adaptive=not fixed)
 
 
-__all__ = ["Completion", "ContextWindowExceededError", "SelfExtendModel", "StreamChunk", "load", "DEFAULT_NAME"]
+__all__ = [
+    "Completion",
+    "ContextWindowExceededError",
+    "SelfExtendModel",
+    "StreamChunk",
+    "load",
+    "load_shared",
+    "DEFAULT_NAME",
+]

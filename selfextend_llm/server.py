@@ -283,10 +283,7 @@ def create_app(
                 return None
             return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": c.finish_reason}]}
 
-        def final(c):
-            if c.finish_reason is None or not include_usage:
-                return None
-            return {**base, "choices": [], "usage": _usage(c.prompt_tokens, c.completion_tokens)}
+        final = _usage_chunk(base, include_usage)
 
         start = lambda: model.stream_chunks(messages, **params)
         return StreamingResponse(_stream(request, start, make, final), media_type="text/event-stream")
@@ -322,16 +319,24 @@ def create_app(
                 "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}],
             }
 
-        def final(c):
-            if c.finish_reason is None or not include_usage:
-                return None
-            return {**base, "choices": [], "usage": _usage(c.prompt_tokens, c.completion_tokens)}
+        final = _usage_chunk(base, include_usage)
 
         return StreamingResponse(
             _stream(request, lambda: model.stream_chunks(prompt, **params), make, final), media_type="text/event-stream"
         )
 
     return app
+
+
+def _usage_chunk(base: dict[str, Any], include_usage: bool):
+    """The closing usage chunk of a stream (``stream_options.include_usage``), emitted with the last piece."""
+
+    def final(chunk) -> dict[str, Any] | None:
+        if chunk.finish_reason is None or not include_usage:
+            return None
+        return {**base, "choices": [], "usage": _usage(chunk.prompt_tokens, chunk.completion_tokens)}
+
+    return final
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

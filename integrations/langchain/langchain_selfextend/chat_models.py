@@ -21,10 +21,9 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from selfextend_llm import SelfExtendModel
+from selfextend_llm import SelfExtendModel, load_shared
 
 from ._messages import parse_tool_calls, to_chat_dicts
-from ._shared import shared_model
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> UsageMetadata:
@@ -85,7 +84,7 @@ class ChatSelfExtend(BaseChatModel):
     @model_validator(mode="after")
     def _load(self) -> ChatSelfExtend:
         if self.selfextend_model is None:
-            self.selfextend_model = shared_model(
+            self.selfextend_model = load_shared(
                 model=self.model,
                 target_context=self.target_context,
                 group_size=self.group_size,

@@ -11,9 +11,7 @@ from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict, Field, model_validator
 
-from selfextend_llm import SelfExtendModel
-
-from ._shared import shared_model
+from selfextend_llm import SelfExtendModel, load_shared
 
 
 class SelfExtendLLM(BaseLLM):
@@ -35,7 +33,7 @@ class SelfExtendLLM(BaseLLM):
     @model_validator(mode="after")
     def _load(self) -> SelfExtendLLM:
         if self.selfextend_model is None:
-            self.selfextend_model = shared_model(
+            self.selfextend_model = load_shared(
                 model=self.model,
                 target_context=self.target_context,
                 group_size=self.group_size,

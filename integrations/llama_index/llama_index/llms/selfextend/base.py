@@ -22,18 +22,7 @@ from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM
 
-from selfextend_llm import SelfExtendModel, load
-
-_SHARED: dict[tuple, SelfExtendModel] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def _shared(**kwargs: Any) -> SelfExtendModel:
-    key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
-    with _SHARED_LOCK:
-        if key not in _SHARED:
-            _SHARED[key] = load(**kwargs)
-        return _SHARED[key]
+from selfextend_llm import SelfExtendModel, load_shared
 
 
 def _to_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
@@ -73,7 +62,7 @@ class SelfExtendLLM(LLM):
 
     def __init__(self, selfextend_model: SelfExtendModel | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._model = selfextend_model or _shared(
+        self._model = selfextend_model or load_shared(
             model=self.model,
             target_context=self.target_context,
             group_size=self.group_size,
