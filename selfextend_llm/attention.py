@@ -15,6 +15,10 @@ row log-sum-exp, and the parts are merged exactly (:func:`backends.merge_partial
 3. keys inside the window of some query of the block (plain rotation, band mask).
 
 Memory per block is ``block x (block + W)`` mask entries, never ``n x n``.
+
+On CUDA the same math runs as one fused Triton kernel per call (:mod:`triton_attention`):
+the rotation to grouped positions happens in registers and both score kinds share one online
+softmax.  The block path here serves the CPU, softcapping, custom masks and other layouts.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import flex
+from . import flex, triton_attention
 from .backends import attention_with_lse, merge_partials
 from .rope import Layout, grouped_key_position, grouped_query_position, rotate
 
@@ -131,6 +135,32 @@ def region_mask(
     return mask
 
 
+def _use_triton(
+    backend: str,
+    query: torch.Tensor,
+    inv_freq: torch.Tensor,
+    layout: Layout,
+    full_mask: torch.Tensor | None,
+    softcap: float | None,
+) -> bool:
+    """The fused Triton kernels run by default on CUDA, and on request (interpreter) elsewhere."""
+    if backend not in ("auto", "triton"):
+        return False
+    fits = (
+        full_mask is None
+        and softcap is None
+        and not query.requires_grad
+        and triton_attention.available(query.device)
+        and triton_attention.supports(query.shape[-1], 2 * inv_freq.shape[-1], layout, query.dtype)
+    )
+    if backend == "triton" and not fits:
+        raise ValueError(
+            "backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1), the 'half' RoPE layout with full rotary, "
+            "a power-of-two head dim, no softcapping and no custom mask; use backend='auto'"
+        )
+    return fits and (backend == "triton" or query.device.type == "cuda")
+
+
 def selfextend_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -169,6 +199,14 @@ def selfextend_attention(
         factor = torch.clamp(torch.log(query_positions.double() + 1) / math.log(log_scale_base), min=1.0)
         query = query * factor[:, None, :, None].to(query.dtype)
 
+    if _use_triton(backend, query, inv_freq, layout, full_mask, softcap):
+        kernel_args = dict(
+            offsets=offsets, group_size=G, neighbor_window=W, inv_freq=inv_freq, scale=scale, key_valid=key_valid
+        )
+        if q_len == 1:
+            return triton_attention.decode(query, key, value, **kernel_args), None
+        return triton_attention.prefill(query, key, value, query_start=query_start, **kernel_args), None
+
     last_index = query_start + q_len - 1
     grouped_needed = max(0, min(n_keys, last_index - W + 1))
     # Keep grouped keys for every key the next step's queries may see grouped.
@@ -182,6 +220,7 @@ def selfextend_attention(
 
     if (
         backend in ("auto", "flex")
+        and (backend == "flex" or not triton_attention.available(query.device))
         and q_len >= FLEX_MIN_QUERIES
         and full_mask is None
         and softcap is None
@@ -200,6 +239,8 @@ def selfextend_attention(
         )
         return out, new_cache
 
+    if backend in ("flex", "triton"):
+        backend = "auto"  # the block path below picks its per-block kernel itself
     outputs = []
     for t0 in range(0, q_len, block_size):
         t1 = min(q_len, t0 + block_size)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: fail fast instead of retrying
+if os.environ.get("SELFEXTEND_TEST_DEVICE", "cpu") == "cpu":
+    # Without a GPU, the Triton kernels run (slowly, exactly) in Triton's interpreter; this must be
+    # set before the kernels are defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -16,6 +20,26 @@ from selfextend_llm.reference import reference_selfextend
 
 if os.environ.get("SELFEXTEND_TEST_DEVICE"):  # e.g. "cuda": run the tiny-model suites on a GPU
     torch.set_default_device(os.environ["SELFEXTEND_TEST_DEVICE"])
+
+
+def _fix_triton_interpreter() -> None:
+    """Triton 3.6's interpreter turns 1-element loop bounds into ints with ``int(array)``, which
+    NumPy 2 refuses for arrays of shape (1,); read the element instead."""
+    try:
+        import triton.runtime.interpreter as interpreter
+    except ImportError:
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_triton_interpreter()
 
 TRAINED = 64  # tiny trained window so that short sequences already exercise grouping
 

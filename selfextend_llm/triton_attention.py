@@ -1,0 +1,497 @@
+"""GPU SelfExtend in Triton: one fused pass, rotation to grouped positions done in registers.
+
+Each program owns a block of queries and walks the key blocks in four ranges:
+
+* keys every query of the block sees grouped: only the grouped product is computed;
+* keys at the window edge: both products, picked per entry by distance;
+* keys inside every query's window: only the plain product;
+* the causal diagonal: the plain product under the causal mask.
+
+So each query meets each key once (twice only on the few blocks straddling the window edge), as
+in one causal flash attention, and the two score kinds share one online softmax: no log-sum-exp
+merge, no partial outputs, no rotated copy of q or k in memory.  The grouped rotation of a key
+block (``p // G - p`` positions) and of the query block (``p // G + W - W // G - p``) is applied
+to the already-rotated states with the model's ``inv_freq``, angles in float32 as in
+transformers' own rotary embedding.
+
+Decoding one token is a split-K ("flash-decoding") kernel: the query heads that share a KV head
+are packed into one tile, the cache is cut into splits processed in parallel, and a second
+small kernel merges the splits.  Keys are rotated in registers, so no grouped copy of the cache
+is kept.
+
+Supported: the "half" RoPE layout with rotary dim == head dim, head dims that are powers of two,
+no logit softcapping, no extra mask beyond key padding.  Anything else takes the flex/SDPA paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU builds lack it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU-only installs
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+#: Scores of hidden keys: finite, so fully masked rows do not turn into NaN mid-loop.
+_HIDDEN = -1.0e30
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (tests on machines without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device``."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreted())
+
+
+def supports(head_dim: int, rotary_dim: int, layout: str, dtype: torch.dtype) -> bool:
+    """Shapes and layouts the kernels handle; the caller falls back to the other paths otherwise."""
+    return (
+        layout == "half"
+        and rotary_dim == head_dim
+        and head_dim in (32, 64, 128, 256)
+        and dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _floordiv(a, b):
+        """Floor division for possibly negative ints (Triton's ``//`` truncates toward zero)."""
+        q = a // b
+        return tl.where((a % b != 0) & ((a < 0) != (b < 0)), q - 1, q)
+
+    @triton.jit
+    def _rotate_rows(x1, x2, delta, inv):
+        """Rotate half-layout rows ``(x1, x2)`` [M, HALF] by ``delta`` [M] positions."""
+        ang = delta.to(tl.float32)[:, None] * inv[None, :]
+        c = tl.cos(ang)
+        s = tl.sin(ang)
+        return x1 * c - x2 * s, x2 * c + x1 * s
+
+    @triton.jit
+    def _rotate_cols(x1, x2, delta, inv):
+        """Rotate transposed half-layout keys ``(x1, x2)`` [HALF, N] by ``delta`` [N] positions."""
+        ang = inv[:, None] * delta.to(tl.float32)[None, :]
+        c = tl.cos(ang)
+        s = tl.sin(ang)
+        return x1 * c - x2 * s, x2 * c + x1 * s
+
+    @triton.jit
+    def _block(
+        acc,
+        m_i,
+        l_i,
+        q1,
+        q2,
+        qg1,
+        qg2,
+        i_idx,
+        K_ptr,
+        V_ptr,
+        VALID_ptr,
+        inv,
+        off_b,
+        n0,
+        n_end,
+        stride_kn,
+        stride_vn,
+        G,
+        W,
+        qk_scale,
+        HALF: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        MODE: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        """One key block of the online softmax.
+
+        MODE 0: all grouped, no mask.  1: all plain, no mask.  2: both products, picked by
+        distance, causal mask.  3: plain product, causal mask.
+        """
+        j = n0 + tl.arange(0, BLOCK_N)
+        in_range = j < n_end
+        d = tl.arange(0, HALF)
+        kp = K_ptr + j[None, :] * stride_kn + d[:, None]
+        k1 = tl.load(kp, mask=in_range[None, :], other=0.0)
+        k2 = tl.load(kp + HALF, mask=in_range[None, :], other=0.0)
+        if MODE != 1 and MODE != 3:
+            pos = j - off_b
+            kg1, kg2 = _rotate_cols(k1.to(tl.float32), k2.to(tl.float32), _floordiv(pos, G) - pos, inv)
+            s_g = tl.dot(qg1, kg1.to(qg1.dtype), input_precision=PREC)
+            s_g = tl.dot(qg2, kg2.to(qg2.dtype), s_g, input_precision=PREC)
+        if MODE != 0:
+            s_n = tl.dot(q1, k1, input_precision=PREC)
+            s_n = tl.dot(q2, k2, s_n, input_precision=PREC)
+        if MODE == 0:
+            s = s_g
+        elif MODE == 1 or MODE == 3:
+            s = s_n
+        else:
+            dist = i_idx[:, None] - j[None, :]
+            s = tl.where(dist < W, s_n, s_g)
+        s = s * qk_scale
+        if MODE >= 2:
+            dist = i_idx[:, None] - j[None, :]
+            s = tl.where((dist >= 0) & in_range[None, :], s, _HIDDEN)
+        if HAS_VALID:
+            ok = tl.load(VALID_ptr + j, mask=in_range, other=0)
+            s = tl.where(ok[None, :] != 0, s, _HIDDEN)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_ptr + j[:, None] * stride_vn + tl.arange(0, 2 * HALF)[None, :], mask=in_range[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _prefill_kernel(
+        Q,
+        K,
+        V,
+        OUT,
+        INV,
+        OFF,
+        VALID,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        stride_valid_b,
+        n_heads,
+        q_len,
+        q_start,
+        G,
+        W,
+        qk_scale,
+        HEADS_PER_KV: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DIAG_GROUPED: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        kvh = h // HEADS_PER_KV
+        off_b = tl.load(OFF + b)
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        i_idx = q_start + rows
+        d = tl.arange(0, HALF)
+        q_ptr = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + d[None, :]
+        q1 = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_ptr + HALF, mask=row_ok[:, None], other=0.0)
+        inv = tl.load(INV + d)
+        pos = i_idx - off_b
+        shift = _floordiv(pos, G) + (W - W // G) - pos
+        qg1, qg2 = _rotate_rows(q1.to(tl.float32), q2.to(tl.float32), shift, inv)
+        qg1 = qg1.to(q1.dtype)
+        qg2 = qg2.to(q1.dtype)
+
+        m_i = tl.full([BLOCK_M], _HIDDEN, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, 2 * HALF], dtype=tl.float32)
+
+        k_off = K + b * stride_kb + kvh * stride_kh
+        v_off = V + b * stride_vb + kvh * stride_vh
+        valid_off = VALID + b * stride_valid_b
+        first = q_start + pid_m * BLOCK_M
+        last = tl.minimum(first + BLOCK_M, q_start + q_len) - 1
+        end = last + 1
+        # [0, g_end): grouped for every row; [g_end, n_lo): window edge; [n_lo, n_hi): inside every
+        # row's window and causally visible; [n_hi, end): the diagonal.
+        g_end = (tl.maximum(first - W + 1, 0) // BLOCK_N) * BLOCK_N
+        n_lo = tl.maximum(g_end, ((tl.maximum(last - W + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+        n_hi = tl.maximum(n_lo, ((first + 1) // BLOCK_N) * BLOCK_N)
+        n_lo = tl.minimum(n_lo, end)
+        n_hi = tl.minimum(n_hi, end)
+        for n0 in range(0, g_end, BLOCK_N):
+            acc, m_i, l_i = _block(
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, end,
+                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC,
+            )  # fmt: skip
+        for n0 in range(g_end, n_lo, BLOCK_N):
+            acc, m_i, l_i = _block(
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, end,
+                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC,
+            )  # fmt: skip
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            acc, m_i, l_i = _block(
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, end,
+                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 1, HAS_VALID, PREC,
+            )  # fmt: skip
+        for n0 in range(n_hi, end, BLOCK_N):
+            acc, m_i, l_i = _block(
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, end,
+                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2 if DIAG_GROUPED else 3, HAS_VALID, PREC,
+            )  # fmt: skip
+        seen = m_i > _HIDDEN / 2
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        out = tl.where(seen[:, None], out, 0.0)
+        o_ptr = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + tl.arange(0, 2 * HALF)[None, :]
+        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _decode_kernel(
+        Q,
+        K,
+        V,
+        O_PART,
+        M_PART,
+        L_PART,
+        INV,
+        OFF,
+        VALID,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_valid_b,
+        n_kv_heads,
+        n_keys,
+        split_len,
+        n_splits,
+        G,
+        W,
+        qk_scale,
+        HEADS_PER_KV: tl.constexpr,
+        ROWS: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        pid_bk = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid_bk // n_kv_heads
+        kvh = pid_bk % n_kv_heads
+        off_b = tl.load(OFF + b)
+
+        r = tl.arange(0, ROWS)
+        row_ok = r < HEADS_PER_KV
+        h = kvh * HEADS_PER_KV + r
+        d = tl.arange(0, HALF)
+        q_ptr = Q + b * stride_qb + h[:, None] * stride_qh + d[None, :]
+        q1 = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_ptr + HALF, mask=row_ok[:, None], other=0.0)
+        inv = tl.load(INV + d)
+        i_idx = tl.zeros([ROWS], dtype=tl.int32) + (n_keys - 1)
+        pos = i_idx - off_b
+        shift = _floordiv(pos, G) + (W - W // G) - pos
+        qg1, qg2 = _rotate_rows(q1.to(tl.float32), q2.to(tl.float32), shift, inv)
+        qg1 = qg1.to(q1.dtype)
+        qg2 = qg2.to(q1.dtype)
+
+        m_i = tl.full([ROWS], _HIDDEN, dtype=tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, 2 * HALF], dtype=tl.float32)
+        k_off = K + b * stride_kb + kvh * stride_kh
+        v_off = V + b * stride_vb + kvh * stride_vh
+        valid_off = VALID + b * stride_valid_b
+
+        lo = split * split_len
+        hi = tl.minimum(lo + split_len, n_keys)
+        # Keys before g_lim are all grouped for the single query; the block holding g_lim straddles.
+        g_lim = tl.maximum(n_keys - W, 0)
+        a_end = tl.minimum(tl.maximum((g_lim // BLOCK_N) * BLOCK_N, lo), hi)
+        b_end = tl.minimum(tl.maximum(((g_lim + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, a_end), hi)
+        for n0 in range(lo, a_end, BLOCK_N):
+            acc, m_i, l_i = _block(
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, hi,
+                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC,
+            )  # fmt: skip
+        for n0 in range(a_end, b_end, BLOCK_N):
+            acc, m_i, l_i = _block(
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, hi,
+                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC,
+            )  # fmt: skip
+        for n0 in range(b_end, hi, BLOCK_N):
+            acc, m_i, l_i = _block(
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, hi,
+                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 3, HAS_VALID, PREC,
+            )  # fmt: skip
+        part = (b * n_kv_heads * HEADS_PER_KV + h) * n_splits + split
+        tl.store(M_PART + part, m_i, mask=row_ok)
+        tl.store(L_PART + part, l_i, mask=row_ok)
+        dd = tl.arange(0, 2 * HALF)
+        tl.store(O_PART + part[:, None] * (2 * HALF) + dd[None, :], acc, mask=row_ok[:, None])
+
+    @triton.jit
+    def _decode_merge_kernel(O_PART, M_PART, L_PART, OUT, n_splits, SPLITS: tl.constexpr, DIM: tl.constexpr):
+        """Merge the splits of one (batch, head): one softmax over all of them."""
+        bh = tl.program_id(0)
+        s = tl.arange(0, SPLITS)
+        ok = s < n_splits
+        m = tl.load(M_PART + bh * n_splits + s, mask=ok, other=_HIDDEN)
+        l_part = tl.load(L_PART + bh * n_splits + s, mask=ok, other=0.0)
+        m_all = tl.max(m, 0)
+        w = tl.where(ok, tl.math.exp2(m - m_all), 0.0)
+        denom = tl.sum(w * l_part, 0)
+        dd = tl.arange(0, DIM)
+        parts = tl.load(O_PART + (bh * n_splits + s)[:, None] * DIM + dd[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+        out = tl.where(m_all > _HIDDEN / 2, out, 0.0)
+        tl.store(OUT + bh * DIM + dd, out.to(OUT.dtype.element_ty))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("the Triton SelfExtend kernels need the head dimension contiguous")
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
+
+
+def _valid_arg(key_valid: torch.Tensor | None, query: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    if key_valid is None:
+        return query, 0, False  # never read
+    valid = key_valid.to(device=query.device, dtype=torch.int8).contiguous()
+    return valid, valid.stride(0), True
+
+
+@functools.cache
+def _prefill_blocks(head_dim: int, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), tuned on an H100 for bf16."""
+    if interpret:
+        return 32, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 3
+
+
+def prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    offsets: torch.Tensor,
+    query_start: int,
+    group_size: int,
+    neighbor_window: int,
+    inv_freq: torch.Tensor,
+    scale: float,
+    key_valid: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """SelfExtend attention of ``query`` (``b, h, q, d``) over ``key``/``value`` (``b, kv_h, n, d``).
+
+    Query row ``t`` sits at cache index ``query_start + t`` and sees keys up to its own index.
+    ``offsets`` (``b``) is each row's cache index minus RoPE position (left padding);
+    ``key_valid`` (``b, n``) marks real keys.
+    """
+    _check(query, key, value)
+    bsz, heads, q_len, dim = query.shape
+    out = torch.empty_like(query)
+    if q_len == 0:
+        return out
+    bm, bn, warps, stages = _prefill_blocks(dim, query.dtype, interpreted())
+    bm, bn = block_m or bm, block_n or bn
+    valid, valid_stride, has_valid = _valid_arg(key_valid, query)
+    inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
+    off = offsets.to(device=query.device, dtype=torch.int32).contiguous()
+    grid = (triton.cdiv(q_len, bm), bsz * heads)
+    _prefill_kernel[grid](
+        query, key, value, out, inv, off, valid,
+        query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        valid_stride, heads, q_len, query_start, group_size, neighbor_window, scale * LOG2E,
+        HEADS_PER_KV=heads // key.shape[1], HALF=dim // 2, BLOCK_M=bm, BLOCK_N=bn,
+        DIAG_GROUPED=neighbor_window < bm + bn, HAS_VALID=has_valid, PREC=_precision(query.dtype),
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    offsets: torch.Tensor,
+    group_size: int,
+    neighbor_window: int,
+    inv_freq: torch.Tensor,
+    scale: float,
+    key_valid: torch.Tensor | None = None,
+    block_n: int | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence (``b, h, 1, d``) against the whole cache: split-K SelfExtend decoding."""
+    _check(query, key, value)
+    bsz, heads, q_len, dim = query.shape
+    if q_len != 1:
+        raise ValueError("decode() takes one query per sequence; use prefill() for more")
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    per_kv = heads // kv_heads
+    interpret = interpreted()
+    bn = block_n or (16 if interpret else 64)
+    if splits is None:
+        target = 128 if interpret or query.device.type != "cuda" else 2 * _sm_count(query.device.index or 0)
+        splits = max(1, min(triton.cdiv(n_keys, 4 * bn), triton.cdiv(target, bsz * kv_heads)))
+    split_len = triton.cdiv(triton.cdiv(n_keys, splits), bn) * bn
+    splits = triton.cdiv(n_keys, split_len)
+    o_part = torch.empty((bsz * heads * splits, dim), device=query.device, dtype=torch.float32)
+    m_part = torch.empty((bsz * heads * splits,), device=query.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    valid, valid_stride, has_valid = _valid_arg(key_valid, query)
+    inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
+    off = offsets.to(device=query.device, dtype=torch.int32).contiguous()
+    _decode_kernel[(bsz * kv_heads, splits)](
+        query, key, value, o_part, m_part, l_part, inv, off, valid,
+        query.stride(0), query.stride(1),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        valid_stride, kv_heads, n_keys, split_len, splits, group_size, neighbor_window, scale * LOG2E,
+        HEADS_PER_KV=per_kv, ROWS=max(16, triton.next_power_of_2(per_kv)), HALF=dim // 2, BLOCK_N=bn,
+        HAS_VALID=has_valid, PREC=_precision(query.dtype), num_warps=4, num_stages=2,
+    )  # fmt: skip
+    out = torch.empty((bsz, heads, 1, dim), device=query.device, dtype=query.dtype)
+    _decode_merge_kernel[(bsz * heads,)](
+        o_part, m_part, l_part, out, splits, SPLITS=max(2, triton.next_power_of_2(splits)), DIM=dim, num_warps=4
+    )
+    return out
