@@ -1,8 +1,14 @@
-"""One attention layer: SelfExtend vs plain SDPA, checked against the float64 formula and timed.
+"""One attention layer on the GPU: SelfExtend's kernels next to plain SDPA, checked and timed in one run.
 
-Prints a table (and writes results/attention_kernels.json): median time of plain causal SDPA and of
-SelfExtend at each length, the ratio, peak memory, and the max error against the reference on a
-shorter prefix. Runs on CUDA when present, else CPU.
+Variants (all exact SelfExtend, checked against the float64 two-score-matrix formula first):
+
+* ``triton``: the fused one-pass kernel (grouped rotation in registers), the default on CUDA;
+  for decoding, the split-K kernel;
+* ``flex``: two block-sparse ``flex_attention`` passes on pre-rotated q/k, merged by log-sum-exp;
+* ``blocks`` (decode only): two memory-efficient SDPA calls on the cached grouped keys, merged.
+
+Prints a table and writes ``results/attention_kernels*.json``; ``--markdown`` appends the table to
+a Markdown file (BENCHMARKS.md) with the GPU named.
 
     python benchmarks/attention_kernels.py --lengths 8192 16384 32768 65536
 """
@@ -10,6 +16,7 @@ shorter prefix. Runs on CUDA when present, else CPU.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import time
@@ -23,28 +30,61 @@ from selfextend_llm.reference import reference_selfextend
 from selfextend_llm.rope import rotate
 
 
-def timed(fn, repeats: int) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, inner: int = 1) -> float:
+    """Median seconds per call; ``inner`` calls are queued between synchronisations (as in a model)."""
     fn()
     sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / inner)
     return sorted(times)[len(times) // 2]
 
 
 def peak(fn) -> float:
+    """Peak extra GPU memory of one call, in MiB."""
     if not torch.cuda.is_available():
         return float("nan")
-    torch.cuda.synchronize()
+    sync()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def make(n, h, kvh, d, dev, dtype, inv, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q = torch.randn(1, h, n, d, device=dev, dtype=dtype, generator=g)
+    k = torch.randn(1, kvh, n, d, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(1, kvh, n, d, device=dev, dtype=dtype, generator=g)
+    pos = torch.arange(n, device=dev)[None]
+    return rotate(q, pos, inv), rotate(k, pos, inv), v, pos
+
+
+def time_decode(se, q, k, v, pos, repeats: int) -> dict[str, float]:
+    """One token decoded against ``n`` cached keys: plain SDPA, the split-K kernel, the block path."""
+    n = k.shape[2]
+    q1, p1 = q[:, :, -1:], pos[:, -1:]
+    blocks = "cuda_efficient" if q.is_cuda else "auto"  # the LSE-merge path, with its grouped-key cache
+    cache = se(q[:, :, -2:-1], k[:, :, : n - 1], v[:, :, : n - 1], pos[:, -2:-1], n - 2, blocks)[1]
+    variants = {
+        "plain": lambda: F.scaled_dot_product_attention(q1, k, v, enable_gqa=True),
+        "triton": lambda: se(q1, k, v, p1, n - 1, "triton"),
+        "blocks": lambda: se(q1, k, v, p1, n - 1, blocks, cache),
+    }
+    row = {f"decode_{name}_ms": timed(fn, repeats, inner=20) * 1e3 for name, fn in variants.items()}
+    for name in ("triton", "blocks"):
+        row[f"decode_{name}_ratio"] = row[f"decode_{name}_ms"] / row["decode_plain_ms"]
+    return row
 
 
 def main() -> None:
@@ -55,144 +95,99 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--block", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default="results/attention_kernels.json")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--variants", nargs="+", default=["triton", "flex"])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", default=None, help="append the table to this Markdown file")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    d, h, kvh = args.head_dim, args.heads, args.kv_heads
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
+    d, h, kvh, G, W = args.head_dim, args.heads, args.kv_heads, args.group, args.window
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=dev).float() / d))
-    rows = []
-    # exactness on a short prefix, against the float64 formula (lengths not multiples of the block)
+    common = dict(group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5)
+
+    def se(q, k, v, pos, start, backend, cache=None):
+        return selfextend_attention(
+            q, k, v, query_positions=pos, query_start=start, backend=backend, key_cache=cache, **common
+        )  # fmt: skip
+
+    # exactness on a prefix that is no block multiple, against the float64 formula
     n_chk = 3001
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(1, h, n_chk, d, device=dev, dtype=dtype, generator=g)
-    k = torch.randn(1, kvh, n_chk, d, device=dev, dtype=dtype, generator=g)
-    v = torch.randn(1, kvh, n_chk, d, device=dev, dtype=dtype, generator=g)
-    pos = torch.arange(n_chk, device=dev)[None]
-    q, k = rotate(q, pos, inv), rotate(k, pos, inv)
-    out, _ = selfextend_attention(
-        q,
-        k,
-        v,
-        query_positions=pos,
-        query_start=0,
-        group_size=args.group,
-        neighbor_window=args.window,
-        inv_freq=inv,
-        scale=d**-0.5,
-        block_size=1000,
-    )
-    ref = reference_selfextend(
-        q,
-        k,
-        v,
-        query_positions=pos,
-        key_positions=pos,
-        group_size=args.group,
-        neighbor_window=args.window,
-        inv_freq=inv,
-        scale=d**-0.5,
-    )
-    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    q, k, v, pos = make(n_chk, h, kvh, d, dev, dtype, inv)
+    ref = reference_selfextend(q, k, v, query_positions=pos, key_positions=pos, **common)
+    errors = {}
+    blocks = "cuda_efficient" if dev == "cuda" else "auto"
+    with torch.inference_mode():
+        for name in args.variants:
+            out = se(q, k, v, pos, 0, name)[0]
+            errors[name] = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+        for name in ("triton", "blocks"):
+            cache = None
+            if name == "blocks":
+                cache = se(q[:, :, -2:-1], k[:, :, :-1], v[:, :, :-1], pos[:, -2:-1], n_chk - 2, blocks)[1]
+            backend = "triton" if name == "triton" else blocks
+            out = se(q[:, :, -1:], k, v, pos[:, -1:], n_chk - 1, backend, cache)
+            errors[f"decode_{name}"] = ((out[0].double() - ref[:, :, -1:]).abs().max() / ref.abs().max()).item()
+    print(f"device {device_name}; {h} heads / {kvh} KV heads, head dim {d}, G={G}, W={W}, {dtype}")
     print(
-        f"device {torch.cuda.get_device_name() if dev == 'cuda' else platform.processor()}; "
-        f"relative max error vs float64 formula at n={n_chk}: {err:.2e}"
+        "relative max error vs float64 formula at n=3001: " + ", ".join(f"{name} {e:.1e}" for name, e in errors.items())
     )
-    print(f"{'tokens':>8} {'plain ms':>10} {'selfextend ms':>14} {'ratio':>6} {'plain MiB':>10} {'SE MiB':>8}")
+
+    rows = []
     for n in args.lengths:
-        q = torch.randn(1, h, n, d, device=dev, dtype=dtype)
-        k = torch.randn(1, kvh, n, d, device=dev, dtype=dtype)
-        v = torch.randn(1, kvh, n, d, device=dev, dtype=dtype)
-        pos = torch.arange(n, device=dev)[None]
-
-        def plain(q=q, k=k, v=v):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-        def se(q=q, k=k, v=v, pos=pos):
-            return selfextend_attention(
-                q,
-                k,
-                v,
-                query_positions=pos,
-                query_start=0,
-                group_size=args.group,
-                neighbor_window=args.window,
-                inv_freq=inv,
-                scale=d**-0.5,
-                block_size=args.block,
-            )[0]
-
+        q, k, v, pos = make(n, h, kvh, d, dev, dtype, inv, seed=n)
+        row = {"tokens": n}
         with torch.inference_mode():
-            tp, ts = timed(plain, args.repeats), timed(se, args.repeats)
-            mp, ms = peak(plain), peak(se)
-        # decoding one token against n cached keys (grouped keys already cached, as in generation)
-        q1, p1 = q[:, :, -1:], pos[:, -1:]
-        with torch.inference_mode():
-            _, cache = selfextend_attention(
-                q[:, :, -2:-1],
-                k[:, :, : n - 1],
-                v[:, :, : n - 1],
-                query_positions=pos[:, -2:-1],
-                query_start=n - 2,
-                group_size=args.group,
-                neighbor_window=args.window,
-                inv_freq=inv,
-                scale=d**-0.5,
+            plain = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            row["plain_ms"] = timed(plain, args.repeats) * 1e3
+            row["plain_mib"] = peak(plain)
+            for name in args.variants:
+                fn = lambda q=q, k=k, v=v, pos=pos, name=name: se(q, k, v, pos, 0, name)
+                row[f"{name}_ms"] = timed(fn, args.repeats) * 1e3
+                row[f"{name}_ratio"] = row[f"{name}_ms"] / row["plain_ms"]
+                row[f"{name}_mib"] = peak(fn)
+                row[f"{name}_mem_ratio"] = row[f"{name}_mib"] / row["plain_mib"]
+            row.update(time_decode(se, q, k, v, pos, args.repeats))
+        del q, k, v
+        torch.cuda.empty_cache() if dev == "cuda" else None
+        rows.append(row)
+        print(json.dumps({key: round(x, 3) if isinstance(x, float) else x for key, x in row.items()}), flush=True)
+
+    header = ["tokens", "plain SDPA ms"]
+    for name in args.variants:
+        header += [f"{name} ms", f"{name} ratio"]
+    header += ["plain decode ms"] + [f"{n} decode ratio" for n in ("triton", "blocks")]
+    header += ["plain MiB"] + [f"{n} MiB" for n in args.variants]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [f"{r['tokens']:,}", f"{r['plain_ms']:.2f}"]
+        for name in args.variants:
+            cells += [f"{r[f'{name}_ms']:.2f}", f"{r[f'{name}_ratio']:.2f}x"]
+        cells += [f"{r['decode_plain_ms']:.3f}", f"{r['decode_triton_ratio']:.2f}x", f"{r['decode_blocks_ratio']:.2f}x"]
+        cells += [f"{r['plain_mib']:.0f}"] + [f"{r[f'{n}_mib']:.0f}" for n in args.variants]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out or f"results/attention_kernels_d{d}_h{h}_kv{kvh}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": device_name, "dtype": str(dtype), "heads": h, "kv_heads": kvh, "head_dim": d, "group": G,
+        "window": W, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "errors": errors,
+    }  # fmt: skip
+    out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(
+                f"\n### {device_name}, {h} query heads / {kvh} KV heads, head dim {d}, G={G}, W={W}, {dtype}\n\n"
+                f"`python benchmarks/attention_kernels.py --heads {h} --kv-heads {kvh} --head-dim {d} "
+                f"--lengths {' '.join(map(str, args.lengths))}`, {meta['date']}, torch {torch.__version__}. "
+                "Relative max error vs the float64 formula (n=3001): "
+                + ", ".join(f"{name} {e:.1e}" for name, e in errors.items())
+                + ".\n\n"
+                + table
+                + "\n"
             )
-
-        def plain_dec(q1=q1, k=k, v=v):
-            return F.scaled_dot_product_attention(q1, k, v, enable_gqa=True)
-
-        def se_dec(q1=q1, k=k, v=v, p1=p1, cache=cache, n=n):
-            return selfextend_attention(
-                q1,
-                k,
-                v,
-                query_positions=p1,
-                query_start=n - 1,
-                group_size=args.group,
-                neighbor_window=args.window,
-                inv_freq=inv,
-                scale=d**-0.5,
-                key_cache=cache,
-            )[0]
-
-        with torch.inference_mode():
-            dp, ds = timed(plain_dec, args.repeats * 4), timed(se_dec, args.repeats * 4)
-        print(f"{'':>8} decode: plain {dp * 1e3:.3f} ms, selfextend {ds * 1e3:.3f} ms, ratio {ds / dp:.2f}", flush=True)
-        rows.append(
-            {
-                "decode_plain_ms": dp * 1e3,
-                "decode_selfextend_ms": ds * 1e3,
-                "decode_ratio": ds / dp,
-                "tokens": n,
-                "plain_ms": tp * 1e3,
-                "selfextend_ms": ts * 1e3,
-                "ratio": ts / tp,
-                "plain_peak_mib": mp,
-                "selfextend_peak_mib": ms,
-            }
-        )
-        print(f"{n:>8} {tp * 1e3:>10.2f} {ts * 1e3:>14.2f} {ts / tp:>6.2f} {mp:>10.0f} {ms:>8.0f}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor(),
-                "dtype": str(dtype),
-                "heads": h,
-                "kv_heads": kvh,
-                "head_dim": d,
-                "group": args.group,
-                "window": args.window,
-                "relative_error": err,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
 
 
 if __name__ == "__main__":

@@ -95,8 +95,15 @@ def load_pretrained(
     gguf_file: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
+    tp_plan: str | None = None,
 ):
-    """Load ``(model, tokenizer, display name)`` from an id, a folder or a GGUF file, offline-first."""
+    """Load ``(model, tokenizer, display name)`` from an id, a folder or a GGUF file, offline-first.
+
+    ``device_map`` (accelerate, e.g. ``"auto"``: layers spread over the GPUs) and ``tp_plan``
+    (transformers tensor parallelism, ``"auto"`` under ``torchrun``: heads split per rank) are
+    passed to ``from_pretrained``; SelfExtend works per attention call, so it follows either.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf, name = _resolve(model, gguf_file)
@@ -107,20 +114,21 @@ def load_pretrained(
         dtype = getattr(torch, dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    placement = {k: v for k, v in (("device_map", device_map), ("tp_plan", tp_plan)) if v is not None}
     try:
         if gguf is not None:
             folder = _dequantised_folder(Path(source) / gguf)
             tok = AutoTokenizer.from_pretrained(folder)
-            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement)
         else:
             tok = AutoTokenizer.from_pretrained(source)
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
     except OSError as err:
         raise ModelNotFoundError(
             f"could not load model {source!r}: it is not a local folder or file, and not in the local Hugging Face "
             f"cache ({err.__class__.__name__}: {str(err).splitlines()[0]})"
         ) from err
-    lm = lm.to(device).eval()
+    lm = (lm if placement else lm.to(device)).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return lm, tok, name

@@ -400,6 +400,8 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     self_extend: bool = True,
+    device_map: str | dict | None = None,
+    tp_plan: str | None = None,
 ) -> SelfExtendModel:
     """Load a model (the embedded SmolLM2 default when ``model`` is None) with SelfExtend applied.
 
@@ -407,8 +409,12 @@ def load(
       the embedded default) and it becomes ``context_window``.  Default: 4x the trained window.
     * ``group_size`` / ``neighbor_window``: fix G and W yourself (then every call uses them).
     * ``self_extend=False``: the same model, plain, for side-by-side comparison.
+    * ``device_map="auto"`` spreads the layers over several GPUs (accelerate); ``tp_plan="auto"``
+      splits the heads over the ranks of a ``torchrun`` job (transformers tensor parallelism).
     """
-    lm, tok, name = load_pretrained(model, gguf_file=gguf_file, device=device, dtype=dtype)
+    lm, tok, name = load_pretrained(
+        model, gguf_file=gguf_file, device=device, dtype=dtype, device_map=device_map, tp_plan=tp_plan
+    )
     trained = patching.pretrained_context(lm)
     if not self_extend:
         if target_context is not None and target_context > trained:
