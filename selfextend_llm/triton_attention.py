@@ -410,6 +410,8 @@ def prefill(
     key_valid: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """SelfExtend attention of ``query`` (``b, h, q, d``) over ``key``/``value`` (``b, kv_h, n, d``).
 
@@ -423,7 +425,7 @@ def prefill(
     if q_len == 0:
         return out
     bm, bn, warps, stages = _prefill_blocks(dim, query.dtype, interpreted())
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn, warps, stages = block_m or bm, block_n or bn, num_warps or warps, num_stages or stages
     valid, valid_stride, has_valid = _valid_arg(key_valid, query)
     inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
     off = offsets.to(device=query.device, dtype=torch.int32).contiguous()

@@ -1,0 +1,85 @@
+"""Sweep the Triton prefill kernel's block sizes, warps and stages on the GPU at one length.
+
+    python benchmarks/triton_blocks.py --tokens 32768 --head-dim 128
+
+Prints the median time of each configuration next to plain SDPA; the defaults in
+``selfextend_llm.triton_attention._prefill_blocks`` come from this sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from selfextend_llm import triton_attention as ta
+from selfextend_llm.rope import rotate
+
+
+def bench(fn, repeats: int = 7) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    args = ap.parse_args()
+    n, h, kvh, d = args.tokens, args.heads, args.kv_heads, args.head_dim
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    pos = torch.arange(n, device="cuda")[None]
+    q = rotate(torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16), pos, inv)
+    k = rotate(torch.randn(1, kvh, n, d, device="cuda", dtype=torch.bfloat16), pos, inv)
+    v = torch.randn(1, kvh, n, d, device="cuda", dtype=torch.bfloat16)
+    plain = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    print(f"plain SDPA {plain:.2f} ms at n={n}, d={d}")
+    off = torch.zeros(1, dtype=torch.int32, device="cuda")
+    results = []
+    for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+        if bm * bn * d > 128 * 128 * 128:
+            continue
+        try:
+            ms = bench(
+                lambda bm=bm, bn=bn, warps=warps, stages=stages: ta.prefill(
+                    q,
+                    k,
+                    v,
+                    offsets=off,
+                    query_start=0,
+                    group_size=4,
+                    neighbor_window=1024,
+                    inv_freq=inv,
+                    scale=d**-0.5,
+                    block_m=bm,
+                    block_n=bn,
+                    num_warps=warps,
+                    num_stages=stages,
+                )  # fmt: skip
+            )
+        except Exception as err:  # out of shared memory, etc.
+            print(f"BM={bm} BN={bn} warps={warps} stages={stages}: {type(err).__name__}")
+            continue
+        results.append((ms, bm, bn, warps, stages))
+        print(f"BM={bm:>3} BN={bn:>3} warps={warps} stages={stages}: {ms:.2f} ms ({ms / plain:.2f}x)", flush=True)
+    best = min(results)
+    print(
+        f"best: BM={best[1]} BN={best[2]} warps={best[3]} stages={best[4]}: {best[0]:.2f} ms ({best[0] / plain:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
