@@ -38,8 +38,6 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs
     tl = None
 
 LOG2E = 1.4426950408889634
-#: Scores of hidden keys: finite, so fully masked rows do not turn into NaN mid-loop.
-_HIDDEN = -1.0e30
 
 
 def interpreted() -> bool:
@@ -65,6 +63,8 @@ def supports(head_dim: int, rotary_dim: int, layout: str, dtype: torch.dtype) ->
 
 
 if triton is not None:
+    #: Scores of hidden keys: finite, so fully masked rows do not turn into NaN mid-loop.
+    _HIDDEN = tl.constexpr(-1.0e30)
 
     @triton.jit
     def _floordiv(a, b):
