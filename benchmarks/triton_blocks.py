@@ -48,9 +48,10 @@ def main() -> None:
     plain = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     print(f"plain SDPA {plain:.2f} ms at n={n}, d={d}")
     off = torch.zeros(1, dtype=torch.int32, device="cuda")
+    kg = ta.rotate_keys_to_groups(k, off, 4, inv)
     results = []
-    for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
-        if bm * bn * d > 128 * 128 * 128:
+    for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+        if bm * bn * d > 128 * 64 * 128 or (bm == 64 and warps == 8):
             continue
         try:
             ms = bench(
@@ -58,6 +59,7 @@ def main() -> None:
                     q,
                     k,
                     v,
+                    kg,
                     offsets=off,
                     query_start=0,
                     group_size=4,

@@ -53,6 +53,9 @@ class GroupedKeyCache:
     last_raw_key: torch.Tensor
     offsets: torch.Tensor
     group_size: int
+    #: Storage that ``keys`` is a prefix view of, with room to grow: decode steps write the new
+    #: key in place instead of copying the whole cache (amortised O(1) per token).
+    buffer: torch.Tensor | None = None
 
     def continues(self, raw_keys: torch.Tensor, start: int, offsets: torch.Tensor, group_size: int) -> bool:
         return (
@@ -91,18 +94,26 @@ def grouped_keys(
 ) -> tuple[torch.Tensor, GroupedKeyCache]:
     """Grouped-rotated keys ``[0, needed)``, reusing and extending ``cache`` where it applies."""
     if cache is not None and needed >= query_start and cache.continues(keys, query_start, offsets, group_size):
-        start, head = query_start, [cache.keys]
+        start, buffer = query_start, cache.buffer
     else:
-        start, head = 0, []
-    fresh = keys[:, :, start:needed]
+        start, buffer = 0, None
     pos = positions[:, start:needed]
-    head.append(rotate(fresh, grouped_key_position(pos, group_size) - pos, inv_freq, layout))
-    out = torch.cat(head, dim=2) if len(head) > 1 else head[0]
+    fresh = rotate(keys[:, :, start:needed], grouped_key_position(pos, group_size) - pos, inv_freq, layout)
+    if buffer is None or buffer.shape[2] < needed:
+        grown = torch.empty(
+            (*keys.shape[:2], needed + max(256, needed // 8), keys.shape[3]), dtype=keys.dtype, device=keys.device
+        )
+        if start:
+            grown[:, :, :start] = buffer[:, :, :start] if buffer is not None else cache.keys
+        buffer = grown
+    buffer[:, :, start:needed] = fresh
+    out = buffer[:, :, :needed]
     new_cache = GroupedKeyCache(
         keys=out,
         last_raw_key=keys[:, :, needed - 1].clone() if needed else keys[:, :, :0],
         offsets=offsets.clone(),
         group_size=group_size,
+        buffer=buffer,
     )
     return out, new_cache
 
@@ -199,14 +210,6 @@ def selfextend_attention(
         factor = torch.clamp(torch.log(query_positions.double() + 1) / math.log(log_scale_base), min=1.0)
         query = query * factor[:, None, :, None].to(query.dtype)
 
-    if _use_triton(backend, query, inv_freq, layout, full_mask, softcap):
-        kernel_args = dict(
-            offsets=offsets, group_size=G, neighbor_window=W, inv_freq=inv_freq, scale=scale, key_valid=key_valid
-        )
-        if q_len == 1:
-            return triton_attention.decode(query, key, value, **kernel_args), None
-        return triton_attention.prefill(query, key, value, query_start=query_start, **kernel_args), None
-
     last_index = query_start + q_len - 1
     grouped_needed = max(0, min(n_keys, last_index - W + 1))
     # Keep grouped keys for every key the next step's queries may see grouped.
@@ -216,6 +219,18 @@ def selfextend_attention(
         if cache_upto > 0
         else (key[:, :, :0], None)
     )
+    if _use_triton(backend, query, inv_freq, layout, full_mask, softcap):
+        kernel_args = dict(
+            offsets=offsets, group_size=G, neighbor_window=W, inv_freq=inv_freq, scale=scale, key_valid=key_valid
+        )
+        if cache_upto < n_keys:  # keys past the last query are never visible
+            key, value = key[:, :, :cache_upto], value[:, :, :cache_upto]
+            kernel_args["key_valid"] = None if key_valid is None else key_valid[:, :cache_upto]
+        if q_len == 1:
+            return triton_attention.decode(query, key, value, kg, **kernel_args), new_cache
+        out = triton_attention.prefill(query, key, value, kg, query_start=query_start, **kernel_args)
+        return out, new_cache
+
     gq_shift = grouped_query_position(query_positions, G, W) - query_positions
 
     if (

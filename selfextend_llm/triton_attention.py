@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from .rope import grouped_key_position, rotate
+
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds lack it.
     import triton
     import triton.language as tl
@@ -81,14 +83,6 @@ if triton is not None:
         return x1 * c - x2 * s, x2 * c + x1 * s
 
     @triton.jit
-    def _rotate_cols(x1, x2, delta, inv):
-        """Rotate transposed half-layout keys ``(x1, x2)`` [HALF, N] by ``delta`` [N] positions."""
-        ang = inv[:, None] * delta.to(tl.float32)[None, :]
-        c = tl.cos(ang)
-        s = tl.sin(ang)
-        return x1 * c - x2 * s, x2 * c + x1 * s
-
-    @triton.jit
     def _block(
         acc,
         m_i,
@@ -99,13 +93,13 @@ if triton is not None:
         qg2,
         i_idx,
         K_ptr,
+        KG_ptr,
         V_ptr,
         VALID_ptr,
-        inv,
-        off_b,
         n0,
         n_end,
         stride_kn,
+        stride_kgn,
         stride_vn,
         G,
         W,
@@ -124,15 +118,16 @@ if triton is not None:
         j = n0 + tl.arange(0, BLOCK_N)
         in_range = j < n_end
         d = tl.arange(0, HALF)
-        kp = K_ptr + j[None, :] * stride_kn + d[:, None]
-        k1 = tl.load(kp, mask=in_range[None, :], other=0.0)
-        k2 = tl.load(kp + HALF, mask=in_range[None, :], other=0.0)
         if MODE != 1 and MODE != 3:
-            pos = j - off_b
-            kg1, kg2 = _rotate_cols(k1.to(tl.float32), k2.to(tl.float32), _floordiv(pos, G) - pos, inv)
-            s_g = tl.dot(qg1, kg1.to(qg1.dtype), input_precision=PREC)
-            s_g = tl.dot(qg2, kg2.to(qg2.dtype), s_g, input_precision=PREC)
+            kgp = KG_ptr + j[None, :] * stride_kgn + d[:, None]
+            kg1 = tl.load(kgp, mask=in_range[None, :], other=0.0)
+            kg2 = tl.load(kgp + HALF, mask=in_range[None, :], other=0.0)
+            s_g = tl.dot(qg1, kg1, input_precision=PREC)
+            s_g = tl.dot(qg2, kg2, s_g, input_precision=PREC)
         if MODE != 0:
+            kp = K_ptr + j[None, :] * stride_kn + d[:, None]
+            k1 = tl.load(kp, mask=in_range[None, :], other=0.0)
+            k2 = tl.load(kp + HALF, mask=in_range[None, :], other=0.0)
             s_n = tl.dot(q1, k1, input_precision=PREC)
             s_n = tl.dot(q2, k2, s_n, input_precision=PREC)
         if MODE == 0:
@@ -162,6 +157,7 @@ if triton is not None:
     def _prefill_kernel(
         Q,
         K,
+        KG,
         V,
         OUT,
         INV,
@@ -173,6 +169,9 @@ if triton is not None:
         stride_kb,
         stride_kh,
         stride_kn,
+        stride_kgb,
+        stride_kgh,
+        stride_kgn,
         stride_vb,
         stride_vh,
         stride_vn,
@@ -220,6 +219,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, 2 * HALF], dtype=tl.float32)
 
         k_off = K + b * stride_kb + kvh * stride_kh
+        kg_off = KG + b * stride_kgb + kvh * stride_kgh
         v_off = V + b * stride_vb + kvh * stride_vh
         valid_off = VALID + b * stride_valid_b
         first = q_start + pid_m * BLOCK_M
@@ -234,23 +234,24 @@ if triton is not None:
         n_hi = tl.minimum(n_hi, end)
         for n0 in range(0, g_end, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, end,
-                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, end,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC,
             )  # fmt: skip
         for n0 in range(g_end, n_lo, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, end,
-                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, end,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC,
             )  # fmt: skip
         for n0 in range(n_lo, n_hi, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, end,
-                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 1, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, end,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 1, HAS_VALID, PREC,
             )  # fmt: skip
         for n0 in range(n_hi, end, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, end,
-                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2 if DIAG_GROUPED else 3, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, end,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N,
+                2 if DIAG_GROUPED else 3, HAS_VALID, PREC,
             )  # fmt: skip
         seen = m_i > _HIDDEN / 2
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -262,6 +263,7 @@ if triton is not None:
     def _decode_kernel(
         Q,
         K,
+        KG,
         V,
         O_PART,
         M_PART,
@@ -274,6 +276,9 @@ if triton is not None:
         stride_kb,
         stride_kh,
         stride_kn,
+        stride_kgb,
+        stride_kgh,
+        stride_kgn,
         stride_vb,
         stride_vh,
         stride_vn,
@@ -317,6 +322,7 @@ if triton is not None:
         l_i = tl.zeros([ROWS], dtype=tl.float32)
         acc = tl.zeros([ROWS, 2 * HALF], dtype=tl.float32)
         k_off = K + b * stride_kb + kvh * stride_kh
+        kg_off = KG + b * stride_kgb + kvh * stride_kgh
         v_off = V + b * stride_vb + kvh * stride_vh
         valid_off = VALID + b * stride_valid_b
 
@@ -328,18 +334,18 @@ if triton is not None:
         b_end = tl.minimum(tl.maximum(((g_lim + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, a_end), hi)
         for n0 in range(lo, a_end, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, hi,
-                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, hi,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC,
             )  # fmt: skip
         for n0 in range(a_end, b_end, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, hi,
-                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, hi,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC,
             )  # fmt: skip
         for n0 in range(b_end, hi, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, v_off, valid_off, inv, off_b, n0, hi,
-                stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 3, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, hi,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 3, HAS_VALID, PREC,
             )  # fmt: skip
         part = (b * n_kv_heads * HEADS_PER_KV + h) * n_splits + split
         tl.store(M_PART + part, m_i, mask=row_ok)
@@ -365,14 +371,28 @@ if triton is not None:
         tl.store(OUT + bh * DIM + dd, out.to(OUT.dtype.element_ty))
 
 
+def rotate_keys_to_groups(
+    key: torch.Tensor, offsets: torch.Tensor, group_size: int, inv_freq: torch.Tensor
+) -> torch.Tensor:
+    """Cached keys (``b, kv_h, n, d``) re-rotated from position ``p`` to ``p // G`` (float64 angles).
+
+    The model path keeps these between decode steps (:class:`attention.GroupedKeyCache`); this is
+    for direct callers of the kernels.
+    """
+    pos = torch.arange(key.shape[2], device=key.device)[None, :] - offsets.to(key.device).long()[:, None]
+    return rotate(key, grouped_key_position(pos, group_size) - pos, inv_freq).contiguous()
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error).
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grouped_key: torch.Tensor) -> None:
+    if any(x.stride(-1) != 1 for x in (query, key, value, grouped_key)):
         raise ValueError("the Triton SelfExtend kernels need the head dimension contiguous")
+    if grouped_key.shape[:3] != key.shape[:3]:
+        raise ValueError(f"grouped keys {tuple(grouped_key.shape)} do not match keys {tuple(key.shape)}")
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
 
@@ -400,6 +420,7 @@ def prefill(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    grouped_key: torch.Tensor | None = None,
     *,
     offsets: torch.Tensor,
     query_start: int,
@@ -419,7 +440,9 @@ def prefill(
     ``offsets`` (``b``) is each row's cache index minus RoPE position (left padding);
     ``key_valid`` (``b, n``) marks real keys.
     """
-    _check(query, key, value)
+    if grouped_key is None:
+        grouped_key = rotate_keys_to_groups(key, offsets, group_size, inv_freq)
+    _check(query, key, value, grouped_key)
     bsz, heads, q_len, dim = query.shape
     out = torch.empty_like(query)
     if q_len == 0:
@@ -431,9 +454,10 @@ def prefill(
     off = offsets.to(device=query.device, dtype=torch.int32).contiguous()
     grid = (triton.cdiv(q_len, bm), bsz * heads)
     _prefill_kernel[grid](
-        query, key, value, out, inv, off, valid,
+        query, key, grouped_key, value, out, inv, off, valid,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
+        grouped_key.stride(0), grouped_key.stride(1), grouped_key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         valid_stride, heads, q_len, query_start, group_size, neighbor_window, scale * LOG2E,
@@ -453,6 +477,7 @@ def decode(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    grouped_key: torch.Tensor | None = None,
     *,
     offsets: torch.Tensor,
     group_size: int,
@@ -464,7 +489,9 @@ def decode(
     splits: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence (``b, h, 1, d``) against the whole cache: split-K SelfExtend decoding."""
-    _check(query, key, value)
+    if grouped_key is None:
+        grouped_key = rotate_keys_to_groups(key, offsets, group_size, inv_freq)
+    _check(query, key, value, grouped_key)
     bsz, heads, q_len, dim = query.shape
     if q_len != 1:
         raise ValueError("decode() takes one query per sequence; use prefill() for more")
@@ -484,9 +511,10 @@ def decode(
     inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
     off = offsets.to(device=query.device, dtype=torch.int32).contiguous()
     _decode_kernel[(bsz * kv_heads, splits)](
-        query, key, value, o_part, m_part, l_part, inv, off, valid,
+        query, key, grouped_key, value, o_part, m_part, l_part, inv, off, valid,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
+        grouped_key.stride(0), grouped_key.stride(1), grouped_key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         valid_stride, kv_heads, n_keys, split_len, splits, group_size, neighbor_window, scale * LOG2E,
         HEADS_PER_KV=per_kv, ROWS=max(16, triton.next_power_of_2(per_kv)), HALF=dim // 2, BLOCK_N=bn,

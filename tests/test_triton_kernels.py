@@ -53,7 +53,7 @@ def _check(out, q, k, v, inv, q_pos, k_pos, G, W, padded, dtype):
         inv_freq=inv, scale=q.shape[-1] ** -0.5, mask=mask,
     )  # fmt: skip
     if W < q_pos.max() and G > 1:
-        assert ((plain - ref) * keep).abs().max().item() > 10 * TOL[dtype]
+        assert ((plain - ref) * keep).abs().max().item() > 5 * max(err, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
