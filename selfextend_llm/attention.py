@@ -172,6 +172,19 @@ def _use_triton(
     return fits and (backend == "triton" or query.device.type == "cuda")
 
 
+def _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, scale, key_valid):
+    """The fused kernels: split-K decoding (keys rotated in registers, no grouped cache needed),
+    or one-pass prefill over the keys rotated to grouped positions for this call."""
+    n_keys = query_start + query.shape[2]  # keys past the last query are never visible
+    key, value = key[:, :, :n_keys], value[:, :, :n_keys]
+    key_valid = None if key_valid is None else key_valid[:, :n_keys]
+    args = dict(offsets=offsets, group_size=G, neighbor_window=W, inv_freq=inv_freq, scale=scale, key_valid=key_valid)
+    if query.shape[2] == 1:
+        return triton_attention.decode(query, key, value, **args)
+    grouped = triton_attention.rotate_keys_to_groups(key, offsets, G, inv_freq)
+    return triton_attention.prefill(query, key, value, grouped, query_start=query_start, **args)
+
+
 def selfextend_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -204,11 +217,13 @@ def selfextend_attention(
     G, W = group_size, neighbor_window
     if query_positions.shape[0] != bsz:
         query_positions = query_positions.expand(bsz, -1)
-    k_pos, offsets = key_positions(query_positions, query_start, n_keys)
-
     if log_scale_base is not None:
         factor = torch.clamp(torch.log(query_positions.double() + 1) / math.log(log_scale_base), min=1.0)
         query = query * factor[:, None, :, None].to(query.dtype)
+    if _use_triton(backend, query, inv_freq, layout, full_mask, softcap):
+        offsets = (query_start + q_len - 1) - query_positions[:, -1].long()
+        return _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, scale, key_valid), None
+    k_pos, offsets = key_positions(query_positions, query_start, n_keys)
 
     last_index = query_start + q_len - 1
     grouped_needed = max(0, min(n_keys, last_index - W + 1))
@@ -219,18 +234,6 @@ def selfextend_attention(
         if cache_upto > 0
         else (key[:, :, :0], None)
     )
-    if _use_triton(backend, query, inv_freq, layout, full_mask, softcap):
-        kernel_args = dict(
-            offsets=offsets, group_size=G, neighbor_window=W, inv_freq=inv_freq, scale=scale, key_valid=key_valid
-        )
-        if cache_upto < n_keys:  # keys past the last query are never visible
-            key, value = key[:, :, :cache_upto], value[:, :, :cache_upto]
-            kernel_args["key_valid"] = None if key_valid is None else key_valid[:, :cache_upto]
-        if q_len == 1:
-            return triton_attention.decode(query, key, value, kg, **kernel_args), new_cache
-        out = triton_attention.prefill(query, key, value, kg, query_start=query_start, **kernel_args)
-        return out, new_cache
-
     gq_shift = grouped_query_position(query_positions, G, W) - query_positions
 
     if (

@@ -16,8 +16,8 @@ transformers' own rotary embedding.
 
 Decoding one token is a split-K ("flash-decoding") kernel: the query heads that share a KV head
 are packed into one tile, the cache is cut into splits processed in parallel, and a second
-small kernel merges the splits.  Keys are rotated in registers, so no grouped copy of the cache
-is kept.
+small kernel merges the splits.  There each key is met once per step, so its grouped rotation
+is done in registers and no grouped copy of the cache is kept.
 
 Supported: the "half" RoPE layout with rotary dim == head dim, head dims that are powers of two,
 no logit softcapping, no extra mask beyond key padding.  Anything else takes the flex/SDPA paths.
@@ -83,6 +83,14 @@ if triton is not None:
         return x1 * c - x2 * s, x2 * c + x1 * s
 
     @triton.jit
+    def _rotate_cols(x1, x2, delta, inv):
+        """Rotate transposed half-layout keys ``(x1, x2)`` [HALF, N] by ``delta`` [N] positions."""
+        ang = inv[:, None] * delta.to(tl.float32)[None, :]
+        c = tl.cos(ang)
+        s = tl.sin(ang)
+        return x1 * c - x2 * s, x2 * c + x1 * s
+
+    @triton.jit
     def _block(
         acc,
         m_i,
@@ -96,6 +104,8 @@ if triton is not None:
         KG_ptr,
         V_ptr,
         VALID_ptr,
+        inv,
+        off_b,
         n0,
         n_end,
         stride_kn,
@@ -109,25 +119,35 @@ if triton is not None:
         MODE: tl.constexpr,
         HAS_VALID: tl.constexpr,
         PREC: tl.constexpr,
+        ROTATE: tl.constexpr,
     ):
         """One key block of the online softmax.
 
         MODE 0: all grouped, no mask.  1: all plain, no mask.  2: both products, picked by
-        distance, causal mask.  3: plain product, causal mask.
+        distance, causal mask.  3: plain product, causal mask.  ROTATE: grouped keys are made
+        from the cached keys in registers (decoding: each key is met once per step) instead of
+        read from ``KG_ptr`` (prefill: each key block is met by every query block).
         """
         j = n0 + tl.arange(0, BLOCK_N)
         in_range = j < n_end
         d = tl.arange(0, HALF)
-        if MODE != 1 and MODE != 3:
-            kgp = KG_ptr + j[None, :] * stride_kgn + d[:, None]
-            kg1 = tl.load(kgp, mask=in_range[None, :], other=0.0)
-            kg2 = tl.load(kgp + HALF, mask=in_range[None, :], other=0.0)
-            s_g = tl.dot(qg1, kg1, input_precision=PREC)
-            s_g = tl.dot(qg2, kg2, s_g, input_precision=PREC)
-        if MODE != 0:
+        if ROTATE or MODE != 0:
             kp = K_ptr + j[None, :] * stride_kn + d[:, None]
             k1 = tl.load(kp, mask=in_range[None, :], other=0.0)
             k2 = tl.load(kp + HALF, mask=in_range[None, :], other=0.0)
+        if MODE != 1 and MODE != 3:
+            if ROTATE:
+                pos = j - off_b
+                kg1, kg2 = _rotate_cols(k1.to(tl.float32), k2.to(tl.float32), _floordiv(pos, G) - pos, inv)
+                kg1 = kg1.to(qg1.dtype)
+                kg2 = kg2.to(qg2.dtype)
+            else:
+                kgp = KG_ptr + j[None, :] * stride_kgn + d[:, None]
+                kg1 = tl.load(kgp, mask=in_range[None, :], other=0.0)
+                kg2 = tl.load(kgp + HALF, mask=in_range[None, :], other=0.0)
+            s_g = tl.dot(qg1, kg1, input_precision=PREC)
+            s_g = tl.dot(qg2, kg2, s_g, input_precision=PREC)
+        if MODE != 0:
             s_n = tl.dot(q1, k1, input_precision=PREC)
             s_n = tl.dot(q2, k2, s_n, input_precision=PREC)
         if MODE == 0:
@@ -234,24 +254,24 @@ if triton is not None:
         n_hi = tl.minimum(n_hi, end)
         for n0 in range(0, g_end, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, end,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b, n0, end,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC, False,
             )  # fmt: skip
         for n0 in range(g_end, n_lo, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, end,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b, n0, end,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC, False,
             )  # fmt: skip
         for n0 in range(n_lo, n_hi, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, end,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 1, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b, n0, end,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 1, HAS_VALID, PREC, False,
             )  # fmt: skip
         for n0 in range(n_hi, end, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, end,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b, n0, end,
                 stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N,
-                2 if DIAG_GROUPED else 3, HAS_VALID, PREC,
+                2 if DIAG_GROUPED else 3, HAS_VALID, PREC, False,
             )  # fmt: skip
         seen = m_i > _HIDDEN / 2
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -334,18 +354,18 @@ if triton is not None:
         b_end = tl.minimum(tl.maximum(((g_lim + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, a_end), hi)
         for n0 in range(lo, a_end, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, hi,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b, n0, hi,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC, True,
             )  # fmt: skip
         for n0 in range(a_end, b_end, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, hi,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b, n0, hi,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC, True,
             )  # fmt: skip
         for n0 in range(b_end, hi, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, n0, hi,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 3, HAS_VALID, PREC,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b, n0, hi,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 3, HAS_VALID, PREC, True,
             )  # fmt: skip
         part = (b * n_kv_heads * HEADS_PER_KV + h) * n_splits + split
         tl.store(M_PART + part, m_i, mask=row_ok)
@@ -477,7 +497,6 @@ def decode(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    grouped_key: torch.Tensor | None = None,
     *,
     offsets: torch.Tensor,
     group_size: int,
@@ -488,10 +507,13 @@ def decode(
     block_n: int | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """One query per sequence (``b, h, 1, d``) against the whole cache: split-K SelfExtend decoding."""
-    if grouped_key is None:
-        grouped_key = rotate_keys_to_groups(key, offsets, group_size, inv_freq)
-    _check(query, key, value, grouped_key)
+    """One query per sequence (``b, h, 1, d``) against the whole cache: split-K SelfExtend decoding.
+
+    Grouped keys are rotated in registers (each key is read once per step, so this costs a few
+    sine/cosine evaluations per key, shared by the query heads of its KV head): no grouped copy
+    of the cache is kept and nothing is re-rotated in memory.
+    """
+    _check(query, key, value, key)
     bsz, heads, q_len, dim = query.shape
     if q_len != 1:
         raise ValueError("decode() takes one query per sequence; use prefill() for more")
@@ -511,10 +533,10 @@ def decode(
     inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
     off = offsets.to(device=query.device, dtype=torch.int32).contiguous()
     _decode_kernel[(bsz * kv_heads, splits)](
-        query, key, grouped_key, value, o_part, m_part, l_part, inv, off, valid,
+        query, key, key, value, o_part, m_part, l_part, inv, off, valid,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
-        grouped_key.stride(0), grouped_key.stride(1), grouped_key.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),  # grouped keys are rotated in registers
         value.stride(0), value.stride(1), value.stride(2),
         valid_stride, kv_heads, n_keys, split_len, splits, group_size, neighbor_window, scale * LOG2E,
         HEADS_PER_KV=per_kv, ROWS=max(16, triton.next_power_of_2(per_kv)), HALF=dim // 2, BLOCK_N=bn,
