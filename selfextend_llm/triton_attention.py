@@ -403,6 +403,20 @@ def rotate_keys_to_groups(
     return rotate(key, grouped_key_position(pos, group_size) - pos, inv_freq).contiguous()
 
 
+def _on_query_device(fn):
+    """Launch on the query's GPU: Triton launches on the *current* device, which differs from the
+    tensors' device on layers that accelerate placed on another GPU (``device_map="auto"``)."""
+
+    @functools.wraps(fn)
+    def wrapper(query: torch.Tensor, *args, **kwargs):
+        if query.device.type != "cuda":
+            return fn(query, *args, **kwargs)
+        with torch.cuda.device(query.device):
+            return fn(query, *args, **kwargs)
+
+    return wrapper
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -436,6 +450,7 @@ def _prefill_blocks(head_dim: int, dtype: torch.dtype, interpret: bool) -> tuple
     return 128, 64, 8, 3
 
 
+@_on_query_device
 def prefill(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -493,6 +508,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@_on_query_device
 def decode(
     query: torch.Tensor,
     key: torch.Tensor,
