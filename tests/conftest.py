@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: fail fast instead of retrying
-if os.environ.get("SELFEXTEND_TEST_DEVICE", "cpu") == "cpu":
-    # Without a GPU, the Triton kernels run (slowly, exactly) in Triton's interpreter; this must be
-    # set before the kernels are defined.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+if os.environ.get("SELFEXTEND_TEST_DEVICE", "cpu") == "cpu" and not torch.cuda.is_available():
+    # Without a GPU, the Triton kernels run (slowly, exactly) in Triton's interpreter; this must be
+    # set before the kernels are defined.  Never on a GPU machine: interpreted kernels on CUDA
+    # tensors are so slow that the multi-GPU tests looked hung.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import transformers
 
 from selfextend_llm.attention import key_positions
