@@ -40,6 +40,8 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs
     tl = None
 
 LOG2E = 1.4426950408889634
+#: Positions rotated per step when building the grouped keys of a prefill.
+ROTATE_CHUNK = 8192
 
 
 def interpreted() -> bool:
@@ -399,8 +401,15 @@ def rotate_keys_to_groups(
     The model path keeps these between decode steps (:class:`attention.GroupedKeyCache`); this is
     for direct callers of the kernels.
     """
-    pos = torch.arange(key.shape[2], device=key.device)[None, :] - offsets.to(key.device).long()[:, None]
-    return rotate(key, grouped_key_position(pos, group_size) - pos, inv_freq).contiguous()
+    n = key.shape[2]
+    pos = torch.arange(n, device=key.device)[None, :] - offsets.to(key.device).long()[:, None]
+    delta = grouped_key_position(pos, group_size) - pos
+    out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    # In chunks, so that the float64 angle tables and float32 temporaries stay small at 100k+ tokens.
+    for t0 in range(0, n, ROTATE_CHUNK):
+        t1 = min(n, t0 + ROTATE_CHUNK)
+        out[:, :, t0:t1] = rotate(key[:, :, t0:t1], delta[:, t0:t1], inv_freq)
+    return out
 
 
 def _on_query_device(fn):
