@@ -24,6 +24,7 @@ softmax.  The block path here serves the CPU, softcapping, custom masks and othe
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -222,7 +223,16 @@ def selfextend_attention(
         query = query * factor[:, None, :, None].to(query.dtype)
     if _use_triton(backend, query, inv_freq, layout, full_mask, softcap):
         offsets = (query_start + q_len - 1) - query_positions[:, -1].long()
-        return _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, scale, key_valid), None
+        try:
+            return _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, scale, key_valid), None
+        except triton_attention.OutOfResources as err:
+            if backend == "triton":
+                raise
+            warnings.warn(
+                f"SelfExtend's Triton kernels do not fit this GPU for this shape ({err}); using flex_attention",
+                stacklevel=2,
+            )
+            triton_attention.disable(query.shape[-1], query.dtype)
     k_pos, offsets = key_positions(query_positions, query_start, n_keys)
 
     last_index = query_start + q_len - 1
@@ -238,7 +248,6 @@ def selfextend_attention(
 
     if (
         backend in ("auto", "flex")
-        and (backend == "flex" or not triton_attention.available(query.device))
         and q_len >= FLEX_MIN_QUERIES
         and full_mask is None
         and softcap is None

@@ -35,9 +35,23 @@ from .rope import grouped_key_position, rotate
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds lack it.
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # pragma: no cover - exercised on CPU-only installs
     triton = None
     tl = None
+
+    class OutOfResources(RuntimeError):  # type: ignore[no-redef]
+        """Stand-in so that callers can name the exception without Triton installed."""
+
+
+#: (head_dim, dtype) pairs whose kernels did not fit the GPU; they take the other paths from then on.
+_DISABLED: set[tuple[int, torch.dtype]] = set()
+
+
+def disable(head_dim: int, dtype: torch.dtype) -> None:
+    """Stop using the kernels for this shape (after a launch ran out of shared memory or registers)."""
+    _DISABLED.add((head_dim, dtype))
+
 
 LOG2E = 1.4426950408889634
 #: Positions rotated per step when building the grouped keys of a prefill.
@@ -60,6 +74,7 @@ def supports(head_dim: int, rotary_dim: int, layout: str, dtype: torch.dtype) ->
     """Shapes and layouts the kernels handle; the caller falls back to the other paths otherwise."""
     return (
         layout == "half"
+        and (head_dim, dtype) not in _DISABLED
         and rotary_dim == head_dim
         and head_dim in (32, 64, 128, 256)
         and dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -456,7 +471,9 @@ def _prefill_blocks(head_dim: int, dtype: torch.dtype, interpret: bool) -> tuple
         return 64, 32, 4, 2
     if head_dim <= 64:
         return 128, 64, 4, 3
-    return 128, 64, 8, 3
+    if head_dim <= 128:
+        return 128, 64, 8, 3  # best of the sweep in benchmarks/triton_blocks.py (H100)
+    return 64, 32, 4, 2  # head dim 256 (Gemma 3): smaller tiles to fit shared memory; not yet timed
 
 
 @_on_query_device
