@@ -142,3 +142,26 @@ def test_model_with_triton_backend_matches_reference():
     stepped = torch.cat(steps, 1).double()
     assert (stepped[0] - ref[0]).abs().max() < tol
     assert (stepped[1, pad:] - ref[1, pad:]).abs().max() < tol
+
+
+def test_kernel_that_does_not_fit_falls_back_with_a_warning(monkeypatch):
+    """A GPU whose shared memory cannot hold the tiles for some shape gets the other path, not a crash."""
+    from selfextend_llm import attention
+
+    q, k, v, inv, off, q_pos, _ = _inputs(1, 4, 2, 150, 150, 32, torch.float32, [0])
+
+    def too_big(*args, **kwargs):
+        raise ta.OutOfResources(300000, 232448, "shared memory")
+
+    def as_on_a_gpu(backend, query, inv_freq, layout, full_mask, softcap):
+        return ta.supports(query.shape[-1], 2 * inv_freq.shape[-1], layout, query.dtype)
+
+    monkeypatch.setattr(attention, "_use_triton", as_on_a_gpu)
+    monkeypatch.setattr(ta, "prefill", too_big)
+    monkeypatch.setattr(ta, "_DISABLED", set())
+    kwargs = dict(query_positions=q_pos, query_start=0, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
+    with pytest.warns(UserWarning, match="do not fit"):
+        out, _ = attention.selfextend_attention(q, k, v, **kwargs)
+    expected, _ = attention.selfextend_attention(q, k, v, backend="math", **kwargs)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not ta.supports(32, 32, "half", torch.float32)  # remembered: no second failing launch
