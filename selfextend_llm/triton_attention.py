@@ -529,7 +529,7 @@ def prefill(
     return out
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
