@@ -108,6 +108,16 @@ if triton is not None:
         return x1 * c - x2 * s, x2 * c + x1 * s
 
     @triton.jit
+    def _queries(q_ptr, row_ok, pos, INV, G, W, HALF: tl.constexpr):
+        """Load a query tile (two halves) and rotate it to its grouped positions ``p // G + W - W // G``."""
+        q1 = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_ptr + HALF, mask=row_ok[:, None], other=0.0)
+        inv = tl.load(INV + tl.arange(0, HALF))
+        shift = _floordiv(pos, G) + (W - W // G) - pos
+        qg1, qg2 = _rotate_rows(q1.to(tl.float32), q2.to(tl.float32), shift, inv)
+        return q1, q2, qg1.to(q1.dtype), qg2.to(q1.dtype), inv
+
+    @triton.jit
     def _block(
         acc,
         m_i,
@@ -242,14 +252,7 @@ if triton is not None:
         i_idx = q_start + rows
         d = tl.arange(0, HALF)
         q_ptr = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + d[None, :]
-        q1 = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
-        q2 = tl.load(q_ptr + HALF, mask=row_ok[:, None], other=0.0)
-        inv = tl.load(INV + d)
-        pos = i_idx - off_b
-        shift = _floordiv(pos, G) + (W - W // G) - pos
-        qg1, qg2 = _rotate_rows(q1.to(tl.float32), q2.to(tl.float32), shift, inv)
-        qg1 = qg1.to(q1.dtype)
-        qg2 = qg2.to(q1.dtype)
+        q1, q2, qg1, qg2, inv = _queries(q_ptr, row_ok, i_idx - off_b, INV, G, W, HALF)
 
         m_i = tl.full([BLOCK_M], _HIDDEN, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -345,15 +348,8 @@ if triton is not None:
         h = kvh * HEADS_PER_KV + r
         d = tl.arange(0, HALF)
         q_ptr = Q + b * stride_qb + h[:, None] * stride_qh + d[None, :]
-        q1 = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
-        q2 = tl.load(q_ptr + HALF, mask=row_ok[:, None], other=0.0)
-        inv = tl.load(INV + d)
         i_idx = tl.zeros([ROWS], dtype=tl.int32) + (n_keys - 1)
-        pos = i_idx - off_b
-        shift = _floordiv(pos, G) + (W - W // G) - pos
-        qg1, qg2 = _rotate_rows(q1.to(tl.float32), q2.to(tl.float32), shift, inv)
-        qg1 = qg1.to(q1.dtype)
-        qg2 = qg2.to(q1.dtype)
+        q1, q2, qg1, qg2, inv = _queries(q_ptr, row_ok, i_idx - off_b, INV, G, W, HALF)
 
         m_i = tl.full([ROWS], _HIDDEN, dtype=tl.float32)
         l_i = tl.zeros([ROWS], dtype=tl.float32)
