@@ -67,6 +67,7 @@ def test_tune_picks_a_setting(tmp_path, capsys):
         "1",
         "--prompts",
         "1",
+        "--with-log",
         "--save",
         str(save),
         "--json",
@@ -74,6 +75,14 @@ def test_tune_picks_a_setting(tmp_path, capsys):
     assert main(args) == 0
     best = json.loads(save.read_text())
     assert best["group_size"] in (2, 3) and best["neighbor_window"] == 256 and 0 <= best["accuracy"] <= 1
+    # scored on both tasks by default; every candidate (also the log-scaled ones) reported per task
+    assert best["tasks"] == ["passkey", "needle"]
+    assert set(best["all"]) == {"se:2,256", "se:3,256", "se:2,256+log", "se:3,256+log"}
+    for scores in best["all"].values():
+        assert scores["mean"] == (scores["passkey"] + scores["needle"]) / 2
+    top = best["all"][next(iter(best["all"]))]
+    assert best["accuracy"] == top["mean"] == max(s["mean"] for s in best["all"].values())
+    assert save.with_suffix(".needle.json").is_file() and save.with_suffix(".passkey.json").is_file()
 
 
 def test_needle_grid(tmp_path, capsys):
