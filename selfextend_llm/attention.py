@@ -17,8 +17,9 @@ row log-sum-exp, and the parts are merged exactly (:func:`backends.merge_partial
 Memory per block is ``block x (block + W)`` mask entries, never ``n x n``.
 
 On CUDA the same math runs as one fused Triton kernel per call (:mod:`triton_attention`):
-the rotation to grouped positions happens in registers and both score kinds share one online
-softmax.  The block path here serves the CPU, softcapping, custom masks and other layouts.
+both score kinds share one online softmax, queries (and, when decoding, keys) are rotated to
+grouped positions in registers.  The block path here serves the CPU, softcapping, custom masks
+and other layouts.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class GroupedKeyCache:
     group_size: int
     #: Storage that ``keys`` is a prefix view of, with room to grow: decode steps write the new
     #: key in place instead of copying the whole cache (amortised O(1) per token).
-    buffer: torch.Tensor | None = None
+    buffer: torch.Tensor
 
     def continues(self, raw_keys: torch.Tensor, start: int, offsets: torch.Tensor, group_size: int) -> bool:
         return (
@@ -70,14 +71,19 @@ class GroupedKeyCache:
         )
 
 
-def key_positions(query_positions: torch.Tensor, query_start: int, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of all cached keys, and each row's offset between cache index and position.
+def row_offsets(query_positions: torch.Tensor, query_start: int) -> torch.Tensor:
+    """Each row's offset between cache index and RoPE position (``b``).
 
     Within a row, positions advance one per cache slot (left padding only shifts the start), so
     the last query fixes the offset of the whole row: ``offset = index(last query) - pos``.
     """
     last_index = query_start + query_positions.shape[1] - 1
-    offsets = last_index - query_positions[:, -1].long()
+    return last_index - query_positions[:, -1].long()
+
+
+def key_positions(query_positions: torch.Tensor, query_start: int, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of all cached keys, and each row's offset (:func:`row_offsets`)."""
+    offsets = row_offsets(query_positions, query_start)
     index = torch.arange(num_keys, device=query_positions.device)
     return index[None, :] - offsets[:, None], offsets
 
@@ -105,7 +111,7 @@ def grouped_keys(
             (*keys.shape[:2], needed + max(256, needed // 8), keys.shape[3]), dtype=keys.dtype, device=keys.device
         )
         if start:
-            grown[:, :, :start] = buffer[:, :, :start] if buffer is not None else cache.keys
+            grown[:, :, :start] = buffer[:, :, :start]
         buffer = grown
     buffer[:, :, start:needed] = fresh
     out = buffer[:, :, :needed]
@@ -222,7 +228,7 @@ def selfextend_attention(
         factor = torch.clamp(torch.log(query_positions.double() + 1) / math.log(log_scale_base), min=1.0)
         query = query * factor[:, None, :, None].to(query.dtype)
     if _use_triton(backend, query, inv_freq, layout, full_mask, softcap):
-        offsets = (query_start + q_len - 1) - query_positions[:, -1].long()
+        offsets = row_offsets(query_positions, query_start)
         try:
             return _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, scale, key_valid), None
         except triton_attention.OutOfResources as err:

@@ -303,7 +303,6 @@ if triton is not None:
     def _decode_kernel(
         Q,
         K,
-        KG,
         V,
         O_PART,
         M_PART,
@@ -316,9 +315,6 @@ if triton is not None:
         stride_kb,
         stride_kh,
         stride_kn,
-        stride_kgb,
-        stride_kgh,
-        stride_kgn,
         stride_vb,
         stride_vh,
         stride_vn,
@@ -355,7 +351,6 @@ if triton is not None:
         l_i = tl.zeros([ROWS], dtype=tl.float32)
         acc = tl.zeros([ROWS, 2 * HALF], dtype=tl.float32)
         k_off = K + b * stride_kb + kvh * stride_kh
-        kg_off = KG + b * stride_kgb + kvh * stride_kgh
         v_off = V + b * stride_vb + kvh * stride_vh
         valid_off = VALID + b * stride_valid_b
 
@@ -367,18 +362,18 @@ if triton is not None:
         b_end = tl.minimum(tl.maximum(((g_lim + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, a_end), hi)
         for n0 in range(lo, a_end, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b, n0, hi,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC, True,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, k_off, v_off, valid_off, inv, off_b, n0, hi,
+                stride_kn, stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC, True,
             )  # fmt: skip
         for n0 in range(a_end, b_end, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b, n0, hi,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC, True,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, k_off, v_off, valid_off, inv, off_b, n0, hi,
+                stride_kn, stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC, True,
             )  # fmt: skip
         for n0 in range(b_end, hi, BLOCK_N):
             acc, m_i, l_i = _block(
-                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b, n0, hi,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 3, HAS_VALID, PREC, True,
+                acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, k_off, v_off, valid_off, inv, off_b, n0, hi,
+                stride_kn, stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 3, HAS_VALID, PREC, True,
             )  # fmt: skip
         part = (b * n_kv_heads * HEADS_PER_KV + h) * n_splits + split
         tl.store(M_PART + part, m_i, mask=row_ok)
@@ -442,10 +437,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grouped_key: torch.Tensor) -> None:
-    if any(x.stride(-1) != 1 for x in (query, key, value, grouped_key)):
+def _check(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grouped_key: torch.Tensor | None = None
+) -> None:
+    if any(x.stride(-1) != 1 for x in (query, key, value, grouped_key) if x is not None):
         raise ValueError("the Triton SelfExtend kernels need the head dimension contiguous")
-    if grouped_key.shape[:3] != key.shape[:3]:
+    if grouped_key is not None and grouped_key.shape[:3] != key.shape[:3]:
         raise ValueError(f"grouped keys {tuple(grouped_key.shape)} do not match keys {tuple(key.shape)}")
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
@@ -551,7 +548,7 @@ def decode(
     sine/cosine evaluations per key, shared by the query heads of its KV head): no grouped copy
     of the cache is kept and nothing is re-rotated in memory.
     """
-    _check(query, key, value, key)
+    _check(query, key, value)
     bsz, heads, q_len, dim = query.shape
     if q_len != 1:
         raise ValueError("decode() takes one query per sequence; use prefill() for more")
@@ -571,10 +568,9 @@ def decode(
     inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
     off = offsets.to(device=query.device, dtype=torch.int32).contiguous()
     _decode_kernel[(bsz * kv_heads, splits)](
-        query, key, key, value, o_part, m_part, l_part, inv, off, valid,
+        query, key, value, o_part, m_part, l_part, inv, off, valid,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),  # grouped keys are rotated in registers
         value.stride(0), value.stride(1), value.stride(2),
         valid_stride, kv_heads, n_keys, split_len, splits, group_size, neighbor_window, scale * LOG2E,
         HEADS_PER_KV=per_kv, ROWS=max(16, triton.next_power_of_2(per_kv)), HALF=dim // 2, BLOCK_N=bn,
