@@ -125,3 +125,23 @@ def test_chosen_grouping_always_reaches_the_length():
             cfg = choose_config(name, 8192, total, None)
             assert cfg.max_context(8192) >= total
     assert choose_config("some-other-model", 8192, 4_000, None) is None  # plain inside the window
+
+
+def test_device_map_is_passed_to_transformers(monkeypatch):
+    """``load(device_map=...)`` places the model through ``from_pretrained`` instead of ``.to(device)``."""
+    import transformers
+
+    import selfextend_llm
+
+    seen = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    model = selfextend_llm.load(device_map={"": "cpu"})
+    assert seen and seen[-1]["device_map"] == {"": "cpu"} and "tp_plan" not in seen[-1]
+    assert str(model.device) == "cpu"
+    assert model.complete("The capital of France is", max_new_tokens=2).completion_tokens >= 1

@@ -105,6 +105,24 @@ def test_unsupported_shapes_are_refused_or_fall_back():
     with pytest.raises(ValueError, match="contiguous"):
         ta.prefill(q, q, q, offsets=torch.zeros(1), query_start=0, group_size=2, neighbor_window=4,
                    inv_freq=torch.ones(4), scale=1.0)  # fmt: skip
+    q, k, v, inv, off, q_pos, _ = _inputs(1, 3, 2, 40, 40, 32, torch.float32, [0])
+    args = dict(offsets=off, query_start=0, group_size=2, neighbor_window=4, inv_freq=inv, scale=1.0)
+    with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
+        ta.prefill(q, k, v, **args)
+    q, k, v, inv, off, q_pos, _ = _inputs(1, 4, 2, 40, 40, 32, torch.float32, [0])
+    with pytest.raises(ValueError, match="do not match keys"):
+        ta.prefill(q, k, v, k[:, :, :30], **args)
+
+
+def test_forcing_the_triton_backend_where_it_cannot_run_says_what_to_change():
+    from selfextend_llm.attention import selfextend_attention
+
+    q, k, v, inv, off, q_pos, _ = _inputs(1, 4, 2, 40, 40, 32, torch.float32, [0])
+    with pytest.raises(ValueError, match="backend 'triton' needs .* no softcapping"):
+        selfextend_attention(
+            q, k, v, query_positions=q_pos, query_start=0, group_size=2, neighbor_window=8, inv_freq=inv,
+            scale=0.2, softcap=30.0, backend="triton",
+        )  # fmt: skip
 
 
 def _tiny_llama(seed=0):
