@@ -162,7 +162,7 @@ def _use_triton(
     softcap: float | None,
 ) -> bool:
     """The fused Triton kernels run by default on CUDA, and on request (interpreter) elsewhere."""
-    if backend not in ("auto", "triton"):
+    if backend not in ("auto", "triton", "split"):
         return False
     fits = (
         full_mask is None
@@ -171,23 +171,28 @@ def _use_triton(
         and triton_attention.available(query.device)
         and triton_attention.supports(query.shape[-1], 2 * inv_freq.shape[-1], layout, query.dtype)
     )
-    if backend == "triton" and not fits:
+    if backend in ("triton", "split") and not fits:
         raise ValueError(
-            "backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1), the 'half' RoPE layout with full rotary, "
+            f"backend {backend!r} needs a CUDA device (or TRITON_INTERPRET=1), the 'half' RoPE layout with full rotary, "
             "a power-of-two head dim, no softcapping and no custom mask; use backend='auto'"
         )
-    return fits and (backend == "triton" or query.device.type == "cuda")
+    return fits and (backend != "auto" or query.device.type == "cuda")
 
 
-def _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, scale, key_valid):
-    """The fused kernels: split-K decoding (keys rotated in registers, no grouped cache needed),
-    or one-pass prefill over the keys rotated to grouped positions for this call."""
+def _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, scale, key_valid, backend):
+    """The GPU kernels: split-K decoding (keys rotated in registers, no grouped cache needed);
+    a whole unpadded half-precision prefill split into a fused-SDPA grouped part and a Triton
+    neighbor band; else (chunks, padding, float32, ``backend="triton"``) the one-pass prefill."""
     n_keys = query_start + query.shape[2]  # keys past the last query are never visible
     key, value = key[:, :, :n_keys], value[:, :, :n_keys]
     key_valid = None if key_valid is None else key_valid[:, :n_keys]
-    args = dict(offsets=offsets, group_size=G, neighbor_window=W, inv_freq=inv_freq, scale=scale, key_valid=key_valid)
+    args = dict(offsets=offsets, group_size=G, neighbor_window=W, inv_freq=inv_freq, scale=scale)
     if query.shape[2] == 1:
-        return triton_attention.decode(query, key, value, **args)
+        return triton_attention.decode(query, key, value, key_valid=key_valid, **args)
+    whole = query_start == 0 and key_valid is None
+    if whole and (backend == "split" or (backend == "auto" and query.dtype != torch.float32)):
+        return triton_attention.prefill_split(query, key, value, **args)
+    args["key_valid"] = key_valid
     grouped = triton_attention.rotate_keys_to_groups(key, offsets, G, inv_freq)
     return triton_attention.prefill(query, key, value, grouped, query_start=query_start, **args)
 
@@ -230,9 +235,10 @@ def selfextend_attention(
     if _use_triton(backend, query, inv_freq, layout, full_mask, softcap):
         offsets = row_offsets(query_positions, query_start)
         try:
-            return _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, scale, key_valid), None
+            out = _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, scale, key_valid, backend)
+            return out, None
         except triton_attention.OutOfResources as err:
-            if backend == "triton":
+            if backend != "auto":
                 raise
             warnings.warn(
                 f"SelfExtend's Triton kernels do not fit this GPU for this shape ({err}); using flex_attention",
@@ -272,7 +278,7 @@ def selfextend_attention(
         )
         return out, new_cache
 
-    if backend in ("flex", "triton"):
+    if backend in ("flex", "triton", "split"):
         backend = "auto"  # the block path below picks its per-block kernel itself
     outputs = []
     for t0 in range(0, q_len, block_size):

@@ -94,6 +94,46 @@ def cuda_efficient_attention(
     return _finish(out, lse[..., : q.shape[2]].float(), mask)
 
 
+#: (kernel, dtype, head dim) of fused causal kernels that raised here; not tried again.
+_FAILED_CAUSAL: set[tuple[str, torch.dtype, int]] = set()
+
+
+def _cudnn_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)[:2]
+    return out, lse.reshape(q.shape[:3])
+
+
+def _flash_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
+    return out, lse
+
+
+def causal_attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square causal attention (query ``t`` sees keys ``0..t``) with the row LSE (natural log).
+
+    On CUDA in half precision this is the kernel plain SDPA itself picks on Hopper (cuDNN;
+    FlashAttention-2 where cuDNN attention is missing), both of which take grouped-query K/V
+    without repeating them, so SelfExtend's grouped part runs as fast as plain causal attention
+    of that length.  Elsewhere (float32, tests in Triton's interpreter) it is the explicit-scores
+    kernel, whose memory grows with the square of the length.
+    """
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        for name, kernel in (("cudnn", _cudnn_causal), ("flash", _flash_causal)):
+            key = (name, q.dtype, q.shape[-1])
+            if key in _FAILED_CAUSAL:
+                continue
+            try:
+                return kernel(q, k, v, scale)
+            except RuntimeError:
+                _FAILED_CAUSAL.add(key)
+    n = k.shape[2]
+    mask = (torch.arange(n, device=q.device)[None, :] <= torch.arange(q.shape[2], device=q.device)[:, None])[None, None]
+    out, lse = math_attention(q, k, v, mask, scale)
+    return out.to(q.dtype), lse
+
+
 def attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,

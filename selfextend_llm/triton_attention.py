@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from .rope import grouped_key_position, rotate
+from .backends import causal_attention_lse
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds lack it.
     import triton
@@ -54,8 +54,6 @@ def disable(head_dim: int, dtype: torch.dtype) -> None:
 
 
 LOG2E = 1.4426950408889634
-#: Positions rotated per step when building the grouped keys of a prefill.
-ROTATE_CHUNK = 8192
 
 
 def interpreted() -> bool:
@@ -151,7 +149,8 @@ if triton is not None:
         """One key block of the online softmax.
 
         MODE 0: all grouped, no mask.  1: all plain, no mask.  2: both products, picked by
-        distance, causal mask.  3: plain product, causal mask.  ROTATE: grouped keys are made
+        distance, causal mask.  3: plain product, causal mask.  4: plain product inside the window
+        only (``0 <= distance < W``; the grouped part is computed elsewhere).  ROTATE: grouped keys are made
         from the cached keys in registers (decoding: each key is met once per step) instead of
         read from ``KG_ptr`` (prefill: each key block is met by every query block).
         """
@@ -162,7 +161,7 @@ if triton is not None:
             kp = K_ptr + j[None, :] * stride_kn + d[:, None]
             k1 = tl.load(kp, mask=in_range[None, :], other=0.0)
             k2 = tl.load(kp + HALF, mask=in_range[None, :], other=0.0)
-        if MODE != 1 and MODE != 3:
+        if MODE == 0 or MODE == 2:
             if ROTATE:
                 pos = j - off_b
                 kg1, kg2 = _rotate_cols(k1.to(tl.float32), k2.to(tl.float32), _floordiv(pos, G) - pos, inv)
@@ -179,7 +178,7 @@ if triton is not None:
             s_n = tl.dot(q2, k2, s_n, input_precision=PREC)
         if MODE == 0:
             s = s_g
-        elif MODE == 1 or MODE == 3:
+        elif MODE != 2:
             s = s_n
         else:
             dist = i_idx[:, None] - j[None, :]
@@ -187,7 +186,10 @@ if triton is not None:
         s = s * qk_scale
         if MODE >= 2:
             dist = i_idx[:, None] - j[None, :]
-            s = tl.where((dist >= 0) & in_range[None, :], s, _HIDDEN)
+            seen = (dist >= 0) & in_range[None, :]
+            if MODE == 4:
+                seen = seen & (dist < W)
+            s = tl.where(seen, s, _HIDDEN)
         if HAS_VALID:
             ok = tl.load(VALID_ptr + j, mask=in_range, other=0)
             s = tl.where(ok[None, :] != 0, s, _HIDDEN)
@@ -399,23 +401,190 @@ if triton is not None:
         tl.store(OUT + bh * DIM + dd, out.to(OUT.dtype.element_ty))
 
 
+    @triton.jit
+    def _rotate_kernel(
+        X,
+        OUT,
+        INV,
+        OFF,
+        stride_xb,
+        stride_xh,
+        stride_xn,
+        stride_ob,
+        stride_oh,
+        stride_on,
+        n_heads,
+        n_rows,
+        index0,
+        G,
+        W,
+        QUERY: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Rotate rows of ``x`` (cache indices ``index0 + t``) to their grouped positions.
+
+        One program owns a block of positions of one sequence and rotates every head there, so
+        each cosine/sine is computed once per position, not once per head.  The angle is formed
+        in float64 and reduced modulo 2 pi before the float32 cosine, as in :func:`rope.rotate`.
+        """
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < n_rows
+        pos = index0 + rows - tl.load(OFF + b)
+        if QUERY:
+            shift = _floordiv(pos, G) + (W - W // G) - pos
+        else:
+            shift = _floordiv(pos, G) - pos
+        d = tl.arange(0, HALF)
+        ang = shift.to(tl.float64)[:, None] * tl.load(INV + d).to(tl.float64)[None, :]
+        ang = (ang - tl.floor(ang / 6.283185307179586) * 6.283185307179586).to(tl.float32)
+        c = tl.cos(ang)
+        s = tl.sin(ang)
+        for h in range(n_heads):
+            xp = X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + d[None, :]
+            op = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :]
+            x1 = tl.load(xp, mask=ok[:, None], other=0.0).to(tl.float32)
+            x2 = tl.load(xp + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
+            tl.store(op, (x1 * c - x2 * s).to(OUT.dtype.element_ty), mask=ok[:, None])
+            tl.store(op + HALF, (x2 * c + x1 * s).to(OUT.dtype.element_ty), mask=ok[:, None])
+
+    @triton.jit
+    def _neighbor_kernel(
+        Q,
+        K,
+        V,
+        OG,
+        LSEG,
+        OUT,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_gb,
+        stride_gh,
+        stride_gm,
+        stride_lb,
+        stride_lh,
+        stride_lm,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        n_heads,
+        q_len,
+        g_start,
+        W,
+        qk_scale,
+        HEADS_PER_KV: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        """The neighbor part of a prefill (keys less than ``W`` back), merged with the grouped part.
+
+        The grouped part (rows ``g_start..``, output ``OG`` and natural-log row LSE ``LSEG``) comes
+        from a fused SDPA kernel; here it joins the online softmax as one more block, so the
+        final output is written once and no partial of the neighbor part reaches memory.
+        """
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        kvh = h // HEADS_PER_KV
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        d = tl.arange(0, HALF)
+        q_ptr = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + d[None, :]
+        q1 = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_ptr + HALF, mask=row_ok[:, None], other=0.0)
+        no_inv = tl.zeros([HALF], dtype=tl.float32)  # rotation unused on this path
+
+        m_i = tl.full([BLOCK_M], _HIDDEN, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, 2 * HALF], dtype=tl.float32)
+        k_off = K + b * stride_kb + kvh * stride_kh
+        v_off = V + b * stride_vb + kvh * stride_vh
+        first = pid_m * BLOCK_M
+        last = tl.minimum(first + BLOCK_M, q_len) - 1
+        end = last + 1
+        # [lo, full_lo): window edge; [full_lo, full_hi): inside every row's window; [full_hi, end): diagonal.
+        lo = (tl.maximum(first - W + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.maximum(lo, ((tl.maximum(last - W + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum(full_lo, ((first + 1) // BLOCK_N) * BLOCK_N)
+        full_lo = tl.minimum(full_lo, end)
+        full_hi = tl.minimum(full_hi, end)
+        for n0 in range(lo, full_lo, BLOCK_N):
+            acc, m_i, l_i = _block(
+                acc, m_i, l_i, q1, q2, q1, q2, rows, k_off, k_off, v_off, k_off, no_inv, 0, n0, end,
+                stride_kn, stride_kn, stride_vn, 1, W, qk_scale, HALF, BLOCK_N, 4, False, PREC, False,
+            )  # fmt: skip
+        for n0 in range(full_lo, full_hi, BLOCK_N):
+            acc, m_i, l_i = _block(
+                acc, m_i, l_i, q1, q2, q1, q2, rows, k_off, k_off, v_off, k_off, no_inv, 0, n0, end,
+                stride_kn, stride_kn, stride_vn, 1, W, qk_scale, HALF, BLOCK_N, 1, False, PREC, False,
+            )  # fmt: skip
+        for n0 in range(full_hi, end, BLOCK_N):
+            acc, m_i, l_i = _block(
+                acc, m_i, l_i, q1, q2, q1, q2, rows, k_off, k_off, v_off, k_off, no_inv, 0, n0, end,
+                stride_kn, stride_kn, stride_vn, 1, W, qk_scale, HALF, BLOCK_N, 4, False, PREC, False,
+            )  # fmt: skip
+        g_ok = row_ok & (rows >= g_start)
+        g_rows = rows - g_start
+        lse = tl.load(LSEG + b * stride_lb + h * stride_lh + g_rows * stride_lm, mask=g_ok, other=0.0)
+        lse = tl.where(g_ok, lse * 1.4426950408889634, _HIDDEN)  # to the kernel's log2 units
+        og_ptr = OG + b * stride_gb + h * stride_gh + g_rows[:, None] * stride_gm + tl.arange(0, 2 * HALF)[None, :]
+        og = tl.load(og_ptr, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.math.exp2(m_i - m_new)
+        beta = tl.math.exp2(lse - m_new)
+        out = (acc * alpha[:, None] + og * beta[:, None]) / (l_i * alpha + beta)[:, None]
+        o_ptr = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + tl.arange(0, 2 * HALF)[None, :]
+        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+def rotate_to_groups(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    index0: int,
+    group_size: int,
+    inv_freq: torch.Tensor,
+    queries: bool,
+    neighbor_window: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows of ``x`` (``b, h, n, d``, cache indices ``index0..``) re-rotated to grouped positions.
+
+    Keys go from ``p`` to ``p // G``; queries (``queries=True``) to ``p // G + W - W // G``.
+    ``out`` may be a strided view (the split prefill parks the grouped queries in its output).
+    """
+    bsz, heads, n, dim = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    if n == 0:
+        return out
+    block = 16 if interpreted() else 64
+    inv = inv_freq.to(device=x.device, dtype=torch.float32).contiguous()
+    off = offsets.to(device=x.device, dtype=torch.int32).contiguous()
+    _rotate_kernel[(triton.cdiv(n, block), bsz)](
+        x, out, inv, off, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        heads, n, index0, group_size, neighbor_window, QUERY=queries, HALF=dim // 2, BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 def rotate_keys_to_groups(
     key: torch.Tensor, offsets: torch.Tensor, group_size: int, inv_freq: torch.Tensor
 ) -> torch.Tensor:
-    """Cached keys (``b, kv_h, n, d``) re-rotated from position ``p`` to ``p // G`` (float64 angles).
-
-    The model path keeps these between decode steps (:class:`attention.GroupedKeyCache`); this is
-    for direct callers of the kernels.
-    """
-    n = key.shape[2]
-    pos = torch.arange(n, device=key.device)[None, :] - offsets.to(key.device).long()[:, None]
-    delta = grouped_key_position(pos, group_size) - pos
-    out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
-    # In chunks, so that the float64 angle tables and float32 temporaries stay small at 100k+ tokens.
-    for t0 in range(0, n, ROTATE_CHUNK):
-        t1 = min(n, t0 + ROTATE_CHUNK)
-        out[:, :, t0:t1] = rotate(key[:, :, t0:t1], delta[:, t0:t1], inv_freq)
-    return out
+    """Cached keys (``b, kv_h, n, d``) re-rotated from position ``p`` to ``p // G``."""
+    return _on_query_device(rotate_to_groups)(
+        key, offsets, index0=0, group_size=group_size, inv_freq=inv_freq, queries=False
+    )
 
 
 def _on_query_device(fn):
@@ -517,6 +686,68 @@ def prefill(
         valid_stride, heads, q_len, query_start, group_size, neighbor_window, scale * LOG2E,
         HEADS_PER_KV=heads // key.shape[1], HALF=dim // 2, BLOCK_M=bm, BLOCK_N=bn,
         DIAG_GROUPED=neighbor_window < bm + bn, HAS_VALID=has_valid, PREC=_precision(query.dtype),
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+@_on_query_device
+def prefill_split(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    offsets: torch.Tensor,
+    group_size: int,
+    neighbor_window: int,
+    inv_freq: torch.Tensor,
+    scale: float,
+    grouped_attention=causal_attention_lse,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """A whole prefill (queries are the keys ``0..n-1``, no padding), split by the work it does.
+
+    A query ``i`` sees keys ``0..i-W`` grouped, and that is square causal attention between the
+    grouped queries ``W..n-1`` and the grouped keys ``0..n-W-1``: almost all of the work, done
+    by the same fused kernel that plain SDPA uses (:func:`backends.causal_attention_lse`).  The
+    neighbor band (``W`` keys per query) runs in Triton and folds the grouped part's output and
+    LSE into its softmax as it finishes, so the result is written once.
+    """
+    _check(query, key, value)
+    bsz, heads, n, dim = query.shape
+    if key.shape[2] != n:
+        raise ValueError(f"prefill_split() needs as many keys as queries (got {key.shape[2]} and {n})")
+    out = torch.empty_like(query)
+    if n == 0:
+        return out
+    W = neighbor_window
+    m = max(0, n - W)
+    if m > 0:
+        # The grouped queries are parked in the output's rows W.. (overwritten at the end).
+        qg = rotate_to_groups(
+            query[:, :, W:], offsets, index0=W, group_size=group_size, neighbor_window=W, inv_freq=inv_freq,
+            queries=True, out=out[:, :, W:],
+        )  # fmt: skip
+        kg = rotate_to_groups(key[:, :, :m], offsets, index0=0, group_size=group_size, inv_freq=inv_freq, queries=False)
+        og, lse = grouped_attention(qg, kg, value[:, :, :m], scale)
+        del qg, kg
+    else:
+        og, lse = out, torch.zeros((bsz, heads, 1), device=query.device)  # never read: no row has grouped keys
+    bm, bn, warps, stages = _prefill_blocks(dim, query.dtype, interpreted())
+    bm, bn, warps, stages = block_m or bm, block_n or bn, num_warps or warps, num_stages or stages
+    _neighbor_kernel[(triton.cdiv(n, bm), bsz * heads)](
+        query, key, value, og, lse, out,
+        query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        og.stride(0), og.stride(1), og.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        heads, n, W if m > 0 else n, W, scale * LOG2E,
+        HEADS_PER_KV=heads // key.shape[1], HALF=dim // 2, BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(query.dtype),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out

@@ -79,6 +79,38 @@ def test_prefill_matches_formula(b, h, kvh, n, q_len, d, G, W, pads, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
+    ("b", "h", "kvh", "n", "d", "G", "W"),
+    [
+        (1, 4, 2, 150, 32, 3, 20),  # GQA, length not a block multiple
+        (1, 2, 2, 130, 64, 4, 9),  # window smaller than a block
+        (1, 9, 3, 200, 64, 8, 64),  # SmolLM2's head layout
+        (2, 4, 2, 120, 32, 3, 25),  # a batch without padding
+        (1, 2, 1, 90, 32, 1, 16),  # G=1 is plain attention
+        (1, 2, 1, 90, 32, 6, 200),  # window beyond the sequence: no grouped part at all
+    ],
+)
+def test_split_prefill_matches_formula(b, h, kvh, n, d, G, W, dtype):
+    """Grouped part through the fused causal SDPA kernel, neighbor band in Triton, merged in-kernel."""
+    q, k, v, inv, off, q_pos, k_pos = _inputs(b, h, kvh, n, n, d, dtype, [0] * b)
+    out = ta.prefill_split(q, k, v, offsets=off, group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5)
+    _check(out, q, k, v, inv, q_pos, k_pos, G, W, False, dtype)
+
+
+def test_rotation_kernel_matches_rope_rotate():
+    """The grouped re-rotation kernel (float64 angles) against :func:`rope.rotate`, queries and keys."""
+    from selfextend_llm.rope import grouped_key_position, grouped_query_position
+
+    x = torch.randn(2, 3, 70, 32, device=DEVICE)
+    inv = 1.0 / (10000 ** (torch.arange(0, 32, 2, device=DEVICE).float() / 32))
+    off = torch.tensor([0, 5], device=DEVICE)
+    pos = 40 + torch.arange(70, device=DEVICE)[None] - off[:, None]  # rows start at cache index 40
+    for queries, target in ((False, grouped_key_position(pos, 3)), (True, grouped_query_position(pos, 3, 8))):
+        got = ta.rotate_to_groups(x, off, index0=40, group_size=3, neighbor_window=8, inv_freq=inv, queries=queries)
+        assert torch.allclose(got, rotate(x, target - pos, inv), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
     ("b", "h", "kvh", "n", "d", "G", "W", "pads"),
     [
         (1, 4, 2, 200, 32, 3, 20, [0]),
@@ -134,11 +166,12 @@ def _tiny_llama(seed=0):
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-def test_model_with_triton_backend_matches_reference():
-    """Prefill, decode steps and a padded batch through transformers, on the Triton kernels."""
+@pytest.mark.parametrize("backend", ["triton", "split"])
+def test_model_with_triton_backend_matches_reference(backend):
+    """Prefill, decode steps and a padded batch through transformers, on the GPU kernels."""
     model = _tiny_llama()
     se.apply(model, se.SelfExtendConfig(4, 16))
-    model._selfextend_settings.backend = "triton"
+    model._selfextend_settings.backend = backend
     a, b = torch.randint(1, 97, (1, 140)), torch.randint(1, 97, (1, 100))
     pad = a.shape[1] - b.shape[1]
     ids = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
@@ -176,6 +209,7 @@ def test_kernel_that_does_not_fit_falls_back_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(attention, "_use_triton", as_on_a_gpu)
     monkeypatch.setattr(ta, "prefill", too_big)
+    monkeypatch.setattr(ta, "prefill_split", too_big)
     monkeypatch.setattr(ta, "_DISABLED", set())
     kwargs = dict(query_positions=q_pos, query_start=0, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
     with pytest.warns(UserWarning, match="do not fit"):
