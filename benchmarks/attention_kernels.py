@@ -2,8 +2,11 @@
 
 Variants (all exact SelfExtend, checked against the float64 two-score-matrix formula first):
 
-* ``triton``: the fused one-pass kernel (grouped rotation in registers), the default on CUDA;
-  for decoding, the split-K kernel;
+* ``split``: the default on CUDA for a whole prefill: the grouped part (almost all the work) through
+  the fused causal kernel plain SDPA uses (cuDNN on Hopper), the neighbor band and the merge in
+  one Triton kernel;
+* ``triton``: the fused one-pass kernel (grouped rotation in registers), used for prefill chunks
+  and padded batches; for decoding, the split-K kernel;
 * ``flex``: two block-sparse ``flex_attention`` passes on pre-rotated q/k, merged by log-sum-exp;
 * ``blocks`` (decode only): two memory-efficient SDPA calls on the cached grouped keys, merged.
 
@@ -49,6 +52,32 @@ def timed(fn, repeats: int, inner: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_timed(fn, repeats: int, inner: int = 20) -> float:
+    """Median GPU seconds per call, replayed from a CUDA graph: kernel time without Python's
+    launch overhead (what a model decoding under CUDA graphs, e.g. torch.compile, would pay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        sync()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return sorted(times)[len(times) // 2]
+
+
 def peak(fn) -> float:
     """Peak extra GPU memory of one call, in MiB."""
     if not torch.cuda.is_available():
@@ -84,6 +113,10 @@ def time_decode(se, q, k, v, pos, repeats: int) -> dict[str, float]:
     row = {f"decode_{name}_ms": timed(fn, repeats, inner=20) * 1e3 for name, fn in variants.items()}
     for name in ("triton", "blocks"):
         row[f"decode_{name}_ratio"] = row[f"decode_{name}_ms"] / row["decode_plain_ms"]
+    if q.is_cuda:  # GPU time alone, from CUDA graphs
+        for name in ("plain", "triton"):
+            row[f"decode_{name}_gpu_ms"] = graph_timed(variants[name], repeats) * 1e3
+        row["decode_triton_gpu_ratio"] = row["decode_triton_gpu_ms"] / row["decode_plain_gpu_ms"]
     return row
 
 
@@ -96,7 +129,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--variants", nargs="+", default=["triton", "flex"])
+    ap.add_argument("--variants", nargs="+", default=["split", "triton"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None, help="append the table to this Markdown file")
     args = ap.parse_args()
@@ -158,6 +191,9 @@ def main() -> None:
     for name in args.variants:
         header += [f"{name} ms", f"{name} ratio"]
     header += ["plain decode ms"] + [f"{n} decode ratio" for n in ("triton", "blocks")]
+    gpu = "decode_triton_gpu_ratio" in rows[0]
+    if gpu:
+        header += ["plain decode GPU ms", "triton decode GPU ratio"]
     header += ["plain MiB"] + [f"{n} MiB" for n in args.variants]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -165,6 +201,8 @@ def main() -> None:
         for name in args.variants:
             cells += [f"{r[f'{name}_ms']:.2f}", f"{r[f'{name}_ratio']:.2f}x"]
         cells += [f"{r['decode_plain_ms']:.3f}", f"{r['decode_triton_ratio']:.2f}x", f"{r['decode_blocks_ratio']:.2f}x"]
+        if gpu:
+            cells += [f"{r['decode_plain_gpu_ms']:.3f}", f"{r['decode_triton_gpu_ratio']:.2f}x"]
         cells += [f"{r['plain_mib']:.0f}"] + [f"{r[f'{n}_mib']:.0f}" for n in args.variants]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)

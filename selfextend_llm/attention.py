@@ -173,8 +173,8 @@ def _use_triton(
     )
     if backend in ("triton", "split") and not fits:
         raise ValueError(
-            f"backend {backend!r} needs a CUDA device (or TRITON_INTERPRET=1), the 'half' RoPE layout with full rotary, "
-            "a power-of-two head dim, no softcapping and no custom mask; use backend='auto'"
+            f"backend {backend!r} needs a CUDA device (or TRITON_INTERPRET=1), the 'half' RoPE layout with full "
+            "rotary, a power-of-two head dim, no softcapping and no custom mask; use backend='auto'"
         )
     return fits and (backend != "auto" or query.device.type == "cuda")
 

@@ -99,7 +99,8 @@ _FAILED_CAUSAL: set[tuple[str, torch.dtype, int]] = set()
 
 
 def _cudnn_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)[:2]
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+    out, lse = cudnn(q, k, v, None, True, 0.0, True, False, scale=scale)[:2]
     return out, lse.reshape(q.shape[:3])
 
 

@@ -98,11 +98,26 @@ if triton is not None:
         return x1 * c - x2 * s, x2 * c + x1 * s
 
     @triton.jit
-    def _rotate_cols(x1, x2, delta, inv):
+    def _cos_sin(ang, FAST: tl.constexpr):
+        """cos and sin; FAST: reduce to [-pi, pi] (two-constant Cody-Waite) and use the hardware
+        approximations, a few instructions instead of libdevice's dozens.  The float32 angle
+        itself is only good to ~1e-3 rad at 1e4+ positions, far coarser than either."""
+        if FAST:
+            k = tl.floor(ang * 0.15915494309189535 + 0.5)
+            r = ang - k * 6.28125  # k * 6.28125 is exact in float32 for |k| < 2**15
+            r = r - k * 0.001935307179586232
+            c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True, pack=1)
+            s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            c = tl.cos(ang)
+            s = tl.sin(ang)
+        return c, s
+
+    @triton.jit
+    def _rotate_cols(x1, x2, delta, inv, FAST: tl.constexpr):
         """Rotate transposed half-layout keys ``(x1, x2)`` [HALF, N] by ``delta`` [N] positions."""
         ang = inv[:, None] * delta.to(tl.float32)[None, :]
-        c = tl.cos(ang)
-        s = tl.sin(ang)
+        c, s = _cos_sin(ang, FAST)
         return x1 * c - x2 * s, x2 * c + x1 * s
 
     @triton.jit
@@ -145,6 +160,7 @@ if triton is not None:
         HAS_VALID: tl.constexpr,
         PREC: tl.constexpr,
         ROTATE: tl.constexpr,
+        FAST: tl.constexpr = False,
     ):
         """One key block of the online softmax.
 
@@ -164,7 +180,7 @@ if triton is not None:
         if MODE == 0 or MODE == 2:
             if ROTATE:
                 pos = j - off_b
-                kg1, kg2 = _rotate_cols(k1.to(tl.float32), k2.to(tl.float32), _floordiv(pos, G) - pos, inv)
+                kg1, kg2 = _rotate_cols(k1.to(tl.float32), k2.to(tl.float32), _floordiv(pos, G) - pos, inv, FAST)
                 kg1 = kg1.to(qg1.dtype)
                 kg2 = kg2.to(qg2.dtype)
             else:
@@ -334,6 +350,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         HAS_VALID: tl.constexpr,
         PREC: tl.constexpr,
+        FAST: tl.constexpr,
     ):
         pid_bk = tl.program_id(0)
         split = tl.program_id(1)
@@ -365,17 +382,17 @@ if triton is not None:
         for n0 in range(lo, a_end, BLOCK_N):
             acc, m_i, l_i = _block(
                 acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, k_off, v_off, valid_off, inv, off_b, n0, hi,
-                stride_kn, stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC, True,
+                stride_kn, stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 0, HAS_VALID, PREC, True, FAST,
             )  # fmt: skip
         for n0 in range(a_end, b_end, BLOCK_N):
             acc, m_i, l_i = _block(
                 acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, k_off, v_off, valid_off, inv, off_b, n0, hi,
-                stride_kn, stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC, True,
+                stride_kn, stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 2, HAS_VALID, PREC, True, FAST,
             )  # fmt: skip
         for n0 in range(b_end, hi, BLOCK_N):
             acc, m_i, l_i = _block(
                 acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, k_off, v_off, valid_off, inv, off_b, n0, hi,
-                stride_kn, stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 3, HAS_VALID, PREC, True,
+                stride_kn, stride_kn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, 3, HAS_VALID, PREC, True, FAST,
             )  # fmt: skip
         part = (b * n_kv_heads * HEADS_PER_KV + h) * n_splits + split
         tl.store(M_PART + part, m_i, mask=row_ok)
@@ -400,7 +417,6 @@ if triton is not None:
         out = tl.where(m_all > _HIDDEN / 2, out, 0.0)
         tl.store(OUT + bh * DIM + dd, out.to(OUT.dtype.element_ty))
 
-
     @triton.jit
     def _rotate_kernel(
         X,
@@ -421,15 +437,18 @@ if triton is not None:
         QUERY: tl.constexpr,
         HALF: tl.constexpr,
         BLOCK: tl.constexpr,
+        HEADS: tl.constexpr,
+        FAST: tl.constexpr,
     ):
         """Rotate rows of ``x`` (cache indices ``index0 + t``) to their grouped positions.
 
-        One program owns a block of positions of one sequence and rotates every head there, so
-        each cosine/sine is computed once per position, not once per head.  The angle is formed
+        A program owns a block of positions and ``HEADS`` heads of one sequence, so each
+        cosine/sine serves several heads while the grid still fills the GPU.  The angle is formed
         in float64 and reduced modulo 2 pi before the float32 cosine, as in :func:`rope.rotate`.
         """
         pid = tl.program_id(0)
         b = tl.program_id(1)
+        h0 = tl.program_id(2) * HEADS
         rows = pid * BLOCK + tl.arange(0, BLOCK)
         ok = rows < n_rows
         pos = index0 + rows - tl.load(OFF + b)
@@ -439,16 +458,17 @@ if triton is not None:
             shift = _floordiv(pos, G) - pos
         d = tl.arange(0, HALF)
         ang = shift.to(tl.float64)[:, None] * tl.load(INV + d).to(tl.float64)[None, :]
-        ang = (ang - tl.floor(ang / 6.283185307179586) * 6.283185307179586).to(tl.float32)
-        c = tl.cos(ang)
-        s = tl.sin(ang)
-        for h in range(n_heads):
+        ang = (ang - tl.floor(ang / 6.283185307179586 + 0.5) * 6.283185307179586).to(tl.float32)
+        c, s = _cos_sin(ang, FAST)
+        for hh in range(HEADS):
+            h = h0 + hh
+            live = ok[:, None] & (h < n_heads)
             xp = X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + d[None, :]
             op = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :]
-            x1 = tl.load(xp, mask=ok[:, None], other=0.0).to(tl.float32)
-            x2 = tl.load(xp + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
-            tl.store(op, (x1 * c - x2 * s).to(OUT.dtype.element_ty), mask=ok[:, None])
-            tl.store(op + HALF, (x2 * c + x1 * s).to(OUT.dtype.element_ty), mask=ok[:, None])
+            x1 = tl.load(xp, mask=live, other=0.0).to(tl.float32)
+            x2 = tl.load(xp + HALF, mask=live, other=0.0).to(tl.float32)
+            tl.store(op, (x1 * c - x2 * s).to(OUT.dtype.element_ty), mask=live)
+            tl.store(op + HALF, (x2 * c + x1 * s).to(OUT.dtype.element_ty), mask=live)
 
     @triton.jit
     def _neighbor_kernel(
@@ -548,6 +568,7 @@ if triton is not None:
         o_ptr = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + tl.arange(0, 2 * HALF)[None, :]
         tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
+
 def rotate_to_groups(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -568,12 +589,14 @@ def rotate_to_groups(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     if n == 0:
         return out
-    block = 16 if interpreted() else 64
+    interpret = interpreted()
+    block, per_program = (16, 2) if interpret else (64, 2)
     inv = inv_freq.to(device=x.device, dtype=torch.float32).contiguous()
     off = offsets.to(device=x.device, dtype=torch.int32).contiguous()
-    _rotate_kernel[(triton.cdiv(n, block), bsz)](
+    _rotate_kernel[(triton.cdiv(n, block), bsz, triton.cdiv(heads, per_program))](
         x, out, inv, off, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        heads, n, index0, group_size, neighbor_window, QUERY=queries, HALF=dim // 2, BLOCK=block, num_warps=4,
+        heads, n, index0, group_size, neighbor_window, QUERY=queries, HALF=dim // 2, BLOCK=block,
+        HEADS=per_program, FAST=not interpret, num_warps=4,
     )  # fmt: skip
     return out
 
@@ -772,12 +795,20 @@ def decode(
     key_valid: torch.Tensor | None = None,
     block_n: int | None = None,
     splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    programs_per_sm: int = 4,
+    fast_trig: bool | None = None,
 ) -> torch.Tensor:
     """One query per sequence (``b, h, 1, d``) against the whole cache: split-K SelfExtend decoding.
 
     Grouped keys are rotated in registers (each key is read once per step, so this costs a few
     sine/cosine evaluations per key, shared by the query heads of its KV head): no grouped copy
-    of the cache is kept and nothing is re-rotated in memory.
+    of the cache is kept and nothing is re-rotated in memory.  ``fast_trig`` (default on the GPU)
+    takes the hardware sine/cosine after an exact range reduction: libdevice's accurate ones made
+    the step 3x slower than plain decoding on an H100, these bring it to ~1.1x at 64k tokens.
+    The launch knobs default to the best of a sweep on an H100 (``.probe``-style runs recorded
+    in BENCHMARKS.md).
     """
     _check(query, key, value)
     bsz, heads, q_len, dim = query.shape
@@ -788,7 +819,8 @@ def decode(
     interpret = interpreted()
     bn = block_n or (16 if interpret else 64)
     if splits is None:
-        target = 128 if interpret or query.device.type != "cuda" else 2 * _sm_count(query.device.index or 0)
+        on_gpu = not interpret and query.device.type == "cuda"
+        target = programs_per_sm * _sm_count(query.device.index or 0) if on_gpu else 128
         splits = max(1, min(triton.cdiv(n_keys, 4 * bn), triton.cdiv(target, bsz * kv_heads)))
     split_len = triton.cdiv(triton.cdiv(n_keys, splits), bn) * bn
     splits = triton.cdiv(n_keys, split_len)
@@ -805,7 +837,8 @@ def decode(
         value.stride(0), value.stride(1), value.stride(2),
         valid_stride, kv_heads, n_keys, split_len, splits, group_size, neighbor_window, scale * LOG2E,
         HEADS_PER_KV=per_kv, ROWS=max(16, triton.next_power_of_2(per_kv)), HALF=dim // 2, BLOCK_N=bn,
-        HAS_VALID=has_valid, PREC=_precision(query.dtype), num_warps=4, num_stages=2,
+        HAS_VALID=has_valid, PREC=_precision(query.dtype), FAST=not interpret if fast_trig is None else fast_trig,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty((bsz, heads, 1, dim), device=query.device, dtype=query.dtype)
     _decode_merge_kernel[(bsz * heads,)](
