@@ -107,6 +107,14 @@ def test_rotation_kernel_matches_rope_rotate():
     for queries, target in ((False, grouped_key_position(pos, 3)), (True, grouped_query_position(pos, 3, 8))):
         got = ta.rotate_to_groups(x, off, index0=40, group_size=3, neighbor_window=8, inv_freq=inv, queries=queries)
         assert torch.allclose(got, rotate(x, target - pos, inv), atol=1e-5)
+    # queries and keys (fewer heads, other cache indices) in one launch, as the split prefill does
+    k = torch.randn(2, 1, 70, 32, device=DEVICE)
+    k_pos = torch.arange(70, device=DEVICE)[None] - off[:, None]
+    got_q, got_k = ta.rotate_to_groups(
+        x, off, index0=40, group_size=3, neighbor_window=8, inv_freq=inv, queries=True, keys=k, keys_index0=0
+    )
+    assert torch.allclose(got_q, rotate(x, grouped_query_position(pos, 3, 8) - pos, inv), atol=1e-5)
+    assert torch.allclose(got_k, rotate(k, grouped_key_position(k_pos, 3) - k_pos, inv), atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
