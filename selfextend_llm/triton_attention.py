@@ -1,6 +1,15 @@
-"""GPU SelfExtend in Triton: one fused pass, rotation to grouped positions done in registers.
+"""GPU SelfExtend: Triton kernels, and a split that hands most of the work to fused SDPA.
 
-Each program owns a block of queries and walks the key blocks in four ranges:
+A whole prefill (:func:`prefill_split`, the default for unpadded half-precision prompts): query
+``i`` sees keys ``0..i-W`` grouped, which is *square causal attention* between the grouped
+queries ``W..n-1`` and the grouped keys ``0..n-W-1``.  That part runs on the kernel plain SDPA
+itself uses (cuDNN on Hopper, :func:`backends.causal_attention_lse`), so at long lengths
+SelfExtend costs about what plain attention costs.  One Triton launch rotates queries and keys
+to grouped positions first; one Triton kernel then does the neighbor band (``W`` keys per query)
+and folds the grouped output and log-sum-exp into its online softmax, writing the result once.
+
+Prefill chunks and padded batches take the one-pass kernel (:func:`prefill`): each program owns
+a block of queries and walks the key blocks in four ranges:
 
 * keys every query of the block sees grouped: only the grouped product is computed;
 * keys at the window edge: both products, picked per entry by distance;
@@ -9,10 +18,9 @@ Each program owns a block of queries and walks the key blocks in four ranges:
 
 So each query meets each key once (twice only on the few blocks straddling the window edge), as
 in one causal flash attention, and the two score kinds share one online softmax: no log-sum-exp
-merge, no partial outputs, no rotated copy of q or k in memory.  The grouped rotation of a key
-block (``p // G - p`` positions) and of the query block (``p // G + W - W // G - p``) is applied
-to the already-rotated states with the model's ``inv_freq``, angles in float32 as in
-transformers' own rotary embedding.
+merge, no partial outputs.  The grouped rotation of the query block (``p // G + W - W // G - p``)
+is applied in registers to the already-rotated states with the model's ``inv_freq``; keys are
+read pre-rotated to ``p // G``.
 
 Decoding one token is a split-K ("flash-decoding") kernel: the query heads that share a KV head
 are packed into one tile, the cache is cut into splits processed in parallel, and a second
@@ -834,8 +842,8 @@ def decode(
     of the cache is kept and nothing is re-rotated in memory.  ``fast_trig`` (default on the GPU)
     takes the hardware sine/cosine after an exact range reduction: libdevice's accurate ones made
     the step 3x slower than plain decoding on an H100, these bring it to ~1.1x at 64k tokens.
-    The launch knobs default to the best of a sweep on an H100 (``.probe``-style runs recorded
-    in BENCHMARKS.md).
+    The launch knobs default to the best of a sweep on an H100
+    (``benchmarks/triton_blocks.py --kernel decode``).
     """
     _check(query, key, value)
     bsz, heads, q_len, dim = query.shape
