@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from . import flex, triton_attention
-from .backends import attention_with_lse, merge_partials
+from .backends import NoFusedCausalKernel, attention_with_lse, merge_partials
 from .rope import Layout, grouped_key_position, grouped_query_position, rotate
 
 #: Query rows per block. Small blocks keep the masked (window-edge) work small: on CPU at 8k tokens,
@@ -191,7 +191,11 @@ def _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, s
         return triton_attention.decode(query, key, value, key_valid=key_valid, **args)
     whole = query_start == 0 and key_valid is None
     if whole and (backend == "split" or (backend == "auto" and query.dtype != torch.float32)):
-        return triton_attention.prefill_split(query, key, value, **args)
+        try:
+            return triton_attention.prefill_split(query, key, value, **args)
+        except NoFusedCausalKernel:
+            pass  # e.g. a GPU without cuDNN/FlashAttention-2 kernels for this shape: the one-pass kernel
+
     args["key_valid"] = key_valid
     grouped = triton_attention.rotate_keys_to_groups(key, offsets, G, inv_freq)
     return triton_attention.prefill(query, key, value, grouped, query_start=query_start, **args)

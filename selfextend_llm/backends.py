@@ -94,6 +94,12 @@ def cuda_efficient_attention(
     return _finish(out, lse[..., : q.shape[2]].float(), mask)
 
 
+class NoFusedCausalKernel(RuntimeError):
+    """No fused causal kernel runs these inputs and explicit scores would be too large."""
+
+
+#: Largest explicit score matrix (bytes) the fallback of :func:`causal_attention_lse` builds.
+MATH_FALLBACK_BYTES = 256 * 2**20
 #: (kernel, dtype, head dim) of fused causal kernels that raised here; not tried again.
 _FAILED_CAUSAL: set[tuple[str, torch.dtype, int]] = set()
 
@@ -130,6 +136,11 @@ def causal_attention_lse(
             except RuntimeError:
                 _FAILED_CAUSAL.add(key)
     n = k.shape[2]
+    if q.shape[0] * q.shape[1] * q.shape[2] * n * 4 > MATH_FALLBACK_BYTES:
+        raise NoFusedCausalKernel(
+            f"no fused causal attention kernel for {q.dtype} head dim {q.shape[-1]} on {q.device}, and "
+            f"{q.shape[2]}x{n} explicit scores per head are too large"
+        )
     mask = (torch.arange(n, device=q.device)[None, :] <= torch.arange(q.shape[2], device=q.device)[:, None])[None, None]
     out, lse = math_attention(q, k, v, mask, scale)
     return out.to(q.dtype), lse

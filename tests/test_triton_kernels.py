@@ -225,3 +225,18 @@ def test_kernel_that_does_not_fit_falls_back_with_a_warning(monkeypatch):
     expected, _ = attention.selfextend_attention(q, k, v, backend="math", **kwargs)
     assert torch.allclose(out, expected, atol=1e-5)
     assert not ta.supports(32, 32, "half", torch.float32)  # remembered: no second failing launch
+
+
+def test_split_prefill_without_a_fused_causal_kernel_takes_the_one_pass_kernel(monkeypatch):
+    """Where neither cuDNN nor FlashAttention-2 runs and explicit scores would be too big, the split
+    prefill steps aside for the one-pass kernel instead of building an n x n matrix."""
+    from selfextend_llm import attention, backends
+
+    q, k, v, inv, off, q_pos, _ = _inputs(1, 4, 2, 150, 150, 32, torch.float32, [0])
+    kwargs = dict(query_positions=q_pos, query_start=0, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
+    expected, _ = attention.selfextend_attention(q, k, v, backend="math", **kwargs)
+    monkeypatch.setattr(backends, "MATH_FALLBACK_BYTES", 0)
+    with pytest.raises(backends.NoFusedCausalKernel, match="too large"):
+        ta.prefill_split(q, k, v, offsets=off, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
+    out, _ = attention.selfextend_attention(q, k, v, backend="split", **kwargs)
+    assert torch.allclose(out, expected, atol=1e-5)
