@@ -47,6 +47,7 @@ def sweep_decode(q, k, v, inv, d) -> None:
     settings = [dict(fast_trig=False), {}]
     settings += [dict(programs_per_sm=p) for p in (2, 8)] + [dict(num_stages=s) for s in (2, 4)]
     settings += [dict(block_n=b) for b in (32, 128)] + [dict(num_warps=8)]
+    settings += [dict(programs_per_sm=8, blocks_per_split=b) for b in (1, 2)]
     for extra in settings:
         ms = graph_timed(lambda extra=extra: ta.decode(q1, k, v, **base, **extra), 9) * 1e3
         print(f"{extra or 'defaults'}: {ms * 1e3:.1f} us ({ms / plain:.2f}x)", flush=True)

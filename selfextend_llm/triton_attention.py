@@ -64,6 +64,15 @@ def disable(head_dim: int, dtype: torch.dtype) -> None:
 LOG2E = 1.4426950408889634
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` is a jitted function: ~10 us per host call)."""
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
 def interpreted() -> bool:
     """True when Triton runs kernels in its CPU interpreter (tests on machines without a GPU)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -626,8 +635,8 @@ def rotate_to_groups(
         inv = inv_freq.to(device=x.device, dtype=torch.float32).contiguous()
         off = offsets.to(device=x.device, dtype=torch.int32).contiguous()
         y_heads = 0 if keys is None else y.shape[1]
-        head_blocks = triton.cdiv(heads, per_program) + triton.cdiv(y_heads, per_program)
-        _rotate_kernel[(triton.cdiv(n, block), bsz, head_blocks)](
+        head_blocks = _cdiv(heads, per_program) + _cdiv(y_heads, per_program)
+        _rotate_kernel[(_cdiv(n, block), bsz, head_blocks)](
             x, out, y, out_y, inv, off,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
             y.stride(0), y.stride(1), y.stride(2), out_y.stride(0), out_y.stride(1), out_y.stride(2),
@@ -734,7 +743,7 @@ def prefill(
     valid, valid_stride, has_valid = _valid_arg(key_valid, query)
     inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
     off = offsets.to(device=query.device, dtype=torch.int32).contiguous()
-    grid = (triton.cdiv(q_len, bm), bsz * heads)
+    grid = (_cdiv(q_len, bm), bsz * heads)
     _prefill_kernel[grid](
         query, key, grouped_key, value, out, inv, off, valid,
         query.stride(0), query.stride(1), query.stride(2),
@@ -796,7 +805,7 @@ def prefill_split(
         og, lse = out, torch.zeros((bsz, heads, 1), device=query.device)  # never read: no row has grouped keys
     bm, bn, warps, stages = _prefill_blocks(dim, query.dtype, interpreted())
     bm, bn, warps, stages = block_m or bm, block_n or bn, num_warps or warps, num_stages or stages
-    _neighbor_kernel[(triton.cdiv(n, bm), bsz * heads)](
+    _neighbor_kernel[(_cdiv(n, bm), bsz * heads)](
         query, key, value, og, lse, out,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
@@ -833,6 +842,7 @@ def decode(
     num_warps: int = 4,
     num_stages: int = 3,
     programs_per_sm: int = 4,
+    blocks_per_split: int = 4,
     fast_trig: bool | None = None,
 ) -> torch.Tensor:
     """One query per sequence (``b, h, 1, d``) against the whole cache: split-K SelfExtend decoding.
@@ -856,9 +866,9 @@ def decode(
     if splits is None:
         on_gpu = not interpret and query.device.type == "cuda"
         target = programs_per_sm * _sm_count(query.device.index or 0) if on_gpu else 128
-        splits = max(1, min(triton.cdiv(n_keys, 4 * bn), triton.cdiv(target, bsz * kv_heads)))
-    split_len = triton.cdiv(triton.cdiv(n_keys, splits), bn) * bn
-    splits = triton.cdiv(n_keys, split_len)
+        splits = max(1, min(_cdiv(n_keys, blocks_per_split * bn), _cdiv(target, bsz * kv_heads)))
+    split_len = _cdiv(_cdiv(n_keys, splits), bn) * bn
+    splits = _cdiv(n_keys, split_len)
     o_part = torch.empty((bsz * heads * splits, dim), device=query.device, dtype=torch.float32)
     m_part = torch.empty((bsz * heads * splits,), device=query.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
@@ -871,12 +881,12 @@ def decode(
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         valid_stride, kv_heads, n_keys, split_len, splits, group_size, neighbor_window, scale * LOG2E,
-        HEADS_PER_KV=per_kv, ROWS=max(16, triton.next_power_of_2(per_kv)), HALF=dim // 2, BLOCK_N=bn,
+        HEADS_PER_KV=per_kv, ROWS=max(16, _next_pow2(per_kv)), HALF=dim // 2, BLOCK_N=bn,
         HAS_VALID=has_valid, PREC=_precision(query.dtype), FAST=not interpret if fast_trig is None else fast_trig,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty((bsz, heads, 1, dim), device=query.device, dtype=query.dtype)
     _decode_merge_kernel[(bsz * heads,)](
-        o_part, m_part, l_part, out, splits, SPLITS=max(2, triton.next_power_of_2(splits)), DIM=dim, num_warps=4
+        o_part, m_part, l_part, out, splits, SPLITS=max(2, _next_pow2(splits)), DIM=dim, num_warps=4
     )
     return out
