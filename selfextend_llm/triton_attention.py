@@ -706,6 +706,14 @@ def _prefill_blocks(head_dim: int, dtype: torch.dtype, interpret: bool) -> tuple
     return 64, 32, 4, 2  # head dim 256 (Gemma 3): smaller tiles to fit shared memory; not yet timed
 
 
+def _launch_blocks(
+    dim: int, dtype: torch.dtype, block_m: int | None, block_n: int | None, warps: int | None, stages: int | None
+) -> tuple[int, int, int, int]:
+    """The tuned prefill launch settings, each overridable by the caller (sweeps, tests)."""
+    bm, bn, w, st = _prefill_blocks(dim, dtype, interpreted())
+    return block_m or bm, block_n or bn, warps or w, stages or st
+
+
 @_on_query_device
 def prefill(
     query: torch.Tensor,
@@ -738,8 +746,7 @@ def prefill(
     out = torch.empty_like(query)
     if q_len == 0:
         return out
-    bm, bn, warps, stages = _prefill_blocks(dim, query.dtype, interpreted())
-    bm, bn, warps, stages = block_m or bm, block_n or bn, num_warps or warps, num_stages or stages
+    bm, bn, warps, stages = _launch_blocks(dim, query.dtype, block_m, block_n, num_warps, num_stages)
     valid, valid_stride, has_valid = _valid_arg(key_valid, query)
     inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
     off = offsets.to(device=query.device, dtype=torch.int32).contiguous()
@@ -803,8 +810,7 @@ def prefill_split(
         del qg, kg
     else:
         og, lse = out, torch.zeros((bsz, heads, 1), device=query.device)  # never read: no row has grouped keys
-    bm, bn, warps, stages = _prefill_blocks(dim, query.dtype, interpreted())
-    bm, bn, warps, stages = block_m or bm, block_n or bn, num_warps or warps, num_stages or stages
+    bm, bn, warps, stages = _launch_blocks(dim, query.dtype, block_m, block_n, num_warps, num_stages)
     _neighbor_kernel[(_cdiv(n, bm), bsz * heads)](
         query, key, value, og, lse, out,
         query.stride(0), query.stride(1), query.stride(2),
