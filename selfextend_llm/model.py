@@ -402,6 +402,7 @@ def load(
     self_extend: bool = True,
     device_map: str | dict | None = None,
     tp_plan: str | None = None,
+    backend: str = "auto",
 ) -> SelfExtendModel:
     """Load a model (the embedded SmolLM2 default when ``model`` is None) with SelfExtend applied.
 
@@ -411,7 +412,10 @@ def load(
     * ``self_extend=False``: the same model, plain, for side-by-side comparison.
     * ``device_map="auto"`` spreads the layers over several GPUs (accelerate); ``tp_plan="auto"``
       splits the heads over the ranks of a ``torchrun`` job (transformers tensor parallelism).
+    * ``backend``: which attention kernels (see :func:`selfextend_llm.apply`); ``"auto"`` by default.
     """
+    if backend not in patching.BACKENDS:  # before the (slow) load
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(patching.BACKENDS)}")
     lm, tok, name = load_pretrained(
         model, gguf_file=gguf_file, device=device, dtype=dtype, device_map=device_map, tp_plan=tp_plan
     )
@@ -442,7 +446,7 @@ def load(
             1, neighbor_window or min(trained // 2, 1024)
         )
         window = max(target, trained)
-    patching.apply(lm, config)
+    patching.apply(lm, config, backend=backend)
     return SelfExtendModel(lm, tok, config=config, context_window=window, name=name, adaptive=not fixed)
 
 

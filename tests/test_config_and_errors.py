@@ -98,6 +98,22 @@ def test_apply_returns_model_and_reapply_is_idempotent():
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_backend_is_chosen_at_apply_and_checked():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'; choose one of auto, split, triton"):
+        se.apply(model, se.SelfExtendConfig(2, 8), backend="cudnn")
+    assert not se.is_applied(model)
+    ids = torch.randint(1, 97, (1, 40))
+    with torch.no_grad():
+        se.apply(model, se.SelfExtendConfig(2, 8), backend="math")
+        assert model._selfextend_settings.backend == "math"
+        by_math = model(ids).logits
+        se.apply(model, se.SelfExtendConfig(2, 8))  # auto: the fused CPU kernel
+        assert torch.allclose(model(ids).logits, by_math, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        se.load("/nonexistent/model", backend="fast")  # refused before any loading
+
+
 def test_stop_helpers():
     assert normalize_stops("x") == ["x"]
     assert find_stop("hello world", ["wor", "lo"]) == 3
