@@ -133,7 +133,9 @@ def causal_attention_lse(
                 continue
             try:
                 return kernel(q, k, v, scale)
-            except RuntimeError:
+            except torch.OutOfMemoryError:
+                raise  # a real failure of this call, not of the kernel: say so, do not fall back
+            except RuntimeError:  # not built for this GPU, dtype or head dim: remembered, next kernel
                 _FAILED_CAUSAL.add(key)
     n = k.shape[2]
     if q.shape[0] * q.shape[1] * q.shape[2] * n * 4 > MATH_FALLBACK_BYTES:
