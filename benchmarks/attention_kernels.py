@@ -129,8 +129,48 @@ def time_decode(se, q, k, v, pos, repeats: int) -> dict[str, float]:
     return row
 
 
+def plot(paths: list[str], out: str) -> None:
+    """Ratio to plain SDPA against length (GPU time), one panel per results file, with the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(paths), figsize=(5.5 * len(paths), 4), squeeze=False)
+    for ax, path in zip(axes[0], paths, strict=True):
+        data = json.loads(Path(path).read_text())
+        rows = data["rows"]
+        tokens = [r["tokens"] for r in rows]
+        series = [
+            ("split_gpu_ratio", "prefill, split (default)", "o-"),
+            ("triton_gpu_ratio", "prefill, one-pass", "s--"),
+        ]
+        series += [("decode_triton_gpu_ratio", "decode, split-K", "^-")]
+        for key, label, style in series:
+            if key in rows[0]:
+                ax.plot(tokens, [r[key] for r in rows], style, label=label)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(1.15, color="green", ls=":", lw=1, label="target: prefill 32k+ (1.15x)")
+        ax.axhline(1.2, color="purple", ls=":", lw=1, label="target: decode (1.2x)")
+        ax.axhline(1.3, color="orange", ls=":", lw=1, label="target: prefill 8k (1.3x)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(tokens, [f"{t // 1024}k" for t in tokens])
+        ax.set_ylim(0.9, max(2.0, max(r.get("triton_gpu_ratio", 1) for r in rows) + 0.1))
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("time / plain SDPA (GPU time)")
+        ax.set_title(
+            f"{data['device']}\n{data['heads']}/{data['kv_heads']} heads, head dim {data['head_dim']}", fontsize=9
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"plot: {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="only plot these results files (no GPU needed)")
+    ap.add_argument("--plot-out", default="results/attention_kernels.png")
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
@@ -142,6 +182,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None, help="append the table to this Markdown file")
     args = ap.parse_args()
+    if args.plot:
+        return plot(args.plot, args.plot_out)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     device_name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
