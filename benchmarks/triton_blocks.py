@@ -17,6 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from selfextend_llm import split_prefill
 from selfextend_llm import triton_attention as ta
 from selfextend_llm.rope import rotate
 
@@ -75,7 +76,7 @@ def main() -> None:
     kg = ta.rotate_keys_to_groups(k, off, 4, inv)
     common = dict(offsets=off, group_size=4, neighbor_window=1024, inv_freq=inv, scale=d**-0.5)
     if args.kernel == "split":
-        kernel = lambda **blocks: ta.prefill_split(q, k, v, **common, **blocks)  # noqa: E731
+        kernel = lambda **blocks: split_prefill.prefill_split(q, k, v, **common, **blocks)  # noqa: E731
     else:
         kernel = lambda **blocks: ta.prefill(q, k, v, kg, query_start=0, **common, **blocks)  # noqa: E731
     results = []

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import flex, triton_attention
+from . import flex, split_prefill, triton_attention
 from .backends import NoFusedCausalKernel, attention_with_lse, merge_partials
 from .rope import Layout, grouped_key_position, grouped_query_position, rotate
 
@@ -192,7 +192,7 @@ def _triton_attention(query, key, value, offsets, query_start, G, W, inv_freq, s
     whole = query_start == 0 and key_valid is None
     if whole and (backend == "split" or (backend == "auto" and query.dtype != torch.float32)):
         try:
-            return triton_attention.prefill_split(query, key, value, **args)
+            return split_prefill.prefill_split(query, key, value, **args)
         except NoFusedCausalKernel:
             pass  # e.g. a GPU without cuDNN/FlashAttention-2 kernels for this shape: the one-pass kernel
 

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import selfextend_llm as se
+from selfextend_llm import split_prefill as sp
 from selfextend_llm import triton_attention as ta
 from selfextend_llm.reference import reference_selfextend
 from selfextend_llm.rope import rotate
@@ -92,7 +93,7 @@ def test_prefill_matches_formula(b, h, kvh, n, q_len, d, G, W, pads, dtype):
 def test_split_prefill_matches_formula(b, h, kvh, n, d, G, W, dtype):
     """Grouped part through the fused causal SDPA kernel, neighbor band in Triton, merged in-kernel."""
     q, k, v, inv, off, q_pos, k_pos = _inputs(b, h, kvh, n, n, d, dtype, [0] * b)
-    out = ta.prefill_split(q, k, v, offsets=off, group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5)
+    out = sp.prefill_split(q, k, v, offsets=off, group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5)
     _check(out, q, k, v, inv, q_pos, k_pos, G, W, False, dtype)
 
 
@@ -217,7 +218,7 @@ def test_kernel_that_does_not_fit_falls_back_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(attention, "_use_triton", as_on_a_gpu)
     monkeypatch.setattr(ta, "prefill", too_big)
-    monkeypatch.setattr(ta, "prefill_split", too_big)
+    monkeypatch.setattr(sp, "prefill_split", too_big)
     monkeypatch.setattr(ta, "_DISABLED", set())
     kwargs = dict(query_positions=q_pos, query_start=0, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
     with pytest.warns(UserWarning, match="do not fit"):
@@ -237,6 +238,6 @@ def test_split_prefill_without_a_fused_causal_kernel_takes_the_one_pass_kernel(m
     expected, _ = attention.selfextend_attention(q, k, v, backend="math", **kwargs)
     monkeypatch.setattr(backends, "MATH_FALLBACK_BYTES", 0)
     with pytest.raises(backends.NoFusedCausalKernel, match="too large"):
-        ta.prefill_split(q, k, v, offsets=off, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
+        sp.prefill_split(q, k, v, offsets=off, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
     out, _ = attention.selfextend_attention(q, k, v, backend="split", **kwargs)
     assert torch.allclose(out, expected, atol=1e-5)
