@@ -80,19 +80,20 @@ def test_prefill_matches_formula(b, h, kvh, n, q_len, d, G, W, pads, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("b", "h", "kvh", "n", "d", "G", "W"),
+    ("b", "h", "kvh", "n", "d", "G", "W", "start"),
     [
-        (1, 4, 2, 150, 32, 3, 20),  # GQA, length not a block multiple
-        (1, 2, 2, 130, 64, 4, 9),  # window smaller than a block
-        (1, 9, 3, 200, 64, 8, 64),  # SmolLM2's head layout
-        (2, 4, 2, 120, 32, 3, 25),  # a batch without padding
-        (1, 2, 1, 90, 32, 1, 16),  # G=1 is plain attention
-        (1, 2, 1, 90, 32, 6, 200),  # window beyond the sequence: no grouped part at all
+        (1, 4, 2, 150, 32, 3, 20, [0]),  # GQA, length not a block multiple
+        (1, 2, 2, 130, 64, 4, 9, [0]),  # window smaller than a block
+        (1, 9, 3, 200, 64, 8, 64, [0]),  # SmolLM2's head layout
+        (2, 4, 2, 120, 32, 3, 25, [0, 7]),  # a batch; the second row's positions start at 7
+        (1, 2, 1, 90, 32, 1, 16, [0]),  # G=1 is plain attention
+        (1, 2, 1, 90, 32, 6, 200, [0]),  # window beyond the sequence: no grouped part at all
+        (1, 2, 1, 41, 32, 3, 40, [0]),  # one row with one grouped key
     ],
 )
-def test_split_prefill_matches_formula(b, h, kvh, n, d, G, W, dtype):
+def test_split_prefill_matches_formula(b, h, kvh, n, d, G, W, start, dtype):
     """Grouped part through the fused causal SDPA kernel, neighbor band in Triton, merged in-kernel."""
-    q, k, v, inv, off, q_pos, k_pos = _inputs(b, h, kvh, n, n, d, dtype, [0] * b)
+    q, k, v, inv, off, q_pos, k_pos = _inputs(b, h, kvh, n, n, d, dtype, [-s for s in start])
     out = sp.prefill_split(q, k, v, offsets=off, group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5)
     _check(out, q, k, v, inv, q_pos, k_pos, G, W, False, dtype)
 
