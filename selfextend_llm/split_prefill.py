@@ -15,6 +15,8 @@ block, so the result is written once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .backends import causal_attention_lse
@@ -143,7 +145,7 @@ def prefill_split(
     neighbor_window: int,
     inv_freq: torch.Tensor,
     scale: float,
-    grouped_attention=causal_attention_lse,
+    grouped_attention: Callable[..., tuple[torch.Tensor, torch.Tensor]] = causal_attention_lse,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -155,7 +157,9 @@ def prefill_split(
     grouped queries ``W..n-1`` and the grouped keys ``0..n-W-1``: almost all of the work, done
     by the same fused kernel that plain SDPA uses (:func:`backends.causal_attention_lse`).  The
     neighbor band (``W`` keys per query) runs in Triton and folds the grouped part's output and
-    LSE into its softmax as it finishes, so the result is written once.
+    LSE into its softmax as it finishes, so the result is written once.  ``grouped_attention``
+    (square causal attention returning the output and the natural-log row LSE) is replaceable,
+    e.g. to try another fused kernel.
     """
     _check(query, key, value)
     bsz, heads, n, dim = query.shape
