@@ -498,6 +498,30 @@ if triton is not None:
             tl.store(op + HALF, (x2 * c + x1 * s).to(dst.dtype.element_ty), mask=live)
 
 
+def _on_query_device(fn):
+    """Launch on the query's GPU: Triton launches on the *current* device, which differs from the
+    tensors' device on layers that accelerate placed on another GPU (``device_map="auto"``)."""
+
+    @functools.wraps(fn)
+    def wrapper(query: torch.Tensor, *args, **kwargs):
+        if query.device.type != "cuda":
+            return fn(query, *args, **kwargs)
+        with torch.cuda.device(query.device):
+            return fn(query, *args, **kwargs)
+
+    return wrapper
+
+
+def _rope_args(
+    inv_freq: torch.Tensor, offsets: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``inv_freq`` and row offsets as the kernels read them: float32 and int32, contiguous, on ``device``."""
+    return (
+        inv_freq.to(device=device, dtype=torch.float32).contiguous(),
+        offsets.to(device=device, dtype=torch.int32).contiguous(),
+    )
+
+
 def rotate_to_groups(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -527,8 +551,7 @@ def rotate_to_groups(
     if n:
         interpret = interpreted()
         block, per_program = (16, 2) if interpret else (64, 2)
-        inv = inv_freq.to(device=x.device, dtype=torch.float32).contiguous()
-        off = offsets.to(device=x.device, dtype=torch.int32).contiguous()
+        inv, off = _rope_args(inv_freq, offsets, x.device)
         y_heads = 0 if keys is None else y.shape[1]
         head_blocks = _cdiv(heads, per_program) + _cdiv(y_heads, per_program)
         _rotate_kernel[(_cdiv(n, block), bsz, head_blocks)](
@@ -541,27 +564,12 @@ def rotate_to_groups(
     return out if keys is None else (out, out_y)
 
 
+@_on_query_device
 def rotate_keys_to_groups(
     key: torch.Tensor, offsets: torch.Tensor, group_size: int, inv_freq: torch.Tensor
 ) -> torch.Tensor:
     """Cached keys (``b, kv_h, n, d``) re-rotated from position ``p`` to ``p // G``."""
-    return _on_query_device(rotate_to_groups)(
-        key, offsets, index0=0, group_size=group_size, inv_freq=inv_freq, queries=False
-    )
-
-
-def _on_query_device(fn):
-    """Launch on the query's GPU: Triton launches on the *current* device, which differs from the
-    tensors' device on layers that accelerate placed on another GPU (``device_map="auto"``)."""
-
-    @functools.wraps(fn)
-    def wrapper(query: torch.Tensor, *args, **kwargs):
-        if query.device.type != "cuda":
-            return fn(query, *args, **kwargs)
-        with torch.cuda.device(query.device):
-            return fn(query, *args, **kwargs)
-
-    return wrapper
+    return rotate_to_groups(key, offsets, index0=0, group_size=group_size, inv_freq=inv_freq, queries=False)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -643,8 +651,7 @@ def prefill(
         return out
     bm, bn, warps, stages = _launch_blocks(dim, query.dtype, block_m, block_n, num_warps, num_stages)
     valid, valid_stride, has_valid = _valid_arg(key_valid, query)
-    inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
-    off = offsets.to(device=query.device, dtype=torch.int32).contiguous()
+    inv, off = _rope_args(inv_freq, offsets, query.device)
     grid = (_cdiv(q_len, bm), bsz * heads)
     _prefill_kernel[grid](
         query, key, grouped_key, value, out, inv, off, valid,
@@ -714,8 +721,7 @@ def decode(
     m_part = torch.empty((bsz * heads * splits,), device=query.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     valid, valid_stride, has_valid = _valid_arg(key_valid, query)
-    inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
-    off = offsets.to(device=query.device, dtype=torch.int32).contiguous()
+    inv, off = _rope_args(inv_freq, offsets, query.device)
     _decode_kernel[(bsz * kv_heads, splits)](
         query, key, value, o_part, m_part, l_part, inv, off, valid,
         query.stride(0), query.stride(1),
