@@ -5,10 +5,14 @@ calls the function registered in ``AttentionInterface`` under ``config._attn_imp
 Registering ``"selfextend"`` there (and in ``AttentionMaskInterface``, without which no mask
 is built) makes every RoPE model use SelfExtend without patching a single model class.
 
-The mask function hands the attention function a compact :class:`PaddingMask` (which keys are
-padding, where the queries start) instead of a ``q x n`` boolean tensor: SelfExtend derives
-causality from distances itself, so the ``n x n`` mask is never built for full-attention
-layers.  Layers that need another mask (sliding windows, image tokens) get the regular SDPA mask.
+The mask function hands the attention function a *key row* instead of a ``q x n`` boolean mask:
+a ``(b, 1, 1, n)`` boolean tensor, True for every cache slot that holds a real key of the
+sequence so far (``None`` when that is every slot and nothing is padding).  SelfExtend derives
+causality from distances itself, so the ``n x n`` mask is never built for full-attention layers.
+A key row is a plain 4-D tensor, so transformers passes it through untouched (static caches
+build masks before the forward), and it is data rather than Python state, so a decode step over a
+static cache compiles (:mod:`static_decode`).  For one query it is exactly the mask SDPA would
+get.  Layers that need another mask (sliding windows, image tokens) get the regular SDPA mask.
 """
 
 from __future__ import annotations
@@ -22,33 +26,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from .attention import DEFAULT_BLOCK_SIZE, GroupedKeyCache, selfextend_attention
+from . import static_decode
+from .attention import DEFAULT_BLOCK_SIZE, GroupedKeyCache, key_positions, selfextend_attention
 from .config import SelfExtendConfig
+from .static_decode import StaticGroupedKeys, is_key_row, last_visible
 
 if TYPE_CHECKING:
     from .rope import Layout
 
 ATTN_NAME = "selfextend"
-
-
-@dataclass
-class PaddingMask:
-    """What SelfExtend needs of a causal mask: which keys are real, and where the queries start."""
-
-    key_valid: torch.Tensor | None
-    query_start: int | None
-    kv_length: int
-
-    def dense(self, q_len: int, device: torch.device) -> torch.Tensor | None:
-        """The equivalent boolean ``(b|1, 1, q, n)`` causal mask, for layers that stay plain."""
-        start = self.kv_length - q_len if self.query_start is None else self.query_start
-        if self.key_valid is None and start == self.kv_length - q_len:
-            return None  # plain causal: SDPA's is_causal path
-        rows = torch.arange(start, start + q_len, device=device)
-        mask = (torch.arange(self.kv_length, device=device)[None, :] <= rows[:, None])[None, None]
-        if self.key_valid is not None:
-            mask = mask & self.key_valid[:, None, None, :].to(device)
-        return mask
 
 
 @dataclass
@@ -62,6 +48,20 @@ class RuntimeSettings:
     #: When True, layers run plain SDPA (used for prompts that fit the trained window with G=1).
     bypass: bool = False
     calls: int = 0
+    #: The last key row read eagerly and what it said (``end``, ``key_valid``): read once per
+    #: forward, not once per layer, since reading it is a host sync.
+    _row: torch.Tensor | None = field(default=None, repr=False)
+    _row_view: tuple[int, torch.Tensor | None] = field(default=(0, None), repr=False)
+
+    def read_key_row(self, key_row: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """``(end, key_valid)`` of a key row: slots ``[0, end)`` hold the sequence so far;
+        ``key_valid`` (``b, end``) marks real keys, None when none of them is padding."""
+        if self._row is not key_row:
+            visible = key_row[:, 0, 0, :]
+            end = int(last_visible(key_row).max()) + 1
+            valid = visible[:, :end]
+            self._row, self._row_view = key_row, (end, None if bool(valid.all()) else valid)
+        return self._row_view
 
 
 @dataclass
@@ -73,6 +73,8 @@ class LayerState:
     freq_attr: str
     layout: Layout
     key_cache: GroupedKeyCache | None = field(default=None, repr=False)
+    #: Grouped keys mirroring a static cache (slot for slot), for tensor-only decode steps.
+    static_keys: StaticGroupedKeys | None = field(default=None, repr=False)
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -91,21 +93,36 @@ def selfextend_mask(
     local_size: int | None = None,
     **kwargs,
 ):
-    """Mask interface entry: compact for plain causal masks, SDPA's boolean mask otherwise."""
-    cache_position = kwargs.get("cache_position")
+    """Mask interface entry: a key row (or None) for plain causal masks, SDPA's mask otherwise.
+
+    Tensor-only: ``q_offset`` stays a tensor where the cache gives one (static caches), so the
+    mask of a compiled decode step is built inside the graph without a host sync.
+    """
+    cache_position = kwargs.get("cache_position")  # transformers before 5.20 passes this instead
     if q_offset is None and cache_position is not None:
         q_offset = cache_position[0]
-    if mask_function is causal_mask_function and kv_offset == 0 and local_size is None and kv_length is not None:
-        valid = None
+    if q_length is None and cache_position is not None:
+        q_length = cache_position.shape[0]
+    if (
+        mask_function is causal_mask_function
+        and kv_offset == 0
+        and local_size is None
+        and kv_length is not None
+        and q_length is not None
+    ):
+        start = 0 if q_offset is None else q_offset
+        if attention_mask is None and isinstance(start, int) and start + q_length == kv_length:
+            return None  # plain causal over exactly the keys there
+        device = kwargs.get("device")
+        if device is None:
+            device = attention_mask.device if attention_mask is not None else cache_position.device
+        row = torch.arange(kv_length, device=device) < start + q_length
         if attention_mask is not None:
-            valid = attention_mask.bool()
+            valid = attention_mask.to(device=device, dtype=torch.bool)
             if valid.shape[-1] < kv_length:
                 valid = torch.nn.functional.pad(valid, (0, kv_length - valid.shape[-1]))
-            valid = valid[:, :kv_length]
-            if bool(valid.all()):
-                valid = None
-        start = int(q_offset) if q_offset is not None else None
-        return PaddingMask(key_valid=valid, query_start=start, kv_length=kv_length)
+            row = row & valid[:, :kv_length]
+        return row.expand(batch_size, kv_length)[:, None, None, :]
     kwargs.pop("allow_is_causal_skip", None)
     return sdpa_mask(
         batch_size=batch_size,
@@ -121,27 +138,79 @@ def selfextend_mask(
     )
 
 
+def dense_causal(key_row: torch.Tensor | None, q_len: int, n_keys: int, device: torch.device) -> torch.Tensor | None:
+    """The boolean ``(b|1, 1, q, n)`` causal mask a key row stands for (None: SDPA's ``is_causal``).
+
+    Eager only for more than one query (reading where the queries stand is a host sync); for one
+    query the key row already is that mask.
+    """
+    if key_row is not None and q_len == 1:
+        return key_row
+    end = n_keys
+    if key_row is not None:
+        end = int(last_visible(key_row).max()) + 1
+        if end == n_keys and bool(key_row.all()):
+            key_row = None
+    if key_row is None and end == n_keys:
+        return None
+    rows = torch.arange(end - q_len, end, device=device)
+    mask = (torch.arange(n_keys, device=device)[None, :] <= rows[:, None])[None, None]
+    return mask if key_row is None else mask & key_row.to(device)
+
+
 def _plain(module, query, key, value, attention_mask, **kwargs):
     """Plain attention for layers SelfExtend leaves alone: SDPA, or the model's own eager code
     where SDPA cannot follow (logit softcapping in Gemma 2)."""
-    if isinstance(attention_mask, PaddingMask):
-        attention_mask = attention_mask.dense(query.shape[2], query.device)
+    q_len, n = query.shape[2], key.shape[2]
+    if attention_mask is None or is_key_row(attention_mask, q_len):
+        attention_mask = dense_causal(attention_mask, q_len, n, query.device)
     if kwargs.get("softcap") is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise ValueError(f"{type(module).__name__} uses logit softcapping but has no eager attention to fall back on")
     if attention_mask is None:
-        q_len, n = query.shape[2], key.shape[2]
-        attention_mask = PaddingMask(None, n - q_len, n).dense(q_len, query.device)
-        if attention_mask is None:
-            rows = torch.arange(n - q_len, n, device=query.device)
-            attention_mask = (torch.arange(n, device=query.device)[None, :] <= rows[:, None])[None, None]
+        rows = torch.arange(n - q_len, n, device=query.device)
+        attention_mask = (torch.arange(n, device=query.device)[None, :] <= rows[:, None])[None, None]
     if attention_mask.dtype == torch.bool:
         attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~attention_mask, torch.finfo(query.dtype).min
         )
     return eager(module, query, key, value, attention_mask, **kwargs)
+
+
+def _positions(kwargs: dict, query_start: int | None, q_len: int, device: torch.device) -> torch.Tensor | None:
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        if query_start is None:
+            return None
+        return torch.arange(query_start, query_start + q_len, device=device)[None]
+    if positions.dim() != 2:
+        raise ValueError(
+            f"SelfExtend needs 1-D token positions per sequence; got position_ids of shape {tuple(positions.shape)} "
+            "(multimodal RoPE is not supported)"
+        )
+    return positions.to(device)
+
+
+def _static_step(state: LayerState, query, key, value, key_row, positions, scale) -> torch.Tensor:
+    """One decode step over a static cache: tensor-only, the same code eager and compiled."""
+    cfg, settings = state.settings.config, state.settings
+    return static_decode.decode_step(
+        query,
+        key,
+        value,
+        key_row,
+        positions.expand(query.shape[0], -1),
+        state.static_keys.keys,
+        group_size=cfg.group_size,
+        neighbor_window=cfg.neighbor_window,
+        inv_freq=state.inv_freq,
+        layout=state.layout,
+        scale=scale,
+        log_scale_base=settings.pretrained_context if cfg.log_scale else None,
+        backend="auto" if settings.backend in ("auto", "split", "triton", "flex") else settings.backend,
+    )
 
 
 def selfextend_attention_forward(
@@ -154,19 +223,37 @@ def selfextend_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """``AttentionInterface`` entry.  Layers without SelfExtend state (sliding windows) stay plain."""
+    """``AttentionInterface`` entry.  Layers without SelfExtend state (sliding windows) stay plain.
+
+    Three cases: a decode step inside ``torch.compile`` (static cache, tensor-only); a static
+    cache run eagerly (keys sliced to the slots in use; prefill also fills the grouped-key
+    mirror that decode steps read); a dynamic cache (the keys are exactly the sequence so far).
+    """
     state: LayerState | None = getattr(module, "_selfextend", None)
     if state is None or state.settings.bypass:
         return _plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    settings = state.settings
-    settings.calls += 1
+    settings, cfg = state.settings, state.settings.config
     q_len, n_keys = query.shape[2], key.shape[2]
-    query_start = n_keys - q_len
-    key_valid = full_mask = None
-    if isinstance(attention_mask, PaddingMask):
-        key_valid = attention_mask.key_valid
-        if attention_mask.query_start is not None:
-            query_start = attention_mask.query_start
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    key_row = attention_mask if is_key_row(attention_mask, q_len) else None
+
+    if torch.compiler.is_compiling():
+        if key_row is None or q_len != 1 or state.static_keys is None:
+            raise RuntimeError(
+                "SelfExtend compiles decode steps over a static cache (generate(..., cache_implementation='static')); "
+                "run the prefill, and any call with more than one new token, uncompiled"
+            )
+        positions = _positions(kwargs, None, q_len, query.device)
+        if positions is None:  # no padding offsets without position ids: the slot is the position
+            positions = last_visible(key_row)[:, None]
+        return _static_step(state, query, key, value, key_row, positions, scale).transpose(1, 2), None
+
+    settings.calls += 1
+    query_start, key_valid, full_mask = n_keys - q_len, None, None
+    end = n_keys
+    if key_row is not None:
+        end, key_valid = settings.read_key_row(key_row)
+        query_start = end - q_len
     elif isinstance(attention_mask, torch.Tensor):
         full_mask = (
             attention_mask
@@ -174,34 +261,51 @@ def selfextend_attention_forward(
             else attention_mask > torch.finfo(attention_mask.dtype).min / 2
         )
         full_mask = full_mask[..., :n_keys]
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(query_start, query_start + q_len, device=query.device)[None]
-    elif positions.dim() != 2:
-        raise ValueError(
-            f"SelfExtend needs 1-D token positions per sequence; got position_ids of shape {tuple(positions.shape)} "
-            "(multimodal RoPE is not supported)"
+    positions = _positions(kwargs, query_start, q_len, query.device)
+
+    # Slots past the sequence: a static cache.  (A full static cache looks dynamic and takes the
+    # dynamic path, exactly, for its last step.)
+    static = end < n_keys
+    if not static:
+        state.static_keys = None
+    else:
+        mirror = state.static_keys
+        if (
+            q_len == 1
+            and mirror is not None
+            and mirror.owner == key.data_ptr()
+            and mirror.group_size == cfg.group_size
+            and mirror.keys.shape == key.shape
+        ):
+            return _static_step(state, query, key, value, key_row, positions, scale).transpose(1, 2), None
+        state.key_cache = None  # the mirror replaces the dynamic grouped-key cache here
+        k_pos, _ = key_positions(positions.expand(query.shape[0], -1), query_start, end)
+        state.static_keys = static_decode.build_grouped(
+            key, k_pos, end, cfg.group_size, state.inv_freq, state.layout, mirror, query_start
         )
-    cfg = settings.config
-    out, state.key_cache = selfextend_attention(
+        key, value = key[:, :, :end], value[:, :, :end]
+
+    out, new_cache = selfextend_attention(
         query,
         key,
         value,
-        query_positions=positions.to(query.device),
+        query_positions=positions,
         query_start=query_start,
         group_size=cfg.group_size,
         neighbor_window=cfg.neighbor_window,
         inv_freq=state.inv_freq,
         layout=state.layout,
-        scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        scale=scale,
         key_valid=None if key_valid is None else key_valid.to(query.device),
         full_mask=full_mask,
         softcap=kwargs.get("softcap"),
         log_scale_base=settings.pretrained_context if cfg.log_scale else None,
         block_size=settings.block_size,
-        key_cache=state.key_cache,
+        key_cache=None if static else state.key_cache,
         backend=settings.backend,
     )
+    if not static:
+        state.key_cache = new_cache
     return out.transpose(1, 2).contiguous(), None
 
 

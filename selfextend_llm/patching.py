@@ -212,11 +212,14 @@ def settings_of(model: torch.nn.Module) -> RuntimeSettings:
 
 
 def clear_cache(model: torch.nn.Module) -> None:
-    """Drop the grouped-key caches kept between decode steps (frees about one K cache of memory)."""
+    """Drop the grouped-key caches kept between decode steps (frees about one K cache of memory).
+
+    The next call rebuilds what it needs, so this never changes a result."""
     for attn in _attention_modules(model):
         state = getattr(attn, "_selfextend", None)
         if state is not None:
             state.key_cache = None
+            state.static_keys = None
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:

@@ -16,8 +16,9 @@ if os.environ.get("SELFEXTEND_TEST_DEVICE", "cpu") == "cpu" and not torch.cuda.i
 import transformers
 
 from selfextend_llm.attention import key_positions
-from selfextend_llm.hf_attention import PaddingMask, _plain, selfextend_mask
+from selfextend_llm.hf_attention import _plain, dense_causal, selfextend_mask
 from selfextend_llm.reference import reference_selfextend
+from selfextend_llm.static_decode import is_key_row
 
 if os.environ.get("SELFEXTEND_TEST_DEVICE"):  # e.g. "cuda": run the tiny-model suites on a GPU
     torch.set_default_device(os.environ["SELFEXTEND_TEST_DEVICE"])
@@ -93,16 +94,16 @@ def reference_attention_forward(module, query, key, value, attention_mask, dropo
     if state is None:
         return _plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q_len, n = query.shape[2], key.shape[2]
-    start = n - q_len
-    dense = None
-    if isinstance(attention_mask, PaddingMask):
-        start = attention_mask.query_start if attention_mask.query_start is not None else start
-        dense = attention_mask.dense(q_len, query.device)
+    dense = attention_mask
+    if attention_mask is None or is_key_row(attention_mask, q_len):
+        dense = dense_causal(attention_mask, q_len, n, query.device)
+    if dense is None:
+        dense = (torch.arange(n)[None, :] <= torch.arange(n - q_len, n)[:, None])[None, None]
+    # the newest visible slot of the last query row is that query's own slot
+    end = int(dense[:, 0, -1].nonzero()[:, -1].max()) + 1
+    start = end - q_len
     positions = kwargs["position_ids"].expand(query.shape[0], -1)
     k_pos, _ = key_positions(positions, start, n)
-    if dense is None:
-        rows = torch.arange(start, start + q_len)
-        dense = (torch.arange(n)[None, :] <= rows[:, None])[None, None]
     cfg = state.settings.config
     out = reference_selfextend(
         query,

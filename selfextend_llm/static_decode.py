@@ -1,0 +1,155 @@
+"""SelfExtend under a static (preallocated) KV cache: tensor-only decoding that compiles.
+
+transformers' static cache keeps ``max_cache_len`` key slots per layer, zeros past the current
+length, and hands the attention every slot.  Where the queries stand is then data, not shape:
+the mask function (:func:`hf_attention.selfextend_mask`) describes it as a *key row*, a boolean
+``(b, 1, 1, n)`` tensor that is True for every slot that holds a real key of the sequence so far.
+Everything here reads positions from tensors, so a decode step has no host sync, no
+data-dependent Python branch and fixed shapes: ``torch.compile(fullgraph=True)`` and CUDA graphs
+capture it.
+
+Grouped keys are kept in a buffer of the static cache's shape (:class:`StaticGroupedKeys`),
+written once per token at the token's cache slot, as the static cache writes its own keys.  A
+decode step is then two fused attention calls with the row log-sum-exp, merged exactly:
+
+* the grouped part: the grouped query against every grouped key, masked to slots at least ``W``
+  behind the query (and not padding);
+* the neighbor part: the query at its true position against the ``W`` keys gathered just behind
+  it (fixed size, so no slicing by a tensor length).
+
+Keys past the current length are never visible: the key row hides them in both parts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .backends import attention_with_lse, merge_partials
+from .rope import Layout, grouped_key_position, grouped_query_position, rotate
+
+
+def is_key_row(mask: object, q_len: int) -> bool:
+    """Whether ``mask`` is a key row: a 4-D boolean mask with one row for all queries.
+
+    For a single query this is also exactly the causal-and-padding mask SDPA would get, so a
+    one-row mask from any mask builder means the same thing.
+    """
+    return isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.dtype == torch.bool and mask.shape[2] == 1
+
+
+def last_visible(key_row: torch.Tensor) -> torch.Tensor:
+    """Cache slot of each row's newest key (``b``): the query's own slot when decoding."""
+    slots = torch.arange(key_row.shape[-1], device=key_row.device)
+    return torch.where(key_row[:, 0, 0, :], slots, -1).amax(dim=-1)
+
+
+@dataclass
+class StaticGroupedKeys:
+    """Keys rotated to grouped positions, one slot per static-cache slot, for one layer.
+
+    ``owner`` is the data pointer of the static key tensor this buffer mirrors: a call that
+    brings another cache (a new ``generate``) rebuilds the buffer instead of reusing stale keys.
+    """
+
+    keys: torch.Tensor
+    owner: int
+    group_size: int
+
+
+def build_grouped(
+    key: torch.Tensor,
+    positions: torch.Tensor,
+    end: int,
+    group_size: int,
+    inv_freq: torch.Tensor,
+    layout: Layout,
+    previous: StaticGroupedKeys | None,
+    start: int,
+) -> StaticGroupedKeys:
+    """Eager update of the grouped-key buffer for slots ``[start, end)`` (``positions``: ``b, end``).
+
+    Reuses ``previous`` when it mirrors the same static cache with the same grouping; otherwise
+    (a new cache, a new group size) rotates every slot ``[0, end)`` afresh.
+    """
+    reuse = (
+        previous is not None
+        and previous.owner == key.data_ptr()
+        and previous.group_size == group_size
+        and previous.keys.shape == key.shape
+        and previous.keys.dtype == key.dtype
+    )
+    if reuse:
+        buffer, first = previous.keys, start
+    else:
+        buffer, first = torch.zeros_like(key), 0
+        if not torch.compiler.is_compiling():
+            # a fixed address, like the static cache's own tensors: CUDA graphs replay in place
+            torch._dynamo.mark_static_address(buffer)
+    pos = positions[:, first:end]
+    shift = grouped_key_position(pos, group_size) - pos
+    buffer[:, :, first:end] = rotate(key[:, :, first:end], shift, inv_freq, layout)
+    return StaticGroupedKeys(keys=buffer, owner=key.data_ptr(), group_size=group_size)
+
+
+def log_scale(query: torch.Tensor, positions: torch.Tensor, base: int | None) -> torch.Tensor:
+    """Scale queries by ``max(1, log(pos + 1) / log(base))`` (SelfExtend's optional log scaling)."""
+    if base is None:
+        return query
+    factor = torch.clamp(torch.log(positions.double() + 1) / math.log(base), min=1.0)
+    return query * factor[:, None, :, None].to(query.dtype)
+
+
+def decode_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_row: torch.Tensor,
+    positions: torch.Tensor,
+    grouped: torch.Tensor,
+    *,
+    group_size: int,
+    neighbor_window: int,
+    inv_freq: torch.Tensor,
+    layout: Layout,
+    scale: float,
+    log_scale_base: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One SelfExtend decode step over a static cache, with tensor-only control flow.
+
+    ``query`` is ``(b, h, 1, d)`` at RoPE ``positions`` (``b, 1``); ``key``/``value`` are the
+    static cache's ``(b, kv_h, n, d)`` tensors with the new key already written; ``key_row``
+    (``b, 1, 1, n``) marks the real keys so far.  The new key is rotated to its grouped position
+    and written into ``grouped`` (``b, kv_h, n, d``) in place.  Returns ``(b, h, 1, d)``.
+    """
+    bsz, heads, _, dim = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    G, W = group_size, min(neighbor_window, n)
+    pos = positions[:, -1:]  # (b, 1)
+    slot = last_visible(key_row)  # (b,): the query's own slot
+
+    # The new key, rotated to its grouped position, into the grouped buffer at its slot.
+    at = slot[:, None, None, None].expand(bsz, kv_heads, 1, dim)
+    new_key = key.gather(2, at)
+    grouped.scatter_(2, at, rotate(new_key, grouped_key_position(pos, G) - pos, inv_freq, layout))
+
+    query = log_scale(query, pos, log_scale_base)
+    grouped_query = rotate(query, grouped_query_position(pos, G, neighbor_window) - pos, inv_freq, layout)
+
+    visible = key_row[:, 0, 0, :]  # (b, n)
+    slots = torch.arange(n, device=key.device)
+    far = visible & (slots[None, :] <= (slot - neighbor_window)[:, None])
+    grouped_part = attention_with_lse(grouped_query, grouped, value, far[:, None, None, :], scale, backend=backend)
+
+    near_slots = slot[:, None] - (W - 1) + torch.arange(W, device=key.device)  # (b, W), oldest first
+    in_cache = near_slots >= 0
+    near_slots = near_slots.clamp(min=0)
+    near_mask = in_cache & visible.gather(1, near_slots)
+    take = near_slots[:, None, :, None].expand(bsz, kv_heads, W, dim)
+    near_part = attention_with_lse(
+        query, key.gather(2, take), value.gather(2, take), near_mask[:, None, None, :], scale, backend=backend
+    )
+    return merge_partials([grouped_part, near_part], query.dtype)
