@@ -9,14 +9,17 @@ that makes one instance safe to call from many threads.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import TextIteratorStreamer
 
 from . import patching
 from .config import SelfExtendConfig
+from .generation import FastGeneration, compile_errors
 from .loading import DEFAULT_NAME, load_pretrained
 from .stopping import emittable, find_stop, normalize_stops
 from .tuning import choose_config
@@ -86,6 +89,7 @@ class SelfExtendModel:
         context_window: int,
         name: str = "model",
         adaptive: bool = False,
+        fast_generation: bool | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -94,6 +98,12 @@ class SelfExtendModel:
         self.context_window = context_window
         self.model_name = name
         self.adaptive = adaptive
+        if fast_generation is None:
+            # On by default where it was measured faster: a GPU.  On the CPU, compiling costs a
+            # minute per cache size and decoding there is bound by the weights, not by launches.
+            fast_generation = self.device.type == "cuda"
+        #: The static-cache, compiled-decode path (:mod:`selfextend_llm.generation`).
+        self.fast = FastGeneration(model, enabled=bool(fast_generation))
         # A plain Lock, not an RLock: a stream may be advanced (and closed) from different worker threads.
         self._lock = threading.Lock()
 
@@ -124,6 +134,7 @@ class SelfExtendModel:
             "context_window": self.context_window,
             "adaptive": self.adaptive,
             "device": str(self.device),
+            "fast_generation": self.fast.describe(),
         }
 
     def __repr__(self) -> str:
@@ -222,6 +233,36 @@ class SelfExtendModel:
             mask[row, width - len(e) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _generate(self, ids, mask, max_new: int, criteria, kwargs: dict[str, Any], streamer=None) -> torch.Tensor:
+        """``model.generate`` on the fast path where it is on, else (or if it fails to compile) the dynamic one.
+
+        A compile failure can come after some tokens were streamed; generation then resumes from
+        them on the dynamic cache, so the stream neither repeats nor loses a token.
+        """
+        extra = {} if streamer is None else {"streamer": streamer}
+        fast = self.fast.generate_kwargs(ids.shape[0], ids.shape[1] + max_new)
+        if fast:
+            started = time.perf_counter()
+            try:
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **fast, **kwargs, **extra
+                )
+                self.fast.timed(ids.shape[0], ids.shape[1] + max_new, started)
+                return out
+            except compile_errors() as err:
+                self.fast.disable(err)
+                if self.self_extend:
+                    patching.clear_cache(self.model, keep_static=self.fast.active)
+            if streamer is not None and streamer.generated:
+                done = torch.tensor([streamer.generated], dtype=ids.dtype, device=ids.device)
+                streamer.next_tokens_are_prompt = True  # the resumed call's input is not news
+                ids, mask = torch.cat([ids, done], 1), torch.cat([mask, torch.ones_like(done)], 1)
+                kwargs = {**kwargs, "max_new_tokens": max_new - done.shape[1]}
+                if kwargs["max_new_tokens"] < 1:
+                    streamer.end()
+                    return ids
+        return self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **kwargs, **extra)
+
     def complete_batch(
         self,
         prompts: Sequence[Prompt],
@@ -244,12 +285,10 @@ class SelfExtendModel:
             kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
             try:
                 with torch.inference_mode():
-                    out = self.model.generate(
-                        input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **kwargs
-                    )
+                    out = self._generate(ids, mask, max_new, criteria, kwargs)
             finally:
                 if self.self_extend:
-                    patching.clear_cache(self.model)
+                    patching.clear_cache(self.model, keep_static=self.fast.active)
         results = []
         for row, e in enumerate(encoded):
             new = self._until_eos(out[row, ids.shape[1] :].tolist())
@@ -292,30 +331,26 @@ class SelfExtendModel:
 
         Generation runs in a worker thread; closing the iterator early cancels it.
         """
-        from transformers import TextIteratorStreamer
-
         stops = normalize_stops(stop)
         encoded, max_new = self._prepare([prompt], max_new_tokens, tools)
         ids, mask = self._batch_tensors(encoded)
         kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
         cancel = threading.Event()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
+        streamer = _RecordingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
         criteria = _StopCriteria(self.tokenizer, stops, ids.shape[1], cancel)
         result: dict[str, Any] = {}
 
         def work() -> None:
             try:
                 with torch.inference_mode():
-                    out = self.model.generate(
-                        input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], streamer=streamer, **kwargs
-                    )
+                    out = self._generate(ids, mask, max_new, criteria, kwargs, streamer)
                 result["new"] = out[0, ids.shape[1] :].tolist()
             except BaseException as err:  # surface errors in the consumer
                 result["error"] = err
                 streamer.end()
             finally:
                 if self.self_extend:
-                    patching.clear_cache(self.model)
+                    patching.clear_cache(self.model, keep_static=self.fast.active)
 
         self._lock.acquire()
         worker = None
@@ -368,6 +403,19 @@ class SelfExtendModel:
                 yield chunk.text
 
 
+class _RecordingStreamer(TextIteratorStreamer):
+    """A text streamer that also keeps the generated token ids (to resume after a fallback)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.generated: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            self.generated.extend(value.reshape(-1).tolist())
+        super().put(value)
+
+
 def _as_list(value) -> list[int]:
     if value is None:
         return []
@@ -403,6 +451,7 @@ def load(
     device_map: str | dict | None = None,
     tp_plan: str | None = None,
     backend: str = "auto",
+    fast_generation: bool | None = None,
 ) -> SelfExtendModel:
     """Load a model (the embedded SmolLM2 default when ``model`` is None) with SelfExtend applied.
 
@@ -413,6 +462,8 @@ def load(
     * ``device_map="auto"`` spreads the layers over several GPUs (accelerate); ``tp_plan="auto"``
       splits the heads over the ranks of a ``torchrun`` job (transformers tensor parallelism).
     * ``backend``: which attention kernels (see :func:`selfextend_llm.apply`); ``"auto"`` by default.
+    * ``fast_generation``: decode over a static cache with compiled steps (CUDA graphs on a GPU);
+      default on for CUDA, off on the CPU.  ``False`` keeps the eager dynamic-cache path.
     """
     if backend not in patching.BACKENDS:  # before the (slow) load
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(patching.BACKENDS)}")
@@ -425,7 +476,7 @@ def load(
             raise ValueError(
                 f"target_context={target_context} needs SelfExtend: the plain model is trained on {trained} tokens"
             )
-        return SelfExtendModel(lm, tok, config=None, context_window=trained, name=name)
+        return SelfExtendModel(lm, tok, config=None, context_window=trained, name=name, fast_generation=fast_generation)
     if target_context is not None and target_context < 1:
         raise ValueError(f"target_context must be >= 1, got {target_context}")
     fixed = group_size is not None
@@ -447,7 +498,9 @@ def load(
         )
         window = max(target, trained)
     patching.apply(lm, config, backend=backend)
-    return SelfExtendModel(lm, tok, config=config, context_window=window, name=name, adaptive=not fixed)
+    return SelfExtendModel(
+        lm, tok, config=config, context_window=window, name=name, adaptive=not fixed, fast_generation=fast_generation
+    )
 
 
 __all__ = [

@@ -211,15 +211,18 @@ def settings_of(model: torch.nn.Module) -> RuntimeSettings:
     return settings
 
 
-def clear_cache(model: torch.nn.Module) -> None:
+def clear_cache(model: torch.nn.Module, *, keep_static: bool = False) -> None:
     """Drop the grouped-key caches kept between decode steps (frees about one K cache of memory).
 
-    The next call rebuilds what it needs, so this never changes a result."""
+    The next call rebuilds what it needs, so this never changes a result.  ``keep_static`` keeps
+    the mirrors of a static cache that will be reused (same addresses, so compiled graphs replay).
+    """
     for attn in _attention_modules(model):
         state = getattr(attn, "_selfextend", None)
         if state is not None:
             state.key_cache = None
-            state.static_keys = None
+            if not keep_static:
+                state.static_keys = None
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:

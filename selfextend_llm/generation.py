@@ -1,0 +1,121 @@
+"""The fast generation path: a static KV cache sized in buckets, and compiled decode steps.
+
+``model.generate`` decodes one token per forward.  Eagerly, that forward is hundreds of small
+kernel launches and Python calls, whatever the attention costs; with a static cache
+transformers compiles it (``torch.compile``, CUDA graphs on a GPU) and the step becomes a replay.
+SelfExtend's decode step is tensor-only (:mod:`static_decode`), so it compiles with the rest.
+
+Compiled graphs are specialised to the cache's shape.  Caches are therefore sized in buckets
+(four per doubling, so at most 25% of the slots are spare) and the cache object of the last
+bucket is kept and reset, so a later call of a similar length reuses both the graphs and the
+memory.  The first call in a bucket pays for compilation; :attr:`FastGeneration.first_calls`
+records how long it took (Inductor also caches compiled kernels on disk between processes).
+
+If compiling fails on some model, generation falls back to the dynamic cache with one warning
+that says why, and stays there for this model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from typing import Any
+
+import torch
+
+#: Smallest static cache, in tokens.
+MIN_BUCKET = 256
+
+
+def cache_bucket(total_tokens: int) -> int:
+    """Static-cache length for ``total_tokens`` (prompt + new tokens): the next of
+    ``2^k * {1, 1.25, 1.5, 1.75}`` at or above it, at least :data:`MIN_BUCKET`."""
+    if total_tokens < 1:
+        raise ValueError(f"total_tokens must be >= 1, got {total_tokens}")
+    if total_tokens <= MIN_BUCKET:
+        return MIN_BUCKET
+    octave = 1 << (total_tokens.bit_length() - 1)  # largest power of two <= total
+    for quarter in (4, 5, 6, 7, 8):
+        size = octave * quarter // 4
+        if size >= total_tokens:
+            return size
+    raise AssertionError("unreachable: 2 * octave >= total_tokens")
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this model does not compile", not "this input is wrong"."""
+    errors: list[type[BaseException]] = [torch._dynamo.exc.TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors.append(InductorError)
+    except ImportError:  # older torch
+        pass
+    return tuple(errors)
+
+
+class FastGeneration:
+    """Per-model state of the fast path: whether it is on, the cache kept, first-call timings."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool):
+        self.model = model
+        self.enabled = enabled
+        #: Why the fast path was turned off after a failure (None while it works).
+        self.failed: str | None = None
+        #: Seconds the first call of each ``(batch, bucket)`` took, compilation included.
+        self.first_calls: dict[tuple[int, int], float] = {}
+        self._cache = None
+        self._cache_key: tuple | None = None
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.failed is None
+
+    def generate_kwargs(self, batch: int, total_tokens: int) -> dict[str, Any]:
+        """Extra ``generate`` arguments for this call: a reset static cache and a compile config."""
+        if not self.active:
+            return {}
+        from transformers import CompileConfig, StaticCache
+
+        bucket = cache_bucket(total_tokens)
+        device = next(self.model.parameters()).device
+        key = (batch, bucket, self.model.dtype, device)
+        if self._cache_key != key:
+            self._cache = None  # free the old bucket's memory before allocating the new one
+            self._cache = StaticCache(config=self.model.config, max_cache_len=bucket)
+            self._cache_key = key
+        else:
+            self._cache.reset()
+        config = CompileConfig(fullgraph=True, dynamic=False)
+        if device.type != "cuda":
+            config._compile_all_devices = True  # transformers compiles only on accelerators by default
+        return {self._cache_arg: self._cache, "compile_config": config}
+
+    def timed(self, batch: int, total_tokens: int, started: float) -> None:
+        """Record the wall time of the first call in a bucket (the one that compiled)."""
+        key = (batch, cache_bucket(total_tokens))
+        if self.active and key not in self.first_calls:
+            self.first_calls[key] = time.perf_counter() - started
+
+    def disable(self, err: BaseException) -> None:
+        """Turn the fast path off for this model after ``err``, with one warning."""
+        self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        self._cache = self._cache_key = None
+        warnings.warn(
+            f"compiled static-cache generation failed on this model ({self.failed}); falling back to the dynamic "
+            "cache for this and later calls (same tokens, slower decoding). Pass fast_generation=False to load() "
+            "to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "active": self.active,
+            "failed": self.failed,
+            "first_call_seconds": {f"batch {b}, cache {n}": round(s, 2) for (b, n), s in self.first_calls.items()},
+        }
