@@ -85,8 +85,13 @@ class FastGeneration:
         key = (batch, bucket, self.model.dtype, device)
         if self._cache_key != key:
             self._cache = None  # free the old bucket's memory before allocating the new one
-            self._cache = StaticCache(config=self.model.config, max_cache_len=bucket)
-            self._cache_key = key
+            cache = StaticCache(config=self.model.config, max_cache_len=bucket)
+            if any(getattr(cache, "is_sliding", ())):
+                # transformers' static sliding-window layers keep a Python int length, so every
+                # decode step would compile anew (measured: the recompile limit after 8 tokens).
+                self.failed = "sliding-window layers recompile every step under a static cache"
+                return {}
+            self._cache, self._cache_key = cache, key
         else:
             self._cache.reset()
         config = CompileConfig(fullgraph=True, dynamic=False)

@@ -105,3 +105,75 @@ def test_batch_equals_single(default_model):
     prompts = ["The capital of Italy is", "One, two, three, four,"]
     batch = default_model.complete_batch(prompts, max_new_tokens=5)
     assert [c.text for c in batch] == [default_model.generate(p, max_new_tokens=5) for p in prompts]
+
+
+@pytest.fixture
+def static_cache_model(default_model, monkeypatch):
+    """The default model on the fast path's static cache, run eagerly (compiling the real model
+    takes over a minute on the CPU; compiled steps are checked on tiny models)."""
+    fast = default_model.fast
+    original = fast.generate_kwargs
+
+    def eager_static(batch, total):
+        kwargs = original(batch, total)
+        kwargs.pop("compile_config", None)
+        return kwargs
+
+    monkeypatch.setattr(fast, "generate_kwargs", eager_static)
+    monkeypatch.setattr(fast, "enabled", True)
+    yield default_model
+    fast._cache = fast._cache_key = None
+    selfextend_llm.clear_cache(default_model.model)
+
+
+def test_static_cache_gives_the_dynamic_tokens_past_the_trained_window(default_model, static_cache_model):
+    """A fixed G=4, W=512 makes a 2.5k-token prompt group; fp32 tokens are the dynamic cache's."""
+    prompt = passkey_prompt(2_500, depth=0.3, seed=4, count_tokens=default_model.count_tokens).text
+    settings = selfextend_llm.patching.settings_of(default_model.model)
+    adaptive, default_model.adaptive = default_model.adaptive, False
+    config, default_model.config = default_model.config, selfextend_llm.SelfExtendConfig(4, 512)
+    try:
+        fast = [c.text for c in default_model.complete_batch([prompt, prompt[:3000]], max_new_tokens=12)]
+        streamed = "".join(default_model.stream(prompt, max_new_tokens=12))
+        assert default_model.fast._cache is not None  # the static cache really served these calls
+        default_model.fast.enabled = False
+        slow = [c.text for c in default_model.complete_batch([prompt, prompt[:3000]], max_new_tokens=12)]
+    finally:
+        default_model.adaptive, default_model.config = adaptive, config
+        settings.config = config
+    assert fast == slow and streamed == slow[0]
+    assert settings.calls > 0
+
+
+def test_compile_failure_falls_back_without_losing_or_repeating_tokens(default_model, monkeypatch):
+    """A model that fails to compile at the 3rd token: one warning, and the stream carries on
+    on the dynamic cache from the tokens it already sent."""
+    prompt = "Monday, Tuesday, Wednesday,"
+    expected = default_model.generate(prompt, max_new_tokens=12)
+    real_generate = default_model.model.generate
+
+    def failing_generate(*args, **kwargs):
+        if "compile_config" in kwargs:
+            kwargs.pop("compile_config")
+            budget = {"left": 3}
+
+            def stop_after_three(input_ids, scores=None, **_):
+                budget["left"] -= 1
+                if budget["left"] < 0:
+                    raise torch._dynamo.exc.Unsupported("graph break in a custom op of this model")
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+            kwargs["stopping_criteria"] = [*kwargs["stopping_criteria"], stop_after_three]
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(default_model.model, "generate", failing_generate)
+    monkeypatch.setattr(default_model.fast, "enabled", True)
+    monkeypatch.setattr(default_model.fast, "failed", None)
+    try:
+        with pytest.warns(RuntimeWarning, match="falling back to the dynamic cache"):
+            streamed = "".join(default_model.stream(prompt, max_new_tokens=12))
+        assert streamed == expected
+        assert "graph break" in default_model.describe()["fast_generation"]["failed"]
+        assert default_model.generate(prompt, max_new_tokens=12) == expected  # later calls: dynamic, no warning
+    finally:
+        default_model.fast._cache = default_model.fast._cache_key = None

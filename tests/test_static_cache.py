@@ -1,0 +1,156 @@
+"""SelfExtend under transformers' static cache: exact, tensor-only, and compiled decode steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import CompileConfig, StaticCache
+
+import selfextend_llm as se
+from selfextend_llm import static_decode
+from selfextend_llm.generation import cache_bucket
+from selfextend_llm.reference import reference_selfextend
+from selfextend_llm.rope import grouped_key_position
+from tests.conftest import FAMILIES, tiny_model
+
+SEQ = 150
+
+
+def _padded_pair(first: int, second: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    a, b = torch.randint(1, 97, (1, first)), torch.randint(1, 97, (1, second))
+    pad = first - second
+    ids = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_static_cache_generate_equals_dynamic(family):
+    """Greedy tokens under cache_implementation="static" (batch of 2, left padding) are the
+    dynamic cache's, and grouping really happened (G=1 gives other tokens)."""
+    model = tiny_model(family)
+    ids, mask = _padded_pair(120, 93)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, attention_mask=mask)
+    se.apply(model, se.SelfExtendConfig(3, 12))
+    with torch.no_grad():
+        dynamic = model.generate(ids, **kw)
+        static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static, dynamic)
+
+
+def test_static_cache_logits_step_by_step():
+    """Prefill then single steps into a half-empty StaticCache: logits match a full forward."""
+    model = tiny_model("qwen3")
+    se.apply(model, se.SelfExtendConfig(4, 10))
+    ids = torch.randint(0, 97, (1, SEQ))
+    with torch.no_grad():
+        full = model(ids).logits.double()
+        cache = StaticCache(config=model.config, max_cache_len=256)
+        out = model(ids[:, :100], past_key_values=cache, use_cache=True)
+        steps = [out.logits]
+        for t in range(100, SEQ):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    err = (torch.cat(steps, 1).double() - full).abs().max().item()
+    assert err < 2e-4, err
+
+
+def test_decode_step_matches_float64_formula():
+    """The tensor-only step against the two-matrix formula: GQA, left padding, a position
+    offset per row, slots past the end holding garbage (not zeros), log scaling."""
+    torch.manual_seed(0)
+    b, h, kv, d, n_slots, end, G, W = 2, 6, 2, 16, 96, 70, 3, 9
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    key = torch.randn(b, kv, n_slots, d)
+    value = torch.randn(b, kv, n_slots, d)
+    query = torch.randn(b, h, 1, d)
+    visible = torch.zeros(b, n_slots, dtype=torch.bool)
+    visible[0, :end] = True
+    visible[1, 11:end] = True  # 11 slots of left padding
+    positions = torch.tensor([[end - 1], [end - 1 - 11]])
+    slot_pos = torch.arange(n_slots)[None, :] - torch.tensor([[0], [11]])
+    grouped = torch.randn(b, kv, n_slots, d)  # stale content past the end must not matter
+    shift = grouped_key_position(slot_pos[:, : end - 1], G) - slot_pos[:, : end - 1]
+    grouped[:, :, : end - 1] = se.rope.rotate(key[:, :, : end - 1], shift, inv_freq)
+    out = static_decode.decode_step(
+        query, key, value, visible[:, None, None, :], positions, grouped,
+        group_size=G, neighbor_window=W, inv_freq=inv_freq, layout="half", scale=d**-0.5, log_scale_base=32,
+    )  # fmt: skip
+    factor = torch.clamp(torch.log(positions.double() + 1) / torch.log(torch.tensor(32.0)), min=1.0)
+    expected = reference_selfextend(
+        query * factor[:, None, :, None], key, value, query_positions=positions, key_positions=slot_pos,
+        group_size=G, neighbor_window=W, inv_freq=inv_freq, scale=d**-0.5, mask=visible[:, None, None, :],
+    )  # fmt: skip
+    assert (out.double() - expected).abs().max().item() < 1e-5
+    # the step wrote the new key's grouped rotation into its slot
+    new = se.rope.rotate(key[:, :, end - 1 : end], grouped_key_position(positions, G) - positions, inv_freq)
+    assert torch.allclose(grouped[:, :, end - 1 : end], new, atol=1e-6)
+
+
+class _Shapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_decode_step_allocates_no_square_tensor():
+    model = tiny_model("llama")
+    se.apply(model, se.SelfExtendConfig(4, 16))
+    ids = torch.randint(0, 97, (1, SEQ))
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=256)
+        model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        with _Shapes() as seen:
+            model(ids[:, -1:], past_key_values=cache, use_cache=True)
+    big = [s for s in seen.shapes if sum(dim >= SEQ for dim in s) >= 2]
+    assert seen.shapes and not big, big
+
+
+@pytest.mark.parametrize("family", ["llama", "cohere"])
+def test_compiled_decode_fullgraph_equals_dynamic(family):
+    """generate() compiles its decode step with fullgraph=True (any graph break or host sync
+    would fail it) and gives the dynamic cache's tokens; a second call reuses the graph.
+    (Not Gemma 3: transformers' static sliding-window layers recompile at every step.)"""
+    torch._dynamo.reset()
+    model = tiny_model(family)
+    ids, mask = _padded_pair(110, 97, seed=1)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, attention_mask=mask)
+    se.apply(model, se.SelfExtendConfig(3, 12))
+    compile_config = CompileConfig(fullgraph=True, dynamic=False)
+    compile_config._compile_all_devices = True
+    with torch.no_grad():
+        dynamic = model.generate(ids, **kw)
+        for _ in range(2):
+            compiled = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kw)
+            assert torch.equal(compiled, dynamic)
+
+
+def test_compiling_a_prefill_says_what_to_do():
+    model = tiny_model("llama")
+    se.apply(model, se.SelfExtendConfig(4, 16))
+    torch._dynamo.reset()
+    step = torch.compile(model, fullgraph=True)
+    with torch.no_grad(), pytest.raises(Exception, match="static cache"):
+        step(torch.randint(0, 97, (1, 40)))
+
+
+def test_cache_buckets():
+    assert cache_bucket(1) == 256
+    assert cache_bucket(257) == 320
+    assert cache_bucket(16384) == 16384
+    assert cache_bucket(16385) == 20480
+    assert cache_bucket(65536 + 128) == 81920
+    for total in (300, 5000, 12345, 40000, 99999):
+        size = cache_bucket(total)
+        assert total <= size <= 1.25 * total + 1
+    with pytest.raises(ValueError, match="total_tokens"):
+        cache_bucket(0)
