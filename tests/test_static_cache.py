@@ -154,3 +154,29 @@ def test_cache_buckets():
         assert total <= size <= 1.25 * total + 1
     with pytest.raises(ValueError, match="total_tokens"):
         cache_bucket(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA graphs, sync debug mode)")
+def test_cuda_graph_decode_has_no_host_sync():
+    """Decode steps compiled with CUDA graphs (mode="reduce-overhead") run with the sync debug
+    mode on "error", and their logits match a full forward."""
+    torch._dynamo.reset()
+    model = tiny_model("llama").cuda()
+    se.apply(model, se.SelfExtendConfig(3, 12))
+    ids = torch.randint(0, 97, (1, SEQ), device="cuda")
+    with torch.no_grad():
+        full = model(ids).logits.double()
+        cache = StaticCache(config=model.config, max_cache_len=256)
+        steps = [model(ids[:, :100], past_key_values=cache, use_cache=True).logits]
+        step = torch.compile(model, fullgraph=True, mode="reduce-overhead", dynamic=False)
+        for t in range(100, 110):  # compiling and recording the graph may sync
+            steps.append(step(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits.clone())
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t in range(110, SEQ):
+                steps.append(step(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits.clone())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    err = (torch.cat(steps, 1).double() - full).abs().max().item()
+    assert err < 2e-4, err
