@@ -193,7 +193,7 @@ def _positions(kwargs: dict, query_start: int | None, q_len: int, device: torch.
     return positions.to(device)
 
 
-def _static_step(state: LayerState, query, key, value, key_row, positions, scale) -> torch.Tensor:
+def _static_step(state: LayerState, query, key, value, key_row, positions, scale, softcap) -> torch.Tensor:
     """One decode step over a static cache: tensor-only, the same code eager and compiled."""
     cfg, settings = state.settings.config, state.settings
     return static_decode.decode_step(
@@ -202,15 +202,21 @@ def _static_step(state: LayerState, query, key, value, key_row, positions, scale
         value,
         key_row,
         positions.expand(query.shape[0], -1),
-        state.static_keys.keys,
+        None if state.static_keys is None else state.static_keys.keys,
         group_size=cfg.group_size,
         neighbor_window=cfg.neighbor_window,
         inv_freq=state.inv_freq,
         layout=state.layout,
         scale=scale,
         log_scale_base=settings.pretrained_context if cfg.log_scale else None,
-        backend="auto" if settings.backend in ("auto", "split", "triton", "flex") else settings.backend,
+        softcap=softcap,
+        backend=settings.backend,
     )
+
+
+def _mirror_needed(state: LayerState, query: torch.Tensor, softcap: float | None) -> bool:
+    """Whether static decode steps will read a grouped-key mirror (not on the Triton kernel)."""
+    return not static_decode.triton_decodes(query, state.inv_freq, state.layout, softcap, state.settings.backend)
 
 
 def selfextend_attention_forward(
@@ -237,8 +243,9 @@ def selfextend_attention_forward(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     key_row = attention_mask if is_key_row(attention_mask, q_len) else None
 
+    softcap = kwargs.get("softcap")
     if torch.compiler.is_compiling():
-        if key_row is None or q_len != 1 or state.static_keys is None:
+        if key_row is None or q_len != 1 or (state.static_keys is None and _mirror_needed(state, query, softcap)):
             raise RuntimeError(
                 "SelfExtend compiles decode steps over a static cache (generate(..., cache_implementation='static')); "
                 "run the prefill, and any call with more than one new token, uncompiled"
@@ -246,7 +253,7 @@ def selfextend_attention_forward(
         positions = _positions(kwargs, None, q_len, query.device)
         if positions is None:  # no padding offsets without position ids: the slot is the position
             positions = last_visible(key_row)[:, None]
-        return _static_step(state, query, key, value, key_row, positions, scale).transpose(1, 2), None
+        return _static_step(state, query, key, value, key_row, positions, scale, softcap).transpose(1, 2), None
 
     settings.calls += 1
     query_start, key_valid, full_mask = n_keys - q_len, None, None
@@ -270,19 +277,22 @@ def selfextend_attention_forward(
         state.static_keys = None
     else:
         mirror = state.static_keys
-        if (
-            q_len == 1
-            and mirror is not None
+        needs_mirror = _mirror_needed(state, query, softcap)
+        mirrored = (
+            mirror is not None
             and mirror.owner == key.data_ptr()
             and mirror.group_size == cfg.group_size
             and mirror.keys.shape == key.shape
-        ):
-            return _static_step(state, query, key, value, key_row, positions, scale).transpose(1, 2), None
-        state.key_cache = None  # the mirror replaces the dynamic grouped-key cache here
-        k_pos, _ = key_positions(positions.expand(query.shape[0], -1), query_start, end)
-        state.static_keys = static_decode.build_grouped(
-            key, k_pos, end, cfg.group_size, state.inv_freq, state.layout, mirror, query_start
         )
+        if q_len == 1 and (mirrored or not needs_mirror):
+            step = _static_step(state, query, key, value, key_row, positions, scale, softcap)
+            return step.transpose(1, 2), None
+        state.key_cache = None  # the mirror replaces the dynamic grouped-key cache here
+        if needs_mirror:
+            k_pos, _ = key_positions(positions.expand(query.shape[0], -1), query_start, end)
+            state.static_keys = static_decode.build_grouped(
+                key, k_pos, end, cfg.group_size, state.inv_freq, state.layout, mirror, query_start
+            )
         key, value = key[:, :, :end], value[:, :, :end]
 
     out, new_cache = selfextend_attention(
@@ -298,7 +308,7 @@ def selfextend_attention_forward(
         scale=scale,
         key_valid=None if key_valid is None else key_valid.to(query.device),
         full_mask=full_mask,
-        softcap=kwargs.get("softcap"),
+        softcap=softcap,
         log_scale_base=settings.pretrained_context if cfg.log_scale else None,
         block_size=settings.block_size,
         key_cache=None if static else state.key_cache,

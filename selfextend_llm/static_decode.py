@@ -8,9 +8,13 @@ Everything here reads positions from tensors, so a decode step has no host sync,
 data-dependent Python branch and fixed shapes: ``torch.compile(fullgraph=True)`` and CUDA graphs
 capture it.
 
-Grouped keys are kept in a buffer of the static cache's shape (:class:`StaticGroupedKeys`),
-written once per token at the token's cache slot, as the static cache writes its own keys.  A
-decode step is then two fused attention calls with the row log-sum-exp, merged exactly:
+On a GPU the step is the split-K Triton decode kernel (:func:`triton_attention.decode`, grouped
+keys rotated in registers), told each row's length by a tensor and registered as the opaque
+custom op ``selfextend::static_decode`` so that the compiler keeps it whole.  Elsewhere (the CPU,
+softcapping, other RoPE layouts) grouped keys are kept in a buffer of the static cache's shape
+(:class:`StaticGroupedKeys`), written once per token at the token's cache slot, as the static
+cache writes its own keys, and a decode step is two fused attention calls with the row
+log-sum-exp, merged exactly:
 
 * the grouped part: the grouped query against every grouped key, masked to slots at least ``W``
   behind the query (and not padding);
@@ -27,8 +31,48 @@ from dataclasses import dataclass
 
 import torch
 
+from . import triton_attention
 from .backends import attention_with_lse, merge_partials
 from .rope import Layout, grouped_key_position, grouped_query_position, rotate
+
+
+@torch.library.custom_op("selfextend::static_decode", mutates_args=())
+def triton_static_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    offsets: torch.Tensor,
+    lengths: torch.Tensor,
+    key_valid: torch.Tensor,
+    inv_freq: torch.Tensor,
+    group_size: int,
+    neighbor_window: int,
+    scale: float,
+) -> torch.Tensor:
+    """The Triton split-K decode kernel over a static cache, as one opaque op for the compiler."""
+    return triton_attention.decode(
+        query, key, value, offsets=offsets, group_size=group_size, neighbor_window=neighbor_window,
+        inv_freq=inv_freq, scale=scale, key_valid=key_valid, lengths=lengths,
+    )  # fmt: skip
+
+
+@triton_static_decode.register_fake
+def _(query, key, value, offsets, lengths, key_valid, inv_freq, group_size, neighbor_window, scale):
+    return torch.empty_like(query)
+
+
+def triton_decodes(
+    query: torch.Tensor, inv_freq: torch.Tensor, layout: Layout, softcap: float | None, backend: str
+) -> bool:
+    """Whether a static decode step runs on the Triton kernel (then no grouped-key mirror is kept)."""
+    return (
+        backend in ("auto", "triton", "split")
+        and softcap is None
+        and query.device.type == "cuda"
+        and not query.requires_grad
+        and triton_attention.available(query.device)
+        and triton_attention.supports(query.shape[-1], 2 * inv_freq.shape[-1], layout, query.dtype)
+    )
 
 
 def is_key_row(mask: object, q_len: int) -> bool:
@@ -108,7 +152,7 @@ def decode_step(
     value: torch.Tensor,
     key_row: torch.Tensor,
     positions: torch.Tensor,
-    grouped: torch.Tensor,
+    grouped: torch.Tensor | None,
     *,
     group_size: int,
     neighbor_window: int,
@@ -116,6 +160,7 @@ def decode_step(
     layout: Layout,
     scale: float,
     log_scale_base: int | None = None,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One SelfExtend decode step over a static cache, with tensor-only control flow.
@@ -123,13 +168,21 @@ def decode_step(
     ``query`` is ``(b, h, 1, d)`` at RoPE ``positions`` (``b, 1``); ``key``/``value`` are the
     static cache's ``(b, kv_h, n, d)`` tensors with the new key already written; ``key_row``
     (``b, 1, 1, n``) marks the real keys so far.  The new key is rotated to its grouped position
-    and written into ``grouped`` (``b, kv_h, n, d``) in place.  Returns ``(b, h, 1, d)``.
+    and written into ``grouped`` (``b, kv_h, n, d``) in place; on the Triton path (see
+    :func:`triton_decodes`) ``grouped`` is not needed and may be None.  Returns ``(b, h, 1, d)``.
     """
     bsz, heads, _, dim = query.shape
     kv_heads, n = key.shape[1], key.shape[2]
     G, W = group_size, min(neighbor_window, n)
     pos = positions[:, -1:]  # (b, 1)
     slot = last_visible(key_row)  # (b,): the query's own slot
+    if triton_decodes(query, inv_freq, layout, softcap, backend):
+        query = log_scale(query, pos, log_scale_base)
+        return triton_static_decode(
+            query, key, value, slot - pos[:, 0], slot + 1, key_row[:, 0, 0, :], inv_freq, G, neighbor_window, scale
+        )
+    if grouped is None:
+        raise ValueError("decode_step needs the grouped-key buffer off the Triton path")
 
     # The new key, rotated to its grouped position, into the grouped buffer at its slot.
     at = slot[:, None, None, None].expand(bsz, kv_heads, 1, dim)
@@ -142,7 +195,8 @@ def decode_step(
     visible = key_row[:, 0, 0, :]  # (b, n)
     slots = torch.arange(n, device=key.device)
     far = visible & (slots[None, :] <= (slot - neighbor_window)[:, None])
-    grouped_part = attention_with_lse(grouped_query, grouped, value, far[:, None, None, :], scale, backend=backend)
+    backend = "math" if softcap is not None else "auto" if backend in ("triton", "split", "flex") else backend
+    grouped_part = attention_with_lse(grouped_query, grouped, value, far[:, None, None, :], scale, softcap, backend)
 
     near_slots = slot[:, None] - (W - 1) + torch.arange(W, device=key.device)  # (b, W), oldest first
     in_cache = near_slots >= 0
@@ -150,6 +204,6 @@ def decode_step(
     near_mask = in_cache & visible.gather(1, near_slots)
     take = near_slots[:, None, :, None].expand(bsz, kv_heads, W, dim)
     near_part = attention_with_lse(
-        query, key.gather(2, take), value.gather(2, take), near_mask[:, None, None, :], scale, backend=backend
+        query, key.gather(2, take), value.gather(2, take), near_mask[:, None, None, :], scale, softcap, backend
     )
     return merge_partials([grouped_part, near_part], query.dtype)

@@ -338,6 +338,7 @@ if triton is not None:
         INV,
         OFF,
         VALID,
+        LENGTHS,
         stride_qb,
         stride_qh,
         stride_kb,
@@ -359,6 +360,7 @@ if triton is not None:
         HALF: tl.constexpr,
         BLOCK_N: tl.constexpr,
         HAS_VALID: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr,
         PREC: tl.constexpr,
         FAST: tl.constexpr,
     ):
@@ -367,6 +369,9 @@ if triton is not None:
         b = pid_bk // n_kv_heads
         kvh = pid_bk % n_kv_heads
         off_b = tl.load(OFF + b)
+        if HAS_LENGTHS:
+            # a static cache: the row's keys end at its query's slot, not at the buffer's end
+            n_keys = tl.load(LENGTHS + b)
 
         r = tl.arange(0, ROWS)
         row_ok = r < HEADS_PER_KV
@@ -692,8 +697,13 @@ def decode(
     programs_per_sm: int = 4,
     blocks_per_split: int = 4,
     fast_trig: bool | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence (``b, h, 1, d``) against the whole cache: split-K SelfExtend decoding.
+
+    ``lengths`` (``b``, a tensor) is for static caches, whose buffers run past the sequence: the
+    row's query sits at slot ``lengths[b] - 1`` and later slots are never read.  Read on the GPU,
+    so the launch needs no host sync and replays in a CUDA graph.
 
     Grouped keys are rotated in registers (each key is read once per step, so this costs a few
     sine/cosine evaluations per key, shared by the query heads of its KV head): no grouped copy
@@ -722,15 +732,16 @@ def decode(
     l_part = torch.empty_like(m_part)
     valid, valid_stride, has_valid = _valid_arg(key_valid, query)
     inv, off = _rope_args(inv_freq, offsets, query.device)
+    lens = off if lengths is None else lengths.to(device=query.device, dtype=torch.int32).contiguous()
     _decode_kernel[(bsz * kv_heads, splits)](
-        query, key, value, o_part, m_part, l_part, inv, off, valid,
+        query, key, value, o_part, m_part, l_part, inv, off, valid, lens,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         valid_stride, kv_heads, n_keys, split_len, splits, group_size, neighbor_window, scale * LOG2E,
         HEADS_PER_KV=per_kv, ROWS=max(16, _next_pow2(per_kv)), HALF=dim // 2, BLOCK_N=bn,
-        HAS_VALID=has_valid, PREC=_precision(query.dtype), FAST=not interpret if fast_trig is None else fast_trig,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_VALID=has_valid, HAS_LENGTHS=lengths is not None, PREC=_precision(query.dtype),
+        FAST=not interpret if fast_trig is None else fast_trig, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty((bsz, heads, 1, dim), device=query.device, dtype=query.dtype)
     _decode_merge_kernel[(bsz * heads,)](

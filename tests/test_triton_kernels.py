@@ -139,6 +139,35 @@ def test_decode_matches_formula(b, h, kvh, n, d, G, W, pads, dtype):
         _check(out, q, k, v, inv, q_pos, k_pos, G, W, any(pads), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_static_cache_decode_reads_lengths_from_a_tensor(dtype):
+    """A static cache: 300 slots, rows ending at different slots, garbage past each row's end.
+    With ``lengths`` the kernel equals decoding the row's own keys; the custom op (what compiled
+    steps call) gives the same."""
+    from selfextend_llm.static_decode import triton_static_decode
+
+    b, h, kvh, n, d, G, W = 2, 6, 2, 300, 32, 3, 20
+    ends, pads = [170, 233], [0, 41]
+    q, k, v, inv, _, _, _ = _inputs(b, h, kvh, n, 1, d, dtype, [0, 0], seed=3)
+    for row, (end, pad) in enumerate(zip(ends, pads, strict=True)):
+        qr, kr, vr, _, _, _, _ = _inputs(1, h, kvh, end, 1, d, dtype, [pad], seed=10 + row)
+        q[row], k[row, :, :end], v[row, :, :end] = qr[0], kr[0], vr[0]
+    slots = torch.arange(n, device=DEVICE)
+    lengths = torch.tensor(ends, device=DEVICE)
+    offsets = torch.tensor(pads, device=DEVICE)
+    valid = (slots[None] < lengths[:, None]) & (slots[None] >= offsets[:, None])
+    args = dict(offsets=offsets, group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5)
+    out = ta.decode(q, k, v, key_valid=valid, lengths=lengths, splits=4, **args)
+    op = triton_static_decode(q, k, v, offsets, lengths, valid, inv, G, W, d**-0.5)
+    for row, end in enumerate(ends):
+        alone = ta.decode(
+            q[row : row + 1], k[row : row + 1, :, :end], v[row : row + 1, :, :end], offsets=offsets[row : row + 1],
+            group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5, key_valid=valid[row : row + 1, :end],
+        )  # fmt: skip
+        assert torch.allclose(out[row], alone[0], atol=TOL[dtype]), (out[row] - alone[0]).abs().max()
+        assert torch.allclose(op[row], alone[0], atol=TOL[dtype])
+
+
 def test_unsupported_shapes_are_refused_or_fall_back():
     assert not ta.supports(64, 32, "half", torch.float32)  # partial rotary
     assert not ta.supports(64, 64, "interleaved", torch.float32)
