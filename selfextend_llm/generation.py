@@ -93,7 +93,8 @@ class FastGeneration:
                 return {}
             self._cache, self._cache_key = cache, key
         else:
-            self._cache.reset()
+            with torch.inference_mode():  # generate makes the cache's tensors inference tensors
+                self._cache.reset()
         config = CompileConfig(fullgraph=True, dynamic=False)
         if device.type != "cuda":
             config._compile_all_devices = True  # transformers compiles only on accelerators by default
