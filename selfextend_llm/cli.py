@@ -18,6 +18,7 @@ def _load(args: argparse.Namespace):
         group_size=args.group_size,
         neighbor_window=args.neighbor_window,
         device=args.device,
+        fast_generation=args.fast_generation,
     )
 
 
@@ -199,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--group-size", type=int, help="fix the group size G")
     common.add_argument("--neighbor-window", type=int, help="fix the neighbor window W")
     common.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    common.add_argument(
+        "--fast-generation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode over a static cache with compiled steps (default: on for CUDA, off on the CPU)",
+    )
     common.add_argument("--json", action="store_true", help="print JSON")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", parents=[common], help="trained window, G, W, reach and advertised window").set_defaults(

@@ -68,6 +68,8 @@ class ChatSelfExtend(BaseChatModel):
     neighbor_window: int | None = None
     gguf_file: str | None = None
     device: str | None = None
+    fast_generation: bool | None = None
+    """Decode over a static cache with compiled steps (default: on for CUDA, off on the CPU); False opts out."""
     temperature: float = 0.0
     max_tokens: int = Field(default=256, alias="max_new_tokens")
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
@@ -91,6 +93,7 @@ class ChatSelfExtend(BaseChatModel):
                 neighbor_window=self.neighbor_window,
                 gguf_file=self.gguf_file,
                 device=self.device,
+                fast_generation=self.fast_generation,
             )
         if self.profile is None:
             tools = self.selfextend_model.supports_tools

@@ -25,6 +25,8 @@ class SelfExtendLLM(BaseLLM):
     neighbor_window: int | None = None
     gguf_file: str | None = None
     device: str | None = None
+    fast_generation: bool | None = None
+    """Decode over a static cache with compiled steps (default: on for CUDA, off on the CPU); False opts out."""
     temperature: float = 0.0
     max_tokens: int = Field(default=256, alias="max_new_tokens")
     stop: list[str] | None = None
@@ -40,6 +42,7 @@ class SelfExtendLLM(BaseLLM):
                 neighbor_window=self.neighbor_window,
                 gguf_file=self.gguf_file,
                 device=self.device,
+                fast_generation=self.fast_generation,
             )
         return self
 

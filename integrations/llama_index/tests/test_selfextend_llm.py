@@ -95,3 +95,12 @@ def test_drop_in_example():
     example.configure()
     assert isinstance(Settings.llm, SelfExtendLLM)
     assert example.existing_pipeline("When does the museum open?").strip()
+
+
+def test_fast_generation_opt_in_and_out_reach_the_model():
+    from langchain_selfextend import ChatSelfExtend
+
+    assert SelfExtendLLM(fast_generation=True)._model.fast.enabled
+    assert not SelfExtendLLM(fast_generation=False)._model.fast.enabled
+    assert ChatSelfExtend(fast_generation=True).selfextend_model.fast.enabled
+    assert not ChatSelfExtend(fast_generation=False).selfextend_model.fast.enabled

@@ -52,6 +52,10 @@ class SelfExtendLLM(LLM):
     neighbor_window: int | None = Field(default=None, description="Fixed SelfExtend neighbor window W.")
     gguf_file: str | None = Field(default=None, description="A GGUF file to load.")
     device: str | None = Field(default=None, description="Torch device; default cuda when available.")
+    fast_generation: bool | None = Field(
+        default=None,
+        description="Decode over a static cache with compiled steps (default: on for CUDA, off on the CPU).",
+    )
     temperature: float = Field(default=0.0, ge=0.0)
     max_new_tokens: int = Field(default=256, gt=0)
     stop: list[str] | None = Field(default=None, description="Stop strings, cut from the output.")
@@ -69,6 +73,7 @@ class SelfExtendLLM(LLM):
             neighbor_window=self.neighbor_window,
             gguf_file=self.gguf_file,
             device=self.device,
+            fast_generation=self.fast_generation,
         )
 
     @classmethod
