@@ -12,6 +12,10 @@ from dataclasses import dataclass
 #: Fraction of the trained window that the grouped positions may use.  The paper's rule of
 #: thumb is "about half to two thirds"; 0.6 sits in the middle of that range.
 GROUPED_BUDGET = 0.6
+#: Largest group size a ``target_context`` may call for.  The quality grids (BENCHMARKS.md) measured G up
+#: to 17; 64 leaves room for models with short trained windows, and past it one grouped position would
+#: stand for more tokens than any setting was ever checked with, so such targets are refused, not guessed.
+MAX_MEASURED_GROUP = 64
 
 
 @dataclass(frozen=True)
@@ -76,10 +80,26 @@ class SelfExtendConfig:
             raise ValueError(f"pretrained_context must be >= 2, got {pretrained_context}")
         if target_context < 1:
             raise ValueError(f"target_context must be >= 1, got {target_context}")
-        window = neighbor_window or min(4096, max(128, pretrained_context // 8))
-        window = min(window, pretrained_context // 2)
+        if neighbor_window is None:
+            window = min(4096, max(128, pretrained_context // 8), pretrained_context // 2)
+        else:  # an explicit window is kept as given, or refused: never silently replaced
+            window = neighbor_window
+            cls(1, window).validate_for(pretrained_context)
         budget = max(window + 1, int(pretrained_context * GROUPED_BUDGET))
         if target_context <= budget:
             return cls(group_size=1, neighbor_window=window)
         group = max(1, math.ceil((target_context - window) / (budget - window)))
         return cls(group_size=group, neighbor_window=window)
+
+
+def check_reach(trained: int, target: int, neighbor_window: int | None = None) -> None:
+    """Refuse a target that needs a group size beyond any measured one, stating the largest reach."""
+    needed = SelfExtendConfig.for_target(trained, target, neighbor_window=neighbor_window)
+    if needed.group_size > MAX_MEASURED_GROUP:
+        largest = SelfExtendConfig(MAX_MEASURED_GROUP, needed.neighbor_window).max_context(trained)
+        raise ValueError(
+            f"target_context={target} would need group size {needed.group_size} on a model trained on {trained} "
+            f"tokens; the largest group size accepted is {MAX_MEASURED_GROUP} (a reach of {largest} "
+            "tokens; quality was measured up to G=17): lower target_context, or fix group_size yourself if you "
+            "accept an unmeasured setting"
+        )

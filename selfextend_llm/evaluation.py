@@ -235,7 +235,12 @@ def perplexity_curve(
 
 def _pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as err:  # the optional [plots] extra
+        from .validation import missing_extra
+
+        raise missing_extra("matplotlib", "plots") from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from transformers import TextIteratorStreamer
 
-from . import patching
-from .config import SelfExtendConfig
+from . import patching, validation
+from .config import SelfExtendConfig, check_reach
 from .generation import FastGeneration, compile_errors
 from .loading import DEFAULT_NAME, load_pretrained
 from .stopping import emittable, find_stop, normalize_stops
@@ -147,16 +147,18 @@ class SelfExtendModel:
     # ----------------------------------------------------------------- prompts
     def encode(self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids of a prompt: raw text as is, chat messages through the model's chat template."""
+        validation.prompt(prompt)
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt)["input_ids"])
-        if not isinstance(prompt, Sequence) or not all(isinstance(m, Mapping) for m in prompt):
-            raise TypeError("prompt must be a string or a list of {'role': ..., 'content': ...} messages")
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.model_name} has no chat template; pass a plain string prompt instead")
         kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": True}
         if tools:
+            if isinstance(tools, (str, Mapping)) or not all(isinstance(t, Mapping) for t in tools):
+                raise TypeError("tools must be a list of tool definitions (dicts in OpenAI's function format)")
             kwargs["tools"] = list(tools)
-        ids = self.tokenizer.apply_chat_template(list(prompt), **kwargs)
+        messages = [{**m, "content": validation.text_parts(m["content"])} for m in prompt]
+        ids = self.tokenizer.apply_chat_template(messages, **kwargs)
         if isinstance(ids, Mapping) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
@@ -194,10 +196,9 @@ class SelfExtendModel:
     def _gen_kwargs(
         self, max_new_tokens: int, temperature: float, top_p: float | None, seed: int | None, **extra: Any
     ) -> dict[str, Any]:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        max_new_tokens, temperature, top_p, seed = validation.generation(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature)
@@ -210,7 +211,13 @@ class SelfExtendModel:
         kwargs.update(extra)
         return kwargs
 
-    def _prepare(self, prompts: Sequence[Prompt], max_new_tokens: int, tools) -> tuple[list[list[int]], int]:
+    def _prepare(
+        self, prompts: Sequence[Prompt], max_new_tokens: int, tools, temperature: float, top_p, seed
+    ) -> tuple[list[list[int]], int]:
+        """Check every argument, encode the prompts, check they fit: all before any generation."""
+        validation.generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence) or not prompts:
+            raise TypeError("prompts must be a non-empty list of prompts (strings or message lists)")
         encoded = [self.encode(p, tools=tools) for p in prompts]
         longest = max(len(e) for e in encoded)
         for e in encoded:
@@ -277,7 +284,7 @@ class SelfExtendModel:
     ) -> list[Completion]:
         """Generate for several prompts in one left-padded batch."""
         stops = normalize_stops(stop)
-        encoded, max_new = self._prepare(prompts, max_new_tokens, tools)
+        encoded, max_new = self._prepare(prompts, max_new_tokens, tools, temperature, top_p, seed)
         ids, mask = self._batch_tensors(encoded)
         with self._lock:
             self._configure_for(ids.shape[1] + max_new)
@@ -332,7 +339,7 @@ class SelfExtendModel:
         Generation runs in a worker thread; closing the iterator early cancels it.
         """
         stops = normalize_stops(stop)
-        encoded, max_new = self._prepare([prompt], max_new_tokens, tools)
+        encoded, max_new = self._prepare([prompt], max_new_tokens, tools, temperature, top_p, seed)
         ids, mask = self._batch_tensors(encoded)
         kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
         cancel = threading.Event()
@@ -467,6 +474,13 @@ def load(
     """
     if backend not in patching.BACKENDS:  # before the (slow) load
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(patching.BACKENDS)}")
+    validation.optional_integer("target_context", target_context, minimum=1)
+    validation.optional_integer("group_size", group_size, minimum=1)
+    validation.optional_integer("neighbor_window", neighbor_window, minimum=1)
+    if not isinstance(self_extend, bool):
+        raise TypeError(f"self_extend must be True or False, got {self_extend!r}")
+    if fast_generation is not None and not isinstance(fast_generation, bool):
+        raise TypeError(f"fast_generation must be True, False or None (automatic), got {fast_generation!r}")
     lm, tok, name = load_pretrained(
         model, gguf_file=gguf_file, device=device, dtype=dtype, device_map=device_map, tp_plan=tp_plan
     )
@@ -477,8 +491,8 @@ def load(
                 f"target_context={target_context} needs SelfExtend: the plain model is trained on {trained} tokens"
             )
         return SelfExtendModel(lm, tok, config=None, context_window=trained, name=name, fast_generation=fast_generation)
-    if target_context is not None and target_context < 1:
-        raise ValueError(f"target_context must be >= 1, got {target_context}")
+    if neighbor_window is not None:  # an explicit window the model cannot take is an error, not another window
+        SelfExtendConfig(1, neighbor_window).validate_for(trained)
     fixed = group_size is not None
     target = target_context or 4 * trained
     if fixed:
@@ -493,6 +507,7 @@ def load(
             )
         window = target_context or reach
     else:
+        check_reach(trained, target, neighbor_window)
         config = choose_config(name, trained, target, None, neighbor_window=neighbor_window) or SelfExtendConfig(
             1, neighbor_window or min(trained // 2, 1024)
         )

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from . import hf_attention
-from .config import SelfExtendConfig
+from .config import SelfExtendConfig, check_reach
 from .hf_attention import LayerState, RuntimeSettings
 
 #: RoPE variants whose frequencies are fixed for a forward pass, so extra rotations compose.
@@ -149,9 +149,14 @@ def apply(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if target_context is not None and (isinstance(target_context, bool) or not isinstance(target_context, int)):
+        raise TypeError(f"target_context must be an int, got {target_context!r}")
+    if target_context is not None and target_context < 1:
+        raise ValueError(f"target_context must be >= 1, got {target_context}")
     check_supported(model)
     trained = pretrained_context(model)
     if config is None:
+        check_reach(trained, target_context or 4 * trained)
         config = SelfExtendConfig.for_target(trained, target_context or 4 * trained)
     elif not isinstance(config, SelfExtendConfig):
         raise TypeError(f"config must be a SelfExtendConfig, got {type(config).__name__}")

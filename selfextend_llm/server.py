@@ -16,12 +16,16 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
-
 from .model import ContextWindowExceededError, SelfExtendModel
+from .validation import missing_extra
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+except ModuleNotFoundError as err:  # the optional [server] extra
+    raise missing_extra("fastapi", "server") from err
 
 log = logging.getLogger("selfextend_llm.server")
 
@@ -351,7 +355,10 @@ class BackgroundServer:
     """Run the app with uvicorn in a thread (tests, notebooks); ``with BackgroundServer(app) as url: ...``."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
+        try:
+            import uvicorn
+        except ModuleNotFoundError as err:
+            raise missing_extra("uvicorn", "server") from err
 
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(self.config)
@@ -372,7 +379,10 @@ class BackgroundServer:
 
 def serve(model: SelfExtendModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
     """Serve until interrupted; uvicorn finishes in-flight requests on SIGINT/SIGTERM."""
-    import uvicorn
+    try:
+        import uvicorn
+    except ModuleNotFoundError as err:
+        raise missing_extra("uvicorn", "server") from err
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     uvicorn.run(

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from . import validation
+
 
 def normalize_stops(stop: str | Sequence[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    stops = [s for s in stop if s]
-    for s in stops:
-        if not isinstance(s, str):
-            raise TypeError(f"stop strings must be str, got {type(s).__name__}")
-    return stops
+    """``stop`` as a list of non-empty strings (a clear ``TypeError`` for anything else)."""
+    return validation.stops(stop)
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -1,0 +1,137 @@
+"""Checks at the boundary of every public entry, so bad input fails before any work starts.
+
+Each check raises ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, wrong value)
+with a message that names the argument, the value given and what is allowed.  Nothing deeper in
+the library should ever meet a malformed argument: a ``RuntimeError`` from a tensor reshape or a
+jinja2 error from a chat template is a bug in these checks, and the property tests look for one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: Roles a chat message may have (OpenAI's, plus "developer", its new name for "system").
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def integer(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An ``int`` (not a bool) within ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {_show(value)}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def optional_integer(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
+    return None if value is None else integer(name, value, minimum=minimum, maximum=maximum)
+
+
+def number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+) -> float:
+    """A finite real number (int or float, not a bool) within the bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {_show(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+        raise ValueError(f"{name} must be {'>' if exclusive_minimum else '>='} {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return float(value)
+
+
+def stops(value: Any) -> list[str]:
+    """``stop``: None, a string or a list of strings; empty strings are dropped (they would stop at once)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Sequence):
+        raise TypeError(f"stop must be a string or a list of strings, got {type(value).__name__} {_show(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"stop strings must be str, got {type(item).__name__} {_show(item)} in stop")
+    return [s for s in value if s]
+
+
+def _message(i: int, message: Any) -> None:
+    if not isinstance(message, Mapping):
+        raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise ValueError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}; got {_show(role)}")
+    if "content" not in message:
+        raise ValueError(f"messages[{i}] has no 'content'; give it a string (empty if it has only tool calls)")
+    content = message["content"]
+    if content is None and role == "assistant" and message.get("tool_calls"):
+        return
+    if isinstance(content, str):
+        return
+    if isinstance(content, list) and all(
+        isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        for part in content
+    ):
+        return
+    raise TypeError(
+        f"messages[{i}]['content'] must be a string or a list of {{'type': 'text', 'text': ...}} parts, got "
+        f"{type(content).__name__} {_show(content)}"
+    )
+
+
+def prompt(value: Any) -> None:
+    """A prompt is non-empty text, or a non-empty list of well-formed chat messages."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("prompt is empty; give some text or at least one message")
+        return
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"prompt must be a string or a list of {{'role': ..., 'content': ...}} messages, got "
+            f"{type(value).__name__} {_show(value)}"
+        )
+    if not value:
+        raise ValueError("prompt has no messages; give at least one")
+    for i, message in enumerate(value):
+        _message(i, message)
+
+
+def text_parts(content: Any) -> str:
+    """A message's content as one string (text parts joined)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content)
+
+
+def generation(
+    *, max_new_tokens: Any, temperature: Any, top_p: Any = None, seed: Any = None
+) -> tuple[int, float, float | None, int | None]:
+    """The sampling arguments every generate call takes, checked together."""
+    return (
+        integer("max_new_tokens", max_new_tokens, minimum=1),
+        number("temperature", temperature, minimum=0.0),
+        None if top_p is None else number("top_p", top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True),
+        optional_integer("seed", seed, minimum=0, maximum=2**63 - 1),
+    )
+
+
+def missing_extra(package: str, extra: str) -> ImportError:
+    """The error for an optional dependency that is not installed, naming the install that fixes it."""
+    return ImportError(f"{package} is not installed; run: pip install 'selfextend-llm[{extra}]'")
