@@ -26,6 +26,10 @@ from .tuning import choose_config
 
 Prompt = str | Sequence[Mapping[str, Any]]
 
+#: Temperatures below this decode greedily: sampling at, say, 1e-300 divides logits into infinities
+#: (NaN probabilities), while its distribution is the argmax anyway.
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
 
 @dataclass
 class Completion:
@@ -149,7 +153,13 @@ class SelfExtendModel:
         """Token ids of a prompt: raw text as is, chat messages through the model's chat template."""
         validation.prompt(prompt)
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
+            ids = list(self.tokenizer(prompt)["input_ids"])
+            if not ids:
+                raise ValueError(
+                    f"prompt {prompt[:40]!r} encodes to no tokens with {self.model_name}'s tokenizer (it drops "
+                    "these characters); give some text"
+                )
+            return ids
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.model_name} has no chat template; pass a plain string prompt instead")
         kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": True}
@@ -158,7 +168,15 @@ class SelfExtendModel:
                 raise TypeError("tools must be a list of tool definitions (dicts in OpenAI's function format)")
             kwargs["tools"] = list(tools)
         messages = [{**m, "content": validation.text_parts(m["content"])} for m in prompt]
-        ids = self.tokenizer.apply_chat_template(messages, **kwargs)
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, **kwargs)
+        except Exception as err:  # jinja2's TemplateError and friends: the template refused these messages
+            if type(err).__module__.split(".")[0] != "jinja2":
+                raise
+            raise ValueError(
+                f"{self.model_name}'s chat template cannot render these messages ({err}); check the roles and "
+                "their order"
+            ) from err
         if isinstance(ids, Mapping) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
@@ -200,7 +218,7 @@ class SelfExtendModel:
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-        if temperature > 0:
+        if temperature >= MIN_SAMPLING_TEMPERATURE:
             kwargs.update(do_sample=True, temperature=temperature)
             if top_p is not None:
                 kwargs["top_p"] = top_p

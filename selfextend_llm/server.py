@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+from . import validation
 from .model import ContextWindowExceededError, SelfExtendModel
 from .validation import missing_extra
 
@@ -24,6 +25,7 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
 except ModuleNotFoundError as err:  # the optional [server] extra
     raise missing_extra("fastapi", "server") from err
 
@@ -117,11 +119,11 @@ def create_app(
                     status = 401
                     return _error(401, "missing or wrong API key", "invalid_request_error", "invalid_api_key")
                 length = request.headers.get("content-length")
-                if length is not None and int(length) > max_body_bytes:
+                if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
                     status = 413
                     return _error(
                         413,
-                        f"request body of {length} bytes exceeds the limit of {max_body_bytes}",
+                        f"request body of {length!r} bytes is not a size up to the limit of {max_body_bytes}",
                         "invalid_request_error",
                         "request_too_large",
                     )
@@ -156,6 +158,23 @@ def create_app(
             "invalid_request_error",
             param=where,
         )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException):
+        # FastAPI's own refusals (an unreadable body, an unknown route) in the same shape as ours
+        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+        return _error(err.status_code, str(err.detail), kind)
+
+    @app.exception_handler(ValueError)
+    @app.exception_handler(TypeError)
+    async def bad_value(_: Request, err: Exception):
+        # the library's own checks (validation.py): they name the argument and what is allowed
+        return _error(400, str(err), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, err: Exception):
+        log.exception("internal error")
+        return _error(500, f"internal error: {type(err).__name__}", "server_error")
 
     @app.get("/health")
     async def health():
@@ -192,6 +211,11 @@ def create_app(
             )
 
     def _params(req: SamplingParams, max_tokens: int | None) -> dict[str, Any]:
+        """Generation arguments, checked now: a stream cannot turn into a 400 once it has started."""
+        validation.generation(
+            max_new_tokens=max_tokens or 1, temperature=req.temperature, top_p=req.top_p, seed=req.seed
+        )
+        validation.stops(req.stop)
         return {
             "max_new_tokens": max_tokens or min(1024, model.context_window),
             "temperature": req.temperature,

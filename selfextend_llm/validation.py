@@ -67,7 +67,16 @@ def stops(value: Any) -> list[str]:
     for item in value:
         if not isinstance(item, str):
             raise TypeError(f"stop strings must be str, got {type(item).__name__} {_show(item)} in stop")
+        _unicode("stop", item)
     return [s for s in value if s]
+
+
+def _unicode(name: str, text: str) -> None:
+    """Text must be encodable (no lone surrogates, which JSON escapes can carry but no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name} is not valid Unicode: {err.reason} at index {err.start}; send UTF-8 text") from None
 
 
 def _message(i: int, message: Any) -> None:
@@ -82,11 +91,14 @@ def _message(i: int, message: Any) -> None:
     if content is None and role == "assistant" and message.get("tool_calls"):
         return
     if isinstance(content, str):
+        _unicode(f"messages[{i}]['content']", content)
         return
     if isinstance(content, list) and all(
         isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
         for part in content
     ):
+        for part in content:
+            _unicode(f"messages[{i}]['content']", part["text"])
         return
     raise TypeError(
         f"messages[{i}]['content'] must be a string or a list of {{'type': 'text', 'text': ...}} parts, got "
@@ -99,6 +111,7 @@ def prompt(value: Any) -> None:
     if isinstance(value, str):
         if not value:
             raise ValueError("prompt is empty; give some text or at least one message")
+        _unicode("prompt", value)
         return
     if isinstance(value, (bytes, Mapping)) or not isinstance(value, Sequence):
         raise TypeError(
