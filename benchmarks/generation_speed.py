@@ -26,7 +26,10 @@ import selfextend_llm
 from selfextend_llm.tasks.passkey import passkey_prompt
 from selfextend_llm.tuning import choose_config
 
-SETTINGS = ("plain/dynamic", "selfextend/dynamic", "plain/static", "selfextend/static")
+SETTINGS = (
+    "plain/dynamic", "selfextend/dynamic", "plain/static", "selfextend/static", "plain/static-eager",
+    "selfextend/static-eager",
+)  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -51,7 +54,8 @@ def run_setting(se, ids: torch.Tensor, setting: str, new_tokens: int, skip_dynam
         config = choose_config(se.model_name, se.pretrained_context, n + new_tokens, None)
         config = config or selfextend_llm.SelfExtendConfig.for_target(se.pretrained_context, n + new_tokens)
         selfextend_llm.apply(lm, config)
-    se.fast.enabled, se.fast.failed = cache == "static", None
+    se.fast.enabled, se.fast.failed = cache.startswith("static"), None
+    se.fast.compile = cache == "static"
     base = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=se.tokenizer.pad_token_id)
 
     def generate(count: int) -> torch.Tensor:
@@ -81,7 +85,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1920, 7936])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS[:4]), choices=SETTINGS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     se = selfextend_llm.load(args.model, gguf_file=args.gguf_file, dtype=args.dtype, target_context=131072)
@@ -97,7 +101,7 @@ def main() -> None:
         for setting in args.settings:
             got[setting] = run_setting(se, ids, setting, args.new_tokens, skip_dynamic_steady=device.type == "cuda")
             r = got[setting]
-            twin = got.get(setting.replace("static", "dynamic"))
+            twin = got.get(setting.replace("static-eager", "dynamic").replace("static", "dynamic"))
             same = "" if twin is None or twin is r else f"{_agreement(r['tokens'], twin['tokens']):.2f}"
             ttft = "-" if r["ttft_s"] is None else f"{r['ttft_s']:.3f} s"
             print(
@@ -105,7 +109,7 @@ def main() -> None:
                 flush=True,
             )
         row = {"tokens": n, "settings": {k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in got.items()}}
-        for cache in ("dynamic", "static"):
+        for cache in ("dynamic", "static", "static-eager"):
             p, s = got.get(f"plain/{cache}"), got.get(f"selfextend/{cache}")
             if p and s:
                 row[f"decode_ratio_{cache}"] = s["decode_tok_s"] / p["decode_tok_s"]

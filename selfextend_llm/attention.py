@@ -98,12 +98,16 @@ def grouped_keys(
     layout: Layout,
     cache: GroupedKeyCache | None,
     query_start: int,
+    into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GroupedKeyCache]:
-    """Grouped-rotated keys ``[0, needed)``, reusing and extending ``cache`` where it applies."""
+    """Grouped-rotated keys ``[0, needed)``, reusing and extending ``cache`` where it applies.
+
+    ``into`` is storage to write into when starting afresh (a static cache's grouped mirror).
+    """
     if cache is not None and needed >= query_start and cache.continues(keys, query_start, offsets, group_size):
         start, buffer = query_start, cache.buffer
     else:
-        start, buffer = 0, None
+        start, buffer = 0, into
     pos = positions[:, start:needed]
     fresh = rotate(keys[:, :, start:needed], grouped_key_position(pos, group_size) - pos, inv_freq, layout)
     if buffer is None or buffer.shape[2] < needed:
@@ -220,6 +224,7 @@ def selfextend_attention(
     block_size: int = DEFAULT_BLOCK_SIZE,
     key_cache: GroupedKeyCache | None = None,
     backend: str = "auto",
+    grouped_buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GroupedKeyCache | None]:
     """SelfExtend attention of ``query`` (``b, h, q, d``) over cached ``key``/``value`` (``b, kv_h, n, d``).
 
@@ -227,6 +232,8 @@ def selfextend_attention(
     ``query_start`` is the cache index of the first query.  ``key_valid`` (``b, n``) marks real
     (non-padding) keys; ``full_mask`` (``b|1, 1, q, n``) is an arbitrary extra boolean mask.
     Returns the output (``b, h, q, d``) and the grouped-key cache to keep for the next step.
+    ``grouped_buffer`` (``b, kv_h, >= n, d``) receives the grouped keys when they are rotated
+    afresh: a static cache's mirror, kept slot for slot for the decode steps.
     """
     bsz, _, q_len, _ = query.shape
     n_keys = key.shape[2]
@@ -256,7 +263,7 @@ def selfextend_attention(
     # Keep grouped keys for every key the next step's queries may see grouped.
     cache_upto = min(n_keys, last_index + 1)
     kg, new_cache = (
-        grouped_keys(key, k_pos, offsets, cache_upto, G, inv_freq, layout, key_cache, query_start)
+        grouped_keys(key, k_pos, offsets, cache_upto, G, inv_freq, layout, key_cache, query_start, grouped_buffer)
         if cache_upto > 0
         else (key[:, :, :0], None)
     )

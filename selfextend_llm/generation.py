@@ -58,9 +58,12 @@ def compile_errors() -> tuple[type[BaseException], ...]:
 class FastGeneration:
     """Per-model state of the fast path: whether it is on, the cache kept, first-call timings."""
 
-    def __init__(self, model: torch.nn.Module, enabled: bool):
+    def __init__(self, model: torch.nn.Module, enabled: bool, compile: bool | None = None):
         self.model = model
         self.enabled = enabled
+        #: Compile the decode step (default: on CUDA).  On the CPU the static cache alone is what pays:
+        #: it ends the dynamic cache's copy of every layer's keys and values at every step.
+        self.compile = compile
         #: Why the fast path was turned off after a failure (None while it works).
         self.failed: str | None = None
         #: Seconds the first call of each ``(batch, bucket)`` took, compilation included.
@@ -95,6 +98,8 @@ class FastGeneration:
         else:
             with torch.inference_mode():  # generate makes the cache's tensors inference tensors
                 self._cache.reset()
+        if not (device.type == "cuda" if self.compile is None else self.compile):
+            return {self._cache_arg: self._cache}
         config = CompileConfig(fullgraph=True, dynamic=False)
         if device.type != "cuda":
             config._compile_all_devices = True  # transformers compiles only on accelerators by default

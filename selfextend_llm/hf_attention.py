@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from . import static_decode
-from .attention import DEFAULT_BLOCK_SIZE, GroupedKeyCache, key_positions, selfextend_attention
+from .attention import DEFAULT_BLOCK_SIZE, GroupedKeyCache, row_offsets, selfextend_attention
 from .config import SelfExtendConfig
 from .static_decode import StaticGroupedKeys, is_key_row, last_visible
 
@@ -273,26 +273,37 @@ def selfextend_attention_forward(
     # Slots past the sequence: a static cache.  (A full static cache looks dynamic and takes the
     # dynamic path, exactly, for its last step.)
     static = end < n_keys
+    continued = None
     if not static:
         state.static_keys = None
     else:
-        mirror = state.static_keys
         needs_mirror = _mirror_needed(state, query, softcap)
-        mirrored = (
-            mirror is not None
-            and mirror.owner == key.data_ptr()
-            and mirror.group_size == cfg.group_size
-            and mirror.keys.shape == key.shape
-        )
-        if q_len == 1 and (mirrored or not needs_mirror):
+        if q_len == 1 and not needs_mirror:  # the GPU kernel reads the static cache as it is
             step = _static_step(state, query, key, value, key_row, positions, scale, softcap)
             return step.transpose(1, 2), None
         state.key_cache = None  # the mirror replaces the dynamic grouped-key cache here
         if needs_mirror:
-            k_pos, _ = key_positions(positions.expand(query.shape[0], -1), query_start, end)
-            state.static_keys = static_decode.build_grouped(
-                key, k_pos, end, cfg.group_size, state.inv_freq, state.layout, mirror, query_start
+            # Eagerly (the CPU), the keys in use are a slice: the dynamic path runs on it, with the
+            # mirror as its grouped-key storage, so a step rotates only its own key and, unlike the
+            # dynamic cache, copies nothing.
+            mirror = state.static_keys
+            fresh = not (
+                mirror is not None
+                and mirror.owner == key.data_ptr()
+                and mirror.group_size == cfg.group_size
+                and mirror.keys.shape == key.shape
             )
+            if fresh:
+                mirror = static_decode.new_mirror(key, cfg.group_size)
+            elif query_start > 0:
+                continued = GroupedKeyCache(
+                    keys=mirror.keys[:, :, :query_start],
+                    last_raw_key=key[:, :, query_start - 1],
+                    offsets=row_offsets(positions.expand(query.shape[0], -1), query_start),
+                    group_size=cfg.group_size,
+                    buffer=mirror.keys,
+                )
+            state.static_keys = mirror
         key, value = key[:, :, :end], value[:, :, :end]
 
     out, new_cache = selfextend_attention(
@@ -311,8 +322,9 @@ def selfextend_attention_forward(
         softcap=softcap,
         log_scale_base=settings.pretrained_context if cfg.log_scale else None,
         block_size=settings.block_size,
-        key_cache=None if static else state.key_cache,
+        key_cache=continued if static else state.key_cache,
         backend=settings.backend,
+        grouped_buffer=None if state.static_keys is None else state.static_keys.keys,
     )
     if not static:
         state.key_cache = new_cache

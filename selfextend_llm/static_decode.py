@@ -103,38 +103,12 @@ class StaticGroupedKeys:
     group_size: int
 
 
-def build_grouped(
-    key: torch.Tensor,
-    positions: torch.Tensor,
-    end: int,
-    group_size: int,
-    inv_freq: torch.Tensor,
-    layout: Layout,
-    previous: StaticGroupedKeys | None,
-    start: int,
-) -> StaticGroupedKeys:
-    """Eager update of the grouped-key buffer for slots ``[start, end)`` (``positions``: ``b, end``).
-
-    Reuses ``previous`` when it mirrors the same static cache with the same grouping; otherwise
-    (a new cache, a new group size) rotates every slot ``[0, end)`` afresh.
-    """
-    reuse = (
-        previous is not None
-        and previous.owner == key.data_ptr()
-        and previous.group_size == group_size
-        and previous.keys.shape == key.shape
-        and previous.keys.dtype == key.dtype
-    )
-    if reuse:
-        buffer, first = previous.keys, start
-    else:
-        buffer, first = torch.zeros_like(key), 0
-        if not torch.compiler.is_compiling():
-            # a fixed address, like the static cache's own tensors: CUDA graphs replay in place
-            torch._dynamo.mark_static_address(buffer)
-    pos = positions[:, first:end]
-    shift = grouped_key_position(pos, group_size) - pos
-    buffer[:, :, first:end] = rotate(key[:, :, first:end], shift, inv_freq, layout)
+def new_mirror(key: torch.Tensor, group_size: int) -> StaticGroupedKeys:
+    """An empty grouped-key mirror of the static key tensor ``key`` (filled as slots are written)."""
+    buffer = torch.zeros_like(key)
+    if not torch.compiler.is_compiling():
+        # a fixed address, like the static cache's own tensors: CUDA graphs replay in place
+        torch._dynamo.mark_static_address(buffer)
     return StaticGroupedKeys(keys=buffer, owner=key.data_ptr(), group_size=group_size)
 
 
