@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from . import flex, split_prefill, triton_attention
-from .backends import NoFusedCausalKernel, attention_with_lse, merge_partials
+from .backends import NEG_INF, NoFusedCausalKernel, attention_with_lse, merge_partials
 from .rope import Layout, grouped_key_position, grouped_query_position, rotate
 
 #: Query rows per block. Small blocks keep the masked (window-edge) work small: on CPU at 8k tokens,
@@ -99,6 +99,7 @@ def grouped_keys(
     cache: GroupedKeyCache | None,
     query_start: int,
     into: torch.Tensor | None = None,
+    memo: dict | None = None,
 ) -> tuple[torch.Tensor, GroupedKeyCache]:
     """Grouped-rotated keys ``[0, needed)``, reusing and extending ``cache`` where it applies.
 
@@ -109,7 +110,8 @@ def grouped_keys(
     else:
         start, buffer = 0, into
     pos = positions[:, start:needed]
-    fresh = rotate(keys[:, :, start:needed], grouped_key_position(pos, group_size) - pos, inv_freq, layout)
+    shift = grouped_key_position(pos, group_size) - pos
+    fresh = rotate(keys[:, :, start:needed], shift, inv_freq, layout, memo, f"k{group_size}:{start}:{needed}")
     if buffer is None or buffer.shape[2] < needed:
         grown = torch.empty(
             (*keys.shape[:2], needed + max(256, needed // 8), keys.shape[3]), dtype=keys.dtype, device=keys.device
@@ -155,6 +157,37 @@ def region_mask(
         extra = full_mask[..., k0:k1]
         mask = extra if mask is None else mask & extra
     return mask
+
+
+def decode_explicit(
+    query: torch.Tensor,
+    grouped_query: torch.Tensor,
+    key: torch.Tensor,
+    grouped_key: torch.Tensor,
+    value: torch.Tensor,
+    boundary: int,
+    key_valid: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """One query per row (decoding) with explicit scores: one softmax, no merge.
+
+    Keys ``[0, boundary)`` are scored grouped, the rest plainly; the two score rows are joined and
+    the values read once.  For a single query the scores are tiny (``heads x n``), so this is
+    three matrix products and a softmax, where two fused kernels and an LSE merge cost the CPU
+    about twice the small-op overhead.  Query heads of a KV head are stacked as rows of one
+    product, so the cache is read once per KV head and never repeated.
+    """
+    bsz, heads, _, dim = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    rows = (bsz, kv_heads, heads // kv_heads, dim)
+    far = torch.matmul(grouped_query.reshape(rows), grouped_key[:, :, :boundary].transpose(-1, -2))
+    near = torch.matmul(query.reshape(rows), key[:, :, boundary:n].transpose(-1, -2))
+    scores = torch.cat((far, near), dim=-1).float() * scale
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid[:, None, None, :n], NEG_INF)
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row of padding only: zeros
+    out = torch.matmul(probs.to(value.dtype), value[:, :, :n])
+    return out.reshape(bsz, heads, 1, value.shape[-1])
 
 
 def _use_triton(
@@ -225,6 +258,7 @@ def selfextend_attention(
     key_cache: GroupedKeyCache | None = None,
     backend: str = "auto",
     grouped_buffer: torch.Tensor | None = None,
+    memo: dict | None = None,
 ) -> tuple[torch.Tensor, GroupedKeyCache | None]:
     """SelfExtend attention of ``query`` (``b, h, q, d``) over cached ``key``/``value`` (``b, kv_h, n, d``).
 
@@ -233,7 +267,9 @@ def selfextend_attention(
     (non-padding) keys; ``full_mask`` (``b|1, 1, q, n``) is an arbitrary extra boolean mask.
     Returns the output (``b, h, q, d``) and the grouped-key cache to keep for the next step.
     ``grouped_buffer`` (``b, kv_h, >= n, d``) receives the grouped keys when they are rotated
-    afresh: a static cache's mirror, kept slot for slot for the decode steps.
+    afresh: a static cache's mirror, kept slot for slot for the decode steps.  ``memo``: one dict
+    per forward pass, shared by its layers, for what depends on positions only (rotation tables,
+    log-scaling factors).
     """
     bsz, _, q_len, _ = query.shape
     n_keys = key.shape[2]
@@ -241,8 +277,14 @@ def selfextend_attention(
     if query_positions.shape[0] != bsz:
         query_positions = query_positions.expand(bsz, -1)
     if log_scale_base is not None:
-        factor = torch.clamp(torch.log(query_positions.double() + 1) / math.log(log_scale_base), min=1.0)
-        query = query * factor[:, None, :, None].to(query.dtype)
+        memo_key = ("log", log_scale_base, query.dtype, tuple(query_positions.shape))
+        factor = None if memo is None else memo.get(memo_key)
+        if factor is None:
+            factor = torch.clamp(torch.log(query_positions.double() + 1) / math.log(log_scale_base), min=1.0)
+            factor = factor[:, None, :, None].to(query.dtype)
+            if memo is not None:
+                memo[memo_key] = factor
+        query = query * factor
     if _use_triton(backend, query, inv_freq, layout, full_mask, softcap):
         offsets = row_offsets(query_positions, query_start)
         try:
@@ -263,11 +305,15 @@ def selfextend_attention(
     # Keep grouped keys for every key the next step's queries may see grouped.
     cache_upto = min(n_keys, last_index + 1)
     kg, new_cache = (
-        grouped_keys(key, k_pos, offsets, cache_upto, G, inv_freq, layout, key_cache, query_start, grouped_buffer)
+        grouped_keys(key, k_pos, offsets, cache_upto, G, inv_freq, layout, key_cache, query_start, grouped_buffer, memo)
         if cache_upto > 0
         else (key[:, :, :0], None)
     )
     gq_shift = grouped_query_position(query_positions, G, W) - query_positions
+
+    if q_len == 1 and backend == "auto" and full_mask is None and softcap is None and query.device.type == "cpu":
+        qg = rotate(query, gq_shift, inv_freq, layout, memo, f"q{G}:{W}")
+        return decode_explicit(query, qg, key, kg, value, grouped_needed, key_valid, scale), new_cache
 
     if (
         backend in ("auto", "flex")

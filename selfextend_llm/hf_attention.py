@@ -53,6 +53,16 @@ class RuntimeSettings:
     _row: torch.Tensor | None = field(default=None, repr=False)
     _row_view: tuple[int, torch.Tensor | None] = field(default=(0, None), repr=False)
 
+    _memo_for: torch.Tensor | None = field(default=None, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, positions: torch.Tensor) -> dict:
+        """One dict per forward pass (recognised by its ``position_ids`` tensor, which every layer
+        receives): position-only values computed by the first layer, reused by the others."""
+        if self._memo_for is not positions:
+            self._memo_for, self._memo = positions, {}
+        return self._memo
+
     def read_key_row(self, key_row: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """``(end, key_valid)`` of a key row: slots ``[0, end)`` hold the sequence so far;
         ``key_valid`` (``b, end``) marks real keys, None when none of them is padding."""
@@ -325,6 +335,7 @@ def selfextend_attention_forward(
         key_cache=continued if static else state.key_cache,
         backend=settings.backend,
         grouped_buffer=None if state.static_keys is None else state.static_keys.keys,
+        memo=settings.memo(positions) if kwargs.get("position_ids") is not None else None,
     )
     if not static:
         state.key_cache = new_cache

@@ -18,13 +18,20 @@ Layout = Literal["half", "interleaved"]
 
 
 def rotation_tables(
-    delta: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+    delta: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, memo: dict | None = None, name: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of ``delta * inv_freq``, shaped ``(*delta.shape, len(inv_freq))``.
 
     The angle is formed in float64: positions reach 1e5 and more, where a float32 product
-    would already be off by a few milliradians on the fastest channels.
+    would already be off by a few milliradians on the fastest channels.  ``memo`` (one dict per
+    forward pass, see ``hf_attention``) shares the tables between layers, which rotate by the
+    same positions: a decode step then builds them once instead of once per layer.
     """
+    if memo is not None:
+        key = (name, id(inv_freq), dtype, tuple(delta.shape))
+        if key not in memo:
+            memo[key] = rotation_tables(delta, inv_freq, dtype)
+        return memo[key]
     angle = delta.to(torch.float64)[..., None] * inv_freq.to(device=delta.device, dtype=torch.float64)
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
@@ -34,8 +41,12 @@ def rotate(
     delta: torch.Tensor,
     inv_freq: torch.Tensor,
     layout: Layout = "half",
+    memo: dict | None = None,
+    name: str = "",
 ) -> torch.Tensor:
     """Rotate ``x`` (``batch, heads, seq, head_dim``) by ``delta`` (``batch, seq``) positions.
+
+    ``memo``/``name``: reuse the tables computed for the same ``name`` in this forward pass.
 
     Only the first ``2 * len(inv_freq)`` channels rotate (partial rotary models leave the rest
     untouched).  ``layout`` is how the model pairs channels: ``"half"`` pairs ``i`` with
@@ -46,7 +57,7 @@ def rotate(
     if rot > x.shape[-1]:
         raise ValueError(f"rotary dim {rot} exceeds head dim {x.shape[-1]}")
     compute = torch.promote_types(x.dtype, torch.float32)
-    cos, sin = rotation_tables(delta, inv_freq, compute)
+    cos, sin = rotation_tables(delta, inv_freq, compute, memo, name)
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     xr = x[..., :rot].to(compute)
     if layout == "half":
