@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast-generation",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="decode over a static cache with compiled steps (default: on for CUDA, off on the CPU)",
+        help="decode over a static cache, compiled on a GPU (default: on)",
     )
     common.add_argument("--json", action="store_true", help="print JSON")
     sub = parser.add_subparsers(dest="command", required=True)

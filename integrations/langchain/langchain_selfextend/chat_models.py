@@ -69,7 +69,7 @@ class ChatSelfExtend(BaseChatModel):
     gguf_file: str | None = None
     device: str | None = None
     fast_generation: bool | None = None
-    """Decode over a static cache with compiled steps (default: on for CUDA, off on the CPU); False opts out."""
+    """Decode over a static cache (compiled steps on a GPU); on by default, False keeps the dynamic cache."""
     temperature: float = 0.0
     max_tokens: int = Field(default=256, alias="max_new_tokens")
     stop: list[str] | None = Field(default=None, alias="stop_sequences")

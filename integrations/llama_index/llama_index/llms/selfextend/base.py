@@ -54,7 +54,7 @@ class SelfExtendLLM(LLM):
     device: str | None = Field(default=None, description="Torch device; default cuda when available.")
     fast_generation: bool | None = Field(
         default=None,
-        description="Decode over a static cache with compiled steps (default: on for CUDA, off on the CPU).",
+        description="Decode over a static cache (compiled steps on a GPU); on by default, False opts out.",
     )
     temperature: float = Field(default=0.0, ge=0.0)
     max_new_tokens: int = Field(default=256, gt=0)
