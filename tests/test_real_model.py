@@ -168,6 +168,7 @@ def test_compile_failure_falls_back_without_losing_or_repeating_tokens(default_m
 
     monkeypatch.setattr(default_model.model, "generate", failing_generate)
     monkeypatch.setattr(default_model.fast, "enabled", True)
+    monkeypatch.setattr(default_model.fast, "compile", True)  # as on a GPU
     monkeypatch.setattr(default_model.fast, "failed", None)
     try:
         with pytest.warns(RuntimeWarning, match="falling back to the dynamic cache"):
