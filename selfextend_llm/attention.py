@@ -311,6 +311,23 @@ def selfextend_attention(
     )
     gq_shift = grouped_query_position(query_positions, G, W) - query_positions
 
+    if (
+        last_index < W
+        and query_start == 0
+        and key_valid is None
+        and full_mask is None
+        and softcap is None
+        and backend == "auto"
+        and q_len > 1
+    ):
+        # Every key is inside every query's window: exactly plain causal attention, in one fused call
+        # (short prompts on models whose tuned window covers them pay nothing for SelfExtend).
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key[:, :, :q_len], value[:, :, :q_len], is_causal=True, scale=scale,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )  # fmt: skip
+        return out, new_cache
+
     if q_len == 1 and backend == "auto" and full_mask is None and softcap is None and query.device.type == "cpu":
         qg = rotate(query, gq_shift, inv_freq, layout, memo, f"q{G}:{W}")
         return decode_explicit(query, qg, key, kg, value, grouped_needed, key_valid, scale), new_cache
