@@ -150,11 +150,17 @@ class SelfExtendModel:
         )
 
     # ----------------------------------------------------------------- prompts
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of any text, the empty string included (for splitters and token counters)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return list(self.tokenizer(text)["input_ids"])
+
     def encode(self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids of a prompt: raw text as is, chat messages through the model's chat template."""
         validation.prompt(prompt)
         if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt)["input_ids"])
+            ids = self.tokenize(prompt)
             if not ids:
                 raise ValueError(
                     f"prompt {prompt[:40]!r} encodes to no tokens with {self.model_name}'s tokenizer (it drops "

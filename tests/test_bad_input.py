@@ -242,3 +242,17 @@ def test_missing_extra_message_names_the_install():
     err = validation.missing_extra("fastapi", "server")
     assert isinstance(err, ImportError)
     assert str(err) == "fastapi is not installed; run: pip install 'selfextend-llm[server]'"
+
+
+def test_token_counters_take_any_text(default_model):
+    """Splitters and counters (LlamaIndex's Settings.tokenizer, LangChain's get_token_ids) count
+    empty strings as zero tokens; only a prompt must have text."""
+    from langchain_selfextend import ChatSelfExtend
+    from llama_index.llms.selfextend import SelfExtendLLM
+
+    assert default_model.tokenize("") == []
+    assert SelfExtendLLM(selfextend_model=default_model).tokenizer("") == []
+    assert ChatSelfExtend(client=default_model).get_num_tokens("") == 0
+    assert default_model.tokenize("Hello world") == default_model.encode("Hello world")
+    with pytest.raises(TypeError, match="text must be a str"):
+        default_model.tokenize(None)

@@ -141,7 +141,7 @@ class ChatSelfExtend(BaseChatModel):
 
     # ------------------------------------------------------------------ tokens
     def get_token_ids(self, text: str) -> list[int]:
-        return self.selfextend_model.encode(text)
+        return self.selfextend_model.tokenize(text)
 
     def get_num_tokens(self, text: str) -> int:
         return len(self.get_token_ids(text))

@@ -59,7 +59,7 @@ class SelfExtendLLM(BaseLLM):
         return {"model_name": self.selfextend_model.model_name, "temperature": self.temperature}
 
     def get_token_ids(self, text: str) -> list[int]:
-        return self.selfextend_model.encode(text)
+        return self.selfextend_model.tokenize(text)
 
     def _params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -97,8 +97,8 @@ class SelfExtendLLM(LLM):
 
     @property
     def tokenizer(self) -> Callable[[str], list[int]]:
-        """For ``Settings.tokenizer``: counts with the model's own tokenizer."""
-        return self._model.encode
+        """For ``Settings.tokenizer``: counts with the model's own tokenizer (any text, even empty)."""
+        return self._model.tokenize
 
     # ------------------------------------------------------------------ helpers
     def _params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
