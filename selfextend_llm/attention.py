@@ -24,7 +24,6 @@ and other layouts.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ import torch
 
 from . import flex, split_prefill, triton_attention
 from .backends import NEG_INF, NoFusedCausalKernel, attention_with_lse, merge_partials
-from .rope import Layout, grouped_key_position, grouped_query_position, rotate
+from .rope import Layout, grouped_key_position, grouped_query_position, log_scale_factor, rotate
 
 #: Query rows per block. Small blocks keep the masked (window-edge) work small: on CPU at 8k tokens,
 #: 128 rows cost 1.28x plain SDPA against 1.51x for 1024 (see BENCHMARKS.md).
@@ -280,8 +279,7 @@ def selfextend_attention(
         memo_key = ("log", log_scale_base, query.dtype, tuple(query_positions.shape))
         factor = None if memo is None else memo.get(memo_key)
         if factor is None:
-            factor = torch.clamp(torch.log(query_positions.double() + 1) / math.log(log_scale_base), min=1.0)
-            factor = factor[:, None, :, None].to(query.dtype)
+            factor = log_scale_factor(query_positions, log_scale_base, query.dtype)
             if memo is not None:
                 memo[memo_key] = factor
         query = query * factor
@@ -309,8 +307,6 @@ def selfextend_attention(
         if cache_upto > 0
         else (key[:, :, :0], None)
     )
-    gq_shift = grouped_query_position(query_positions, G, W) - query_positions
-
     if (
         last_index < W
         and query_start == 0
@@ -327,6 +323,8 @@ def selfextend_attention(
             enable_gqa=query.shape[1] != key.shape[1],
         )  # fmt: skip
         return out, new_cache
+
+    gq_shift = grouped_query_position(query_positions, G, W) - query_positions
 
     if q_len == 1 and backend == "auto" and full_mask is None and softcap is None and query.device.type == "cpu":
         qg = rotate(query, gq_shift, inv_freq, layout, memo, f"q{G}:{W}")

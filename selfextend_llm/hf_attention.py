@@ -29,7 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from . import static_decode
 from .attention import DEFAULT_BLOCK_SIZE, GroupedKeyCache, row_offsets, selfextend_attention
 from .config import SelfExtendConfig
-from .static_decode import StaticGroupedKeys, is_key_row, last_visible
+from .static_decode import StaticGroupedKeys, is_key_row, last_visible, sequence_end
 
 if TYPE_CHECKING:
     from .rope import Layout
@@ -68,7 +68,7 @@ class RuntimeSettings:
         ``key_valid`` (``b, end``) marks real keys, None when none of them is padding."""
         if self._row is not key_row:
             visible = key_row[:, 0, 0, :]
-            end = int(last_visible(key_row).max()) + 1
+            end = sequence_end(key_row)
             valid = visible[:, :end]
             self._row, self._row_view = key_row, (end, None if bool(valid.all()) else valid)
         return self._row_view
@@ -158,7 +158,7 @@ def dense_causal(key_row: torch.Tensor | None, q_len: int, n_keys: int, device: 
         return key_row
     end = n_keys
     if key_row is not None:
-        end = int(last_visible(key_row).max()) + 1
+        end = sequence_end(key_row)
         if end == n_keys and bool(key_row.all()):
             key_row = None
     if key_row is None and end == n_keys:

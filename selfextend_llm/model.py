@@ -221,9 +221,7 @@ class SelfExtendModel:
     def _gen_kwargs(
         self, max_new_tokens: int, temperature: float, top_p: float | None, seed: int | None, **extra: Any
     ) -> dict[str, Any]:
-        max_new_tokens, temperature, top_p, seed = validation.generation(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
-        )
+        # the arguments were checked by _prepare, before any work
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature >= MIN_SAMPLING_TEMPERATURE:
             kwargs.update(do_sample=True, temperature=temperature)
@@ -516,8 +514,6 @@ def load(
                 f"target_context={target_context} needs SelfExtend: the plain model is trained on {trained} tokens"
             )
         return SelfExtendModel(lm, tok, config=None, context_window=trained, name=name, fast_generation=fast_generation)
-    if neighbor_window is not None:  # an explicit window the model cannot take is an error, not another window
-        SelfExtendConfig(1, neighbor_window).validate_for(trained)
     fixed = group_size is not None
     target = target_context or 4 * trained
     if fixed:

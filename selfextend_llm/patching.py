@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import hf_attention
+from . import hf_attention, validation
 from .config import SelfExtendConfig, check_reach
 from .hf_attention import LayerState, RuntimeSettings
 
@@ -149,10 +149,7 @@ def apply(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if target_context is not None and (isinstance(target_context, bool) or not isinstance(target_context, int)):
-        raise TypeError(f"target_context must be an int, got {target_context!r}")
-    if target_context is not None and target_context < 1:
-        raise ValueError(f"target_context must be >= 1, got {target_context}")
+    validation.optional_integer("target_context", target_context, minimum=1)
     check_supported(model)
     trained = pretrained_context(model)
     if config is None:

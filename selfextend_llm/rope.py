@@ -10,6 +10,7 @@ states and is neither stripped nor applied twice.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -72,6 +73,13 @@ def rotate(
     if rot == x.shape[-1]:
         return out
     return torch.cat((out, x[..., rot:]), dim=-1)
+
+
+def log_scale_factor(positions: torch.Tensor, base: int, dtype: torch.dtype) -> torch.Tensor:
+    """SelfExtend's optional query scaling ``max(1, log(pos + 1) / log(base))``, shaped to
+    multiply ``(batch, heads, seq, dim)`` queries at ``positions`` (``batch, seq``)."""
+    factor = torch.clamp(torch.log(positions.double() + 1) / math.log(base), min=1.0)
+    return factor[:, None, :, None].to(dtype)
 
 
 def grouped_query_position(pos: torch.Tensor, group_size: int, neighbor_window: int) -> torch.Tensor:

@@ -375,14 +375,19 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _uvicorn():
+    try:
+        import uvicorn
+    except ModuleNotFoundError as err:  # the optional [server] extra
+        raise missing_extra("uvicorn", "server") from err
+    return uvicorn
+
+
 class BackgroundServer:
     """Run the app with uvicorn in a thread (tests, notebooks); ``with BackgroundServer(app) as url: ...``."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-        try:
-            import uvicorn
-        except ModuleNotFoundError as err:
-            raise missing_extra("uvicorn", "server") from err
+        uvicorn = _uvicorn()
 
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(self.config)
@@ -403,10 +408,7 @@ class BackgroundServer:
 
 def serve(model: SelfExtendModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
     """Serve until interrupted; uvicorn finishes in-flight requests on SIGINT/SIGTERM."""
-    try:
-        import uvicorn
-    except ModuleNotFoundError as err:
-        raise missing_extra("uvicorn", "server") from err
+    uvicorn = _uvicorn()
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     uvicorn.run(

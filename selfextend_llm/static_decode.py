@@ -26,14 +26,13 @@ Keys past the current length are never visible: the key row hides them in both p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from . import triton_attention
 from .backends import attention_with_lse, merge_partials
-from .rope import Layout, grouped_key_position, grouped_query_position, rotate
+from .rope import Layout, grouped_key_position, grouped_query_position, log_scale_factor, rotate
 
 
 @torch.library.custom_op("selfextend::static_decode", mutates_args=())
@@ -90,6 +89,11 @@ def last_visible(key_row: torch.Tensor) -> torch.Tensor:
     return torch.where(key_row[:, 0, 0, :], slots, -1).amax(dim=-1)
 
 
+def sequence_end(key_row: torch.Tensor) -> int:
+    """Slots ``[0, end)`` hold the sequence so far (eager only: reading it is a host sync)."""
+    return int(last_visible(key_row).max()) + 1
+
+
 @dataclass
 class StaticGroupedKeys:
     """Keys rotated to grouped positions, one slot per static-cache slot, for one layer.
@@ -114,10 +118,7 @@ def new_mirror(key: torch.Tensor, group_size: int) -> StaticGroupedKeys:
 
 def log_scale(query: torch.Tensor, positions: torch.Tensor, base: int | None) -> torch.Tensor:
     """Scale queries by ``max(1, log(pos + 1) / log(base))`` (SelfExtend's optional log scaling)."""
-    if base is None:
-        return query
-    factor = torch.clamp(torch.log(positions.double() + 1) / math.log(base), min=1.0)
-    return query * factor[:, None, :, None].to(query.dtype)
+    return query if base is None else query * log_scale_factor(positions, base, query.dtype)
 
 
 def decode_step(
