@@ -180,3 +180,25 @@ def test_cuda_graph_decode_has_no_host_sync():
             torch.cuda.set_sync_debug_mode("default")
     err = (torch.cat(steps, 1).double() - full).abs().max().item()
     assert err < 2e-4, err
+
+
+def test_log_scaled_steps_share_per_forward_tables_exactly():
+    """Log-scaled queries (factor > 1 past the 64-token trained window) with the per-forward
+    tables shared by the layers: step-by-step decoding, on both caches, equals one full forward."""
+    model = tiny_model("llama")
+    se.apply(model, se.SelfExtendConfig(4, 12, log_scale=True))
+    ids = torch.randint(0, 97, (1, SEQ))
+    errors = []
+    with torch.no_grad():
+        full = model(ids).logits.double()
+        for cache in (None, StaticCache(config=model.config, max_cache_len=256)):
+            out = model(ids[:, :100], past_key_values=cache, use_cache=True)
+            cache, steps = out.past_key_values, [out.logits]
+            for t in range(100, SEQ):
+                steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            errors.append((torch.cat(steps, 1).double() - full).abs().max().item())
+    assert max(errors) < 2e-4, errors
+    se.apply(model, se.SelfExtendConfig(4, 12))  # the factor really mattered, far beyond the rounding
+    with torch.no_grad():
+        effect = (model(ids).logits.double() - full).abs().max().item()
+    assert effect > 2e-4 and effect > 20 * max(errors), (effect, errors)
