@@ -51,7 +51,7 @@ def run_setting(se, ids: torch.Tensor, setting: str, new_tokens: int, skip_dynam
     n = ids.shape[1]
     selfextend_llm.remove(lm)
     if method == "selfextend":
-        config = choose_config(se.model_name, se.pretrained_context, n + new_tokens, None)
+        config = choose_config(se.model_name, se.pretrained_context, n + new_tokens)
         config = config or selfextend_llm.SelfExtendConfig.for_target(se.pretrained_context, n + new_tokens)
         selfextend_llm.apply(lm, config)
     se.fast.enabled, se.fast.failed = cache.startswith("static"), None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from selfextend_llm.static_decode import decode_step
+from selfextend_llm.kernels.static_decode import decode_step
 
 SHAPES = ((9, 3, 64), (32, 8, 128))  # (query heads, KV heads, head dim): SmolLM2-135M, Llama-3-8B-like
 

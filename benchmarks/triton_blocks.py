@@ -5,7 +5,7 @@
     python benchmarks/triton_blocks.py --kernel decode --tokens 65536
 
 Prints the median time of each configuration next to plain SDPA (decode: GPU time from CUDA
-graphs).  The defaults in ``selfextend_llm.triton_attention`` (``_prefill_blocks``, the
+graphs).  The defaults in ``selfextend_llm.kernels.triton.utils`` (``_prefill_blocks``, the
 arguments of ``decode``) come from these sweeps.
 """
 
@@ -17,8 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from selfextend_llm import split_prefill
-from selfextend_llm import triton_attention as ta
+from selfextend_llm.kernels import triton as tk
 from selfextend_llm.rope import rotate
 
 
@@ -50,7 +49,7 @@ def sweep_decode(q, k, v, inv, d) -> None:
     settings += [dict(block_n=b) for b in (32, 128)] + [dict(num_warps=8)]
     settings += [dict(programs_per_sm=8, blocks_per_split=b) for b in (1, 2)]
     for extra in settings:
-        ms = graph_timed(lambda extra=extra: ta.decode(q1, k, v, **base, **extra), 9) * 1e3
+        ms = graph_timed(lambda extra=extra: tk.decode(q1, k, v, **base, **extra), 9) * 1e3
         print(f"{extra or 'defaults'}: {ms * 1e3:.1f} us ({ms / plain:.2f}x)", flush=True)
 
 
@@ -73,12 +72,12 @@ def main() -> None:
     if args.kernel == "decode":
         return sweep_decode(q, k, v, inv, d)
     off = torch.zeros(1, dtype=torch.int32, device="cuda")
-    kg = ta.rotate_keys_to_groups(k, off, 4, inv)
+    kg = tk.rotate_keys_to_groups(k, off, 4, inv)
     common = dict(offsets=off, group_size=4, neighbor_window=1024, inv_freq=inv, scale=d**-0.5)
     if args.kernel == "split":
-        kernel = lambda **blocks: split_prefill.prefill_split(q, k, v, **common, **blocks)  # noqa: E731
+        kernel = lambda **blocks: tk.prefill_split(q, k, v, **common, **blocks)  # noqa: E731
     else:
-        kernel = lambda **blocks: ta.prefill(q, k, v, kg, query_start=0, **common, **blocks)  # noqa: E731
+        kernel = lambda **blocks: tk.prefill(q, k, v, kg, query_start=0, **common, **blocks)  # noqa: E731
     results = []
     for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
         if bm * bn * d > 128 * 64 * 128 or (bm == 64 and warps == 8):

@@ -5,7 +5,7 @@ ready :class:`SelfExtendModel` (the embedded SmolLM2 default when no model is na
 """
 
 from .config import SelfExtendConfig
-from .patching import UnsupportedModelError, apply, clear_cache, is_applied, remove
+from .hf.apply import UnsupportedModelError, apply, clear_cache, is_applied, remove
 
 __version__ = "0.1.0"
 

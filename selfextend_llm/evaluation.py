@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import patching
 from .config import SelfExtendConfig
+from .hf import apply as hf_apply
 from .model import SelfExtendModel
 from .tasks.needle import needle_prompt
 from .tasks.passkey import passkey_prompt
@@ -57,13 +57,13 @@ def _rotary(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Modu
 def using(se: SelfExtendModel, method: Method, length: int, factor: float = 4.0) -> Iterator[None]:
     """Run ``se.model`` as ``method`` inside the block, for prompts of about ``length`` tokens."""
     lm, trained = se.model, se.pretrained_context
-    previous = patching.settings_of(lm).config if patching.is_applied(lm) else None
-    patching.remove(lm)
+    previous = hf_apply.settings_of(lm).config if hf_apply.is_applied(lm) else None
+    hf_apply.remove(lm)
     swapped = None
     try:
         if method.name in ("dynamic-ntk", "yarn"):
             parent, attr, rotary = _rotary(lm)
-            cfg = copy.deepcopy(patching.text_config(lm))
+            cfg = copy.deepcopy(hf_apply.text_config(lm))
             theta = cfg.rope_parameters.get("rope_theta", 10000.0)
             if method.name == "dynamic-ntk":
                 cfg.rope_parameters = {"rope_type": "dynamic", "factor": factor, "rope_theta": theta}
@@ -78,18 +78,18 @@ def using(se: SelfExtendModel, method: Method, length: int, factor: float = 4.0)
             setattr(parent, attr, new)
             swapped = (parent, attr, rotary)
         elif method.name == "selfextend":
-            chosen = choose_config(se.model_name, trained, length, None)
+            chosen = choose_config(se.model_name, trained, length)
             if chosen is not None:
-                patching.apply(lm, chosen)
+                hf_apply.apply(lm, chosen)
         elif method.config is not None:
-            patching.apply(lm, method.config)
+            hf_apply.apply(lm, method.config)
         yield
     finally:
         if swapped is not None:
             setattr(swapped[0], swapped[1], swapped[2])
-        patching.remove(lm)
+        hf_apply.remove(lm)
         if previous is not None:
-            patching.apply(lm, previous)
+            hf_apply.apply(lm, previous)
 
 
 def generate_raw(se: SelfExtendModel, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
@@ -104,8 +104,8 @@ def generate_raw(se: SelfExtendModel, prompts: Sequence[str], max_new_tokens: in
             do_sample=False,
             pad_token_id=se.tokenizer.pad_token_id,
         )
-    if patching.is_applied(se.model):
-        patching.clear_cache(se.model)
+    if hf_apply.is_applied(se.model):
+        hf_apply.clear_cache(se.model)
     return [se.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
 
 

@@ -3,7 +3,7 @@
 ``model.generate`` decodes one token per forward.  Eagerly, that forward is hundreds of small
 kernel launches and Python calls, whatever the attention costs; with a static cache
 transformers compiles it (``torch.compile``, CUDA graphs on a GPU) and the step becomes a replay.
-SelfExtend's decode step is tensor-only (:mod:`static_decode`), so it compiles with the rest.
+SelfExtend's decode step is tensor-only (:mod:`.kernels.static_decode`), so it compiles with the rest.
 
 Compiled graphs are specialised to the cache's shape.  Caches are therefore sized in buckets
 (four per doubling, so at most 25% of the slots are spare) and the cache object of the last

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from transformers import TextIteratorStreamer
 
-from . import patching, validation
-from .config import SelfExtendConfig, check_reach
+from . import tuning, validation
+from .attention import Backend, check_backend
+from .config import SelfExtendConfig
 from .generation import FastGeneration, compile_errors
+from .hf import apply as hf_apply
 from .loading import DEFAULT_NAME, load_pretrained
-from .stopping import emittable, find_stop, normalize_stops
-from .tuning import choose_config
+from .stopping import StopScan, find_stop, normalize_stops, visible_pieces
 
 Prompt = str | Sequence[Mapping[str, Any]]
 
@@ -49,6 +50,18 @@ class StreamChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+@dataclass
+class _Call:
+    """One call, prepared: prompts encoded and padded, generation arguments checked."""
+
+    encoded: list[list[int]]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    max_new: int
+    stops: list[str]
+    kwargs: dict[str, Any]
 
 
 class ContextWindowExceededError(ValueError):
@@ -94,14 +107,22 @@ class SelfExtendModel:
         name: str = "model",
         adaptive: bool = False,
         fast_generation: bool | None = None,
+        neighbor_window: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.pretrained_context = patching.pretrained_context(model)
+        self.pretrained_context = hf_apply.pretrained_context(model)
         self.context_window = context_window
         self.model_name = name
         self.adaptive = adaptive
+        #: How each call's grouping is chosen (:mod:`selfextend_llm.tuning`); an explicit
+        #: ``neighbor_window`` is kept by every call.
+        self.plan = (
+            None
+            if config is None
+            else tuning.Plan(config, context_window, adaptive, name, self.pretrained_context, neighbor_window)
+        )
         if fast_generation is None:
             # Measured faster on both (BENCHMARKS.md): on a GPU the static cache with compiled steps
             # (10-13x), on the CPU the static cache alone (1.3-1.6x: no per-step copy of the cache;
@@ -207,13 +228,10 @@ class SelfExtendModel:
 
     # ----------------------------------------------------------------- generation
     def _configure_for(self, total_tokens: int) -> None:
-        if not self.self_extend:
+        if self.plan is None:
             return
-        settings = patching.settings_of(self.model)
-        if not self.adaptive:
-            settings.config, settings.bypass = self.config, False
-            return
-        chosen = choose_config(self.model_name, self.pretrained_context, total_tokens, self.config)
+        settings = hf_apply.settings_of(self.model)
+        chosen = self.plan.config_for(total_tokens)
         settings.bypass = chosen is None
         if chosen is not None:
             settings.config = chosen
@@ -282,7 +300,7 @@ class SelfExtendModel:
             except compile_errors() as err:
                 self.fast.disable(err)
                 if self.self_extend:
-                    patching.clear_cache(self.model, keep_static=self.fast.active)
+                    hf_apply.clear_cache(self.model, keep_static=self.fast.active)
             if streamer is not None and streamer.generated:
                 done = torch.tensor([streamer.generated], dtype=ids.dtype, device=ids.device)
                 streamer.next_tokens_are_prompt = True  # the resumed call's input is not news
@@ -292,6 +310,35 @@ class SelfExtendModel:
                     streamer.end()
                     return ids
         return self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **kwargs, **extra)
+
+    def _start(
+        self,
+        prompts: Sequence[Prompt],
+        max_new_tokens: int,
+        stop: str | Sequence[str] | None,
+        temperature: float,
+        top_p: float | None,
+        seed: int | None,
+        tools: Sequence[Mapping[str, Any]] | None,
+        generate_kwargs: dict[str, Any],
+    ) -> _Call:
+        """Everything a call needs, checked and encoded before any work (and before taking the lock)."""
+        stops = normalize_stops(stop)
+        encoded, max_new = self._prepare(prompts, max_new_tokens, tools, temperature, top_p, seed)
+        ids, mask = self._batch_tensors(encoded)
+        kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
+        return _Call(encoded, ids, mask, max_new, stops, kwargs)
+
+    def _run(self, call: _Call, criteria: _StopCriteria, streamer: _RecordingStreamer | None = None) -> torch.Tensor:
+        """Generate for a prepared call (the caller holds the lock): grouping for its length, then the
+        generation, then the per-call grouped-key caches dropped whatever happened."""
+        self._configure_for(call.ids.shape[1] + call.max_new)
+        try:
+            with torch.inference_mode():
+                return self._generate(call.ids, call.mask, call.max_new, criteria, call.kwargs, streamer)
+        finally:
+            if self.self_extend:
+                hf_apply.clear_cache(self.model, keep_static=self.fast.active)
 
     def complete_batch(
         self,
@@ -306,27 +353,17 @@ class SelfExtendModel:
         **generate_kwargs: Any,
     ) -> list[Completion]:
         """Generate for several prompts in one left-padded batch."""
-        stops = normalize_stops(stop)
-        encoded, max_new = self._prepare(prompts, max_new_tokens, tools, temperature, top_p, seed)
-        ids, mask = self._batch_tensors(encoded)
+        call = self._start(prompts, max_new_tokens, stop, temperature, top_p, seed, tools, generate_kwargs)
         with self._lock:
-            self._configure_for(ids.shape[1] + max_new)
-            criteria = _StopCriteria(self.tokenizer, stops, ids.shape[1], threading.Event())
-            kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
-            try:
-                with torch.inference_mode():
-                    out = self._generate(ids, mask, max_new, criteria, kwargs)
-            finally:
-                if self.self_extend:
-                    patching.clear_cache(self.model, keep_static=self.fast.active)
+            out = self._run(call, _StopCriteria(self.tokenizer, call.stops, call.ids.shape[1], threading.Event()))
         results = []
-        for row, e in enumerate(encoded):
-            new = self._until_eos(out[row, ids.shape[1] :].tolist())
+        for row, e in enumerate(call.encoded):
+            new = self._until_eos(out[row, call.ids.shape[1] :].tolist())
             text = self.tokenizer.decode(new, skip_special_tokens=True)
-            cut = find_stop(text, stops)
+            cut = find_stop(text, call.stops)
             if cut is not None:
                 text = text[:cut]
-            reason = "stop" if cut is not None or len(new) < max_new else "length"
+            reason = "stop" if cut is not None or len(new) < call.max_new else "length"
             results.append(Completion(text, len(e), len(new), reason))
         return results
 
@@ -361,62 +398,39 @@ class SelfExtendModel:
 
         Generation runs in a worker thread; closing the iterator early cancels it.
         """
-        stops = normalize_stops(stop)
-        encoded, max_new = self._prepare([prompt], max_new_tokens, tools, temperature, top_p, seed)
-        ids, mask = self._batch_tensors(encoded)
-        kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
+        call = self._start([prompt], max_new_tokens, stop, temperature, top_p, seed, tools, generate_kwargs)
         cancel = threading.Event()
         streamer = _RecordingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
-        criteria = _StopCriteria(self.tokenizer, stops, ids.shape[1], cancel)
+        criteria = _StopCriteria(self.tokenizer, call.stops, call.ids.shape[1], cancel)
         result: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                with torch.inference_mode():
-                    out = self._generate(ids, mask, max_new, criteria, kwargs, streamer)
-                result["new"] = out[0, ids.shape[1] :].tolist()
+                result["new"] = self._run(call, criteria, streamer)[0, call.ids.shape[1] :].tolist()
             except BaseException as err:  # surface errors in the consumer
                 result["error"] = err
                 streamer.end()
-            finally:
-                if self.self_extend:
-                    patching.clear_cache(self.model, keep_static=self.fast.active)
 
         self._lock.acquire()
         worker = None
         exhausted = False  # the streamer's end signal was consumed
         try:
-            self._configure_for(ids.shape[1] + max_new)
             worker = threading.Thread(target=work, daemon=True)
             worker.start()
-            text, shown, stopped = "", 0, False
-            for piece in streamer:
-                text += piece
-                cut = find_stop(text, stops)
-                if cut is not None:
-                    if cut > shown:
-                        yield StreamChunk(text[shown:cut])
-                    shown, stopped = cut, True
-                    break
-                upto = emittable(text, stops)
-                if upto > shown:
-                    yield StreamChunk(text[shown:upto])
-                    shown = upto
-            else:
-                exhausted = True
-            if not exhausted:  # stopped on a stop string: cancel and let the worker finish
+            scan = StopScan()
+            for piece in visible_pieces(streamer, call.stops, scan):
+                yield StreamChunk(piece)
+            if scan.stopped:  # stopped on a stop string: cancel and let the worker finish
                 cancel.set()
                 for _ in streamer:
                     pass
-                exhausted = True
+            exhausted = True
             worker.join()
             if "error" in result:
                 raise result["error"]
-            if not stopped and len(text) > shown:
-                yield StreamChunk(text[shown:])
             n_new = len(self._until_eos(result.get("new", [])))
-            reason = "stop" if stopped or n_new < max_new else "length"
-            yield StreamChunk("", finish_reason=reason, prompt_tokens=len(encoded[0]), completion_tokens=n_new)
+            reason = "stop" if scan.stopped or n_new < call.max_new else "length"
+            yield StreamChunk("", finish_reason=reason, prompt_tokens=len(call.encoded[0]), completion_tokens=n_new)
         finally:
             cancel.set()
             if worker is not None:
@@ -480,7 +494,7 @@ def load(
     self_extend: bool = True,
     device_map: str | dict | None = None,
     tp_plan: str | None = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
     fast_generation: bool | None = None,
 ) -> SelfExtendModel:
     """Load a model (the embedded SmolLM2 default when ``model`` is None) with SelfExtend applied.
@@ -495,8 +509,7 @@ def load(
     * ``fast_generation``: decode over a static cache sized in buckets (on a GPU with compiled
       steps and CUDA graphs); on by default.  ``False`` keeps the dynamic-cache path.
     """
-    if backend not in patching.BACKENDS:  # before the (slow) load
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(patching.BACKENDS)}")
+    check_backend(backend)  # before the (slow) load
     validation.optional_integer("target_context", target_context, minimum=1)
     validation.optional_integer("group_size", group_size, minimum=1)
     validation.optional_integer("neighbor_window", neighbor_window, minimum=1)
@@ -507,36 +520,21 @@ def load(
     lm, tok, name = load_pretrained(
         model, gguf_file=gguf_file, device=device, dtype=dtype, device_map=device_map, tp_plan=tp_plan
     )
-    trained = patching.pretrained_context(lm)
+    trained = hf_apply.pretrained_context(lm)
     if not self_extend:
         if target_context is not None and target_context > trained:
             raise ValueError(
                 f"target_context={target_context} needs SelfExtend: the plain model is trained on {trained} tokens"
             )
         return SelfExtendModel(lm, tok, config=None, context_window=trained, name=name, fast_generation=fast_generation)
-    fixed = group_size is not None
-    target = target_context or 4 * trained
-    if fixed:
-        config = SelfExtendConfig(
-            group_size, neighbor_window or SelfExtendConfig.for_target(trained, target).neighbor_window
-        )
-        reach = config.max_context(trained)
-        if target_context is not None and target_context > reach:
-            raise ValueError(
-                f"target_context={target_context} exceeds what G={config.group_size}, W={config.neighbor_window} reach "
-                f"on a {trained}-token model ({reach} tokens); raise group_size or drop it to let SelfExtend choose"
-            )
-        window = target_context or reach
-    else:
-        check_reach(trained, target, neighbor_window)
-        config = choose_config(name, trained, target, None, neighbor_window=neighbor_window) or SelfExtendConfig(
-            1, neighbor_window or min(trained // 2, 1024)
-        )
-        window = max(target, trained)
-    patching.apply(lm, config, backend=backend)
-    return SelfExtendModel(
-        lm, tok, config=config, context_window=window, name=name, adaptive=not fixed, fast_generation=fast_generation
+    plan = tuning.plan(
+        name, trained, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window
     )
+    hf_apply.apply(lm, plan.config, backend=backend)
+    return SelfExtendModel(
+        lm, tok, config=plan.config, context_window=plan.context_window, name=name, adaptive=plan.adaptive,
+        fast_generation=fast_generation, neighbor_window=plan.neighbor_window,
+    )  # fmt: skip
 
 
 __all__ = [

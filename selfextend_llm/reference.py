@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import repeat_kv
+from .kernels.lse import repeat_kv
 from .rope import Layout, grouped_key_position, grouped_query_position, rotate
 
 

@@ -25,7 +25,7 @@ def rotation_tables(
 
     The angle is formed in float64: positions reach 1e5 and more, where a float32 product
     would already be off by a few milliradians on the fastest channels.  ``memo`` (one dict per
-    forward pass, see ``hf_attention``) shares the tables between layers, which rotate by the
+    forward pass, see :mod:`.hf.attention`) shares the tables between layers, which rotate by the
     same positions: a decode step then builds them once instead of once per layer.
     """
     if memo is not None:
@@ -80,6 +80,21 @@ def log_scale_factor(positions: torch.Tensor, base: int, dtype: torch.dtype) -> 
     multiply ``(batch, heads, seq, dim)`` queries at ``positions`` (``batch, seq``)."""
     factor = torch.clamp(torch.log(positions.double() + 1) / math.log(base), min=1.0)
     return factor[:, None, :, None].to(dtype)
+
+
+def log_scale(query: torch.Tensor, positions: torch.Tensor, base: int | None, memo: dict | None = None) -> torch.Tensor:
+    """Queries scaled by :func:`log_scale_factor` (unchanged when ``base`` is None: scaling off).
+
+    ``memo``: the factors are shared by the layers of one forward pass, like the rotation tables.
+    """
+    if base is None:
+        return query
+    if memo is None:
+        return query * log_scale_factor(positions, base, query.dtype)
+    key = ("log", base, query.dtype, tuple(positions.shape))
+    if key not in memo:
+        memo[key] = log_scale_factor(positions, base, query.dtype)
+    return query * memo[key]
 
 
 def grouped_query_position(pos: torch.Tensor, group_size: int, neighbor_window: int) -> torch.Tensor:

@@ -94,7 +94,7 @@ def test_sampling_numbers_are_checked(default_model, top_p, seed):
     ],
 )
 def test_what_a_new_user_tried_gets_a_clear_error(default_model, call, error, words):
-    settings = selfextend_llm.patching.settings_of(default_model.model)
+    settings = selfextend_llm.hf.apply.settings_of(default_model.model)
     before = settings.calls
     with pytest.raises(error, match=re.escape(words)):
         call(default_model)
@@ -127,7 +127,7 @@ def test_framework_classes_refuse_a_window_the_model_cannot_take():
 
 
 def test_apply_refuses_unreachable_targets():
-    from tests.conftest import tiny_model
+    from tests.helpers import tiny_model
 
     model = tiny_model("llama")  # trained on 64 tokens
     with pytest.raises(ValueError, match="largest group size accepted is 64"):

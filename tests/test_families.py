@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import selfextend_llm as se
-from tests.conftest import FAMILIES, TRAINED, tiny_model
+from tests.helpers import FAMILIES, TRAINED, tiny_model
 
 SEQ = 150  # > 2x the tiny trained window
 
@@ -140,6 +140,6 @@ def test_remove_restores_plain(family):
 
 def test_trained_window_reported():
     model = tiny_model("llama")
-    from selfextend_llm.patching import pretrained_context
+    from selfextend_llm.hf.apply import pretrained_context
 
     assert pretrained_context(model) == TRAINED

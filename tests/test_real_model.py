@@ -129,7 +129,7 @@ def static_cache_model(default_model, monkeypatch):
 def test_static_cache_gives_the_dynamic_tokens_past_the_trained_window(default_model, static_cache_model):
     """A fixed G=4, W=512 makes a 2.5k-token prompt group; fp32 tokens are the dynamic cache's."""
     prompt = passkey_prompt(2_500, depth=0.3, seed=4, count_tokens=default_model.count_tokens).text
-    settings = selfextend_llm.patching.settings_of(default_model.model)
+    settings = selfextend_llm.hf.apply.settings_of(default_model.model)
     adaptive, default_model.adaptive = default_model.adaptive, False
     config, default_model.config = default_model.config, selfextend_llm.SelfExtendConfig(4, 512)
     try:

@@ -8,11 +8,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CompileConfig, StaticCache
 
 import selfextend_llm as se
-from selfextend_llm import static_decode
 from selfextend_llm.generation import cache_bucket
+from selfextend_llm.kernels import static_decode
 from selfextend_llm.reference import reference_selfextend
 from selfextend_llm.rope import grouped_key_position
-from tests.conftest import FAMILIES, tiny_model
+from tests.helpers import FAMILIES, tiny_model
 
 SEQ = 150
 

@@ -11,13 +11,12 @@ import torch
 import transformers
 
 import selfextend_llm as se
-from selfextend_llm import split_prefill as sp
-from selfextend_llm import triton_attention as ta
+from selfextend_llm.kernels import triton as tk
 from selfextend_llm.reference import reference_selfextend
 from selfextend_llm.rope import rotate
 
 DEVICE = torch.get_default_device()
-pytestmark = pytest.mark.skipif(not ta.available(DEVICE), reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.skipif(not tk.available(DEVICE), reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
 ON_GPU = DEVICE.type == "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16] if ON_GPU else [torch.float32]
 TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -71,7 +70,7 @@ def _check(out, q, k, v, inv, q_pos, k_pos, G, W, padded, dtype):
 )
 def test_prefill_matches_formula(b, h, kvh, n, q_len, d, G, W, pads, dtype):
     q, k, v, inv, off, q_pos, k_pos = _inputs(b, h, kvh, n, q_len, d, dtype, pads)
-    out = ta.prefill(
+    out = tk.prefill(
         q, k, v, offsets=off, query_start=n - q_len, group_size=G, neighbor_window=W, inv_freq=inv,
         scale=d**-0.5, key_valid=(k_pos >= 0) if any(pads) else None,
     )  # fmt: skip
@@ -94,7 +93,7 @@ def test_prefill_matches_formula(b, h, kvh, n, q_len, d, G, W, pads, dtype):
 def test_split_prefill_matches_formula(b, h, kvh, n, d, G, W, start, dtype):
     """Grouped part through the fused causal SDPA kernel, neighbor band in Triton, merged in-kernel."""
     q, k, v, inv, off, q_pos, k_pos = _inputs(b, h, kvh, n, n, d, dtype, [-s for s in start])
-    out = sp.prefill_split(q, k, v, offsets=off, group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5)
+    out = tk.prefill_split(q, k, v, offsets=off, group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5)
     _check(out, q, k, v, inv, q_pos, k_pos, G, W, False, dtype)
 
 
@@ -107,12 +106,12 @@ def test_rotation_kernel_matches_rope_rotate():
     off = torch.tensor([0, 5], device=DEVICE)
     pos = 40 + torch.arange(70, device=DEVICE)[None] - off[:, None]  # rows start at cache index 40
     for queries, target in ((False, grouped_key_position(pos, 3)), (True, grouped_query_position(pos, 3, 8))):
-        got = ta.rotate_to_groups(x, off, index0=40, group_size=3, neighbor_window=8, inv_freq=inv, queries=queries)
+        got = tk.rotate_to_groups(x, off, index0=40, group_size=3, neighbor_window=8, inv_freq=inv, queries=queries)
         assert torch.allclose(got, rotate(x, target - pos, inv), atol=1e-5)
     # queries and keys (fewer heads, other cache indices) in one launch, as the split prefill does
     k = torch.randn(2, 1, 70, 32, device=DEVICE)
     k_pos = torch.arange(70, device=DEVICE)[None] - off[:, None]
-    got_q, got_k = ta.rotate_to_groups(
+    got_q, got_k = tk.rotate_to_groups(
         x, off, index0=40, group_size=3, neighbor_window=8, inv_freq=inv, queries=True, keys=k, keys_index0=0
     )
     assert torch.allclose(got_q, rotate(x, grouped_query_position(pos, 3, 8) - pos, inv), atol=1e-5)
@@ -132,7 +131,7 @@ def test_rotation_kernel_matches_rope_rotate():
 def test_decode_matches_formula(b, h, kvh, n, d, G, W, pads, dtype):
     q, k, v, inv, off, q_pos, k_pos = _inputs(b, h, kvh, n, 1, d, dtype, pads)
     for splits in (None, 1, 3):
-        out = ta.decode(
+        out = tk.decode(
             q, k, v, offsets=off, group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5,
             key_valid=(k_pos >= 0) if any(pads) else None, splits=splits,
         )  # fmt: skip
@@ -144,7 +143,7 @@ def test_static_cache_decode_reads_lengths_from_a_tensor(dtype):
     """A static cache: 300 slots, rows ending at different slots, garbage past each row's end.
     With ``lengths`` the kernel equals decoding the row's own keys; the custom op (what compiled
     steps call) gives the same."""
-    from selfextend_llm.static_decode import triton_static_decode
+    from selfextend_llm.kernels.static_decode import triton_static_decode
 
     b, h, kvh, n, d, G, W = 2, 6, 2, 300, 32, 3, 20
     ends, pads = [170, 233], [0, 41]
@@ -157,10 +156,10 @@ def test_static_cache_decode_reads_lengths_from_a_tensor(dtype):
     offsets = torch.tensor(pads, device=DEVICE)
     valid = (slots[None] < lengths[:, None]) & (slots[None] >= offsets[:, None])
     args = dict(offsets=offsets, group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5)
-    out = ta.decode(q, k, v, key_valid=valid, lengths=lengths, splits=4, **args)
+    out = tk.decode(q, k, v, key_valid=valid, lengths=lengths, splits=4, **args)
     op = triton_static_decode(q, k, v, offsets, lengths, valid, inv, G, W, d**-0.5)
     for row, end in enumerate(ends):
-        alone = ta.decode(
+        alone = tk.decode(
             q[row : row + 1], k[row : row + 1, :, :end], v[row : row + 1, :, :end], offsets=offsets[row : row + 1],
             group_size=G, neighbor_window=W, inv_freq=inv, scale=d**-0.5, key_valid=valid[row : row + 1, :end],
         )  # fmt: skip
@@ -169,20 +168,20 @@ def test_static_cache_decode_reads_lengths_from_a_tensor(dtype):
 
 
 def test_unsupported_shapes_are_refused_or_fall_back():
-    assert not ta.supports(64, 32, "half", torch.float32)  # partial rotary
-    assert not ta.supports(64, 64, "interleaved", torch.float32)
-    assert not ta.supports(80, 80, "half", torch.float32)
+    assert not tk.supports(64, 32, "half", torch.float32)  # partial rotary
+    assert not tk.supports(64, 64, "interleaved", torch.float32)
+    assert not tk.supports(80, 80, "half", torch.float32)
     q = torch.randn(1, 2, 8, 64).transpose(-1, -2)  # head dim not contiguous
     with pytest.raises(ValueError, match="contiguous"):
-        ta.prefill(q, q, q, offsets=torch.zeros(1), query_start=0, group_size=2, neighbor_window=4,
+        tk.prefill(q, q, q, offsets=torch.zeros(1), query_start=0, group_size=2, neighbor_window=4,
                    inv_freq=torch.ones(4), scale=1.0)  # fmt: skip
     q, k, v, inv, off, q_pos, _ = _inputs(1, 3, 2, 40, 40, 32, torch.float32, [0])
     args = dict(offsets=off, query_start=0, group_size=2, neighbor_window=4, inv_freq=inv, scale=1.0)
     with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
-        ta.prefill(q, k, v, **args)
+        tk.prefill(q, k, v, **args)
     q, k, v, inv, off, q_pos, _ = _inputs(1, 4, 2, 40, 40, 32, torch.float32, [0])
     with pytest.raises(ValueError, match="do not match keys"):
-        ta.prefill(q, k, v, k[:, :, :30], **args)
+        tk.prefill(q, k, v, k[:, :, :30], **args)
 
 
 def test_forcing_the_triton_backend_where_it_cannot_run_says_what_to_change():
@@ -241,33 +240,34 @@ def test_kernel_that_does_not_fit_falls_back_with_a_warning(monkeypatch):
     q, k, v, inv, off, q_pos, _ = _inputs(1, 4, 2, 150, 150, 32, torch.float32, [0])
 
     def too_big(*args, **kwargs):
-        raise ta.OutOfResources(300000, 232448, "shared memory")
+        raise tk.OutOfResources(300000, 232448, "shared memory")
 
     def as_on_a_gpu(backend, query, inv_freq, layout, full_mask, softcap):
-        return ta.supports(query.shape[-1], 2 * inv_freq.shape[-1], layout, query.dtype)
+        return tk.supports(query.shape[-1], 2 * inv_freq.shape[-1], layout, query.dtype)
 
-    monkeypatch.setattr(attention, "_use_triton", as_on_a_gpu)
-    monkeypatch.setattr(ta, "prefill", too_big)
-    monkeypatch.setattr(sp, "prefill_split", too_big)
-    monkeypatch.setattr(ta, "_DISABLED", set())
+    monkeypatch.setattr(attention, "_triton_fits", as_on_a_gpu)
+    monkeypatch.setattr(tk, "prefill", too_big)
+    monkeypatch.setattr(tk, "prefill_split", too_big)
+    monkeypatch.setattr(tk, "DISABLED", set())
     kwargs = dict(query_positions=q_pos, query_start=0, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
     with pytest.warns(UserWarning, match="do not fit"):
         out, _ = attention.selfextend_attention(q, k, v, **kwargs)
     expected, _ = attention.selfextend_attention(q, k, v, backend="math", **kwargs)
     assert torch.allclose(out, expected, atol=1e-5)
-    assert not ta.supports(32, 32, "half", torch.float32)  # remembered: no second failing launch
+    assert not tk.supports(32, 32, "half", torch.float32)  # remembered: no second failing launch
 
 
 def test_split_prefill_without_a_fused_causal_kernel_takes_the_one_pass_kernel(monkeypatch):
     """Where neither cuDNN nor FlashAttention-2 runs and explicit scores would be too big, the split
     prefill steps aside for the one-pass kernel instead of building an n x n matrix."""
-    from selfextend_llm import attention, backends
+    from selfextend_llm import attention
+    from selfextend_llm.kernels import lse
 
     q, k, v, inv, off, q_pos, _ = _inputs(1, 4, 2, 150, 150, 32, torch.float32, [0])
     kwargs = dict(query_positions=q_pos, query_start=0, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
     expected, _ = attention.selfextend_attention(q, k, v, backend="math", **kwargs)
-    monkeypatch.setattr(backends, "MATH_FALLBACK_BYTES", 0)
-    with pytest.raises(backends.NoFusedCausalKernel, match="too large"):
-        sp.prefill_split(q, k, v, offsets=off, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
+    monkeypatch.setattr(lse, "MATH_FALLBACK_BYTES", 0)
+    with pytest.raises(lse.NoFusedCausalKernel, match="too large"):
+        tk.prefill_split(q, k, v, offsets=off, group_size=3, neighbor_window=20, inv_freq=inv, scale=0.2)
     out, _ = attention.selfextend_attention(q, k, v, backend="split", **kwargs)
     assert torch.allclose(out, expected, atol=1e-5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfextend_llm import SelfExtendModel, load_shared
+from selfextend_llm.streaming import iterate_in_thread
 
 from ._messages import parse_tool_calls, to_chat_dicts
 
@@ -267,35 +267,11 @@ class ChatSelfExtend(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-        end = object()
-
-        def produce() -> None:
-            iterator = self._stream(messages, stop=stop, **kwargs)
-            try:
-                for chunk in iterator:
-                    if cancelled.is_set():
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except BaseException as err:  # hand the error to the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, err)
-            finally:
-                iterator.close()
-                loop.call_soon_threadsafe(queue.put_nowait, end)
-
-        worker = loop.run_in_executor(None, produce)
-        try:
-            while (item := await queue.get()) is not end:
-                if isinstance(item, BaseException):
-                    raise item
-                if run_manager and item.message.content:
-                    await run_manager.on_llm_new_token(item.message.content, chunk=item)
-                yield item
-        finally:
-            cancelled.set()
-            await worker
+        # The whole stream runs in one worker thread; leaving early cancels the generation.
+        async for chunk in iterate_in_thread(self._stream(messages, stop=stop, **kwargs)):
+            if run_manager and chunk.message.content:
+                await run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
+            yield chunk
 
     # ------------------------------------------------------------------ tools and structured output
     def bind_tools(

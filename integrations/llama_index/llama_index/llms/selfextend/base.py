@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.llm import LLM
 
 from selfextend_llm import SelfExtendModel, load_shared
+from selfextend_llm.streaming import iterate_in_thread
 
 
 def _to_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
@@ -191,42 +191,8 @@ class SelfExtendLLM(LLM):
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        return _athread(self.stream_complete(prompt, formatted, **kwargs))
+        return iterate_in_thread(self.stream_complete(prompt, formatted, **kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        return _athread(self.stream_chat(messages, **kwargs))
-
-
-async def _athread(sync_gen):
-    """Drive a blocking generator in one worker thread, yielding its items without blocking the loop.
-
-    The whole generator runs in a single thread: handing each ``next`` to the shared executor could
-    starve it while other calls wait there on the model's lock.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    end = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in sync_gen:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-                if stop.is_set():
-                    break
-        except BaseException as err:
-            loop.call_soon_threadsafe(queue.put_nowait, err)
-        finally:
-            sync_gen.close()
-            loop.call_soon_threadsafe(queue.put_nowait, end)
-
-    worker = threading.Thread(target=produce, daemon=True)
-    worker.start()
-    try:
-        while (item := await queue.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+        return iterate_in_thread(self.stream_chat(messages, **kwargs))

@@ -11,7 +11,7 @@ sequence so far (``None`` when that is every slot and nothing is padding).  Self
 causality from distances itself, so the ``n x n`` mask is never built for full-attention layers.
 A key row is a plain 4-D tensor, so transformers passes it through untouched (static caches
 build masks before the forward), and it is data rather than Python state, so a decode step over a
-static cache compiles (:mod:`static_decode`).  For one query it is exactly the mask SDPA would
+static cache compiles (:mod:`..kernels.static_decode`).  For one query it is exactly the mask SDPA would
 get.  Layers that need another mask (sliding windows, image tokens) get the regular SDPA mask.
 """
 
@@ -26,13 +26,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from . import static_decode
-from .attention import DEFAULT_BLOCK_SIZE, GroupedKeyCache, row_offsets, selfextend_attention
-from .config import SelfExtendConfig
-from .static_decode import StaticGroupedKeys, is_key_row, last_visible, sequence_end
+from ..attention import DEFAULT_BLOCK_SIZE, Backend, GroupedKeyCache, selfextend_attention
+from ..config import SelfExtendConfig
+from ..kernels import static_decode
+from ..kernels.blocks import row_offsets
+from ..kernels.static_decode import StaticGroupedKeys, is_key_row, last_visible, sequence_end
 
 if TYPE_CHECKING:
-    from .rope import Layout
+    from ..rope import Layout
 
 ATTN_NAME = "selfextend"
 
@@ -44,7 +45,7 @@ class RuntimeSettings:
     config: SelfExtendConfig
     pretrained_context: int
     block_size: int = DEFAULT_BLOCK_SIZE
-    backend: str = "auto"
+    backend: Backend = "auto"
     #: When True, layers run plain SDPA (used for prompts that fit the trained window with G=1).
     bypass: bool = False
     calls: int = 0
@@ -168,7 +169,7 @@ def dense_causal(key_row: torch.Tensor | None, q_len: int, n_keys: int, device: 
     return mask if key_row is None else mask & key_row.to(device)
 
 
-def _plain(module, query, key, value, attention_mask, **kwargs):
+def plain_attention(module, query, key, value, attention_mask, **kwargs):
     """Plain attention for layers SelfExtend leaves alone: SDPA, or the model's own eager code
     where SDPA cannot follow (logit softcapping in Gemma 2)."""
     q_len, n = query.shape[2], key.shape[2]
@@ -247,7 +248,7 @@ def selfextend_attention_forward(
     """
     state: LayerState | None = getattr(module, "_selfextend", None)
     if state is None or state.settings.bypass:
-        return _plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return plain_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     settings, cfg = state.settings, state.settings.config
     q_len, n_keys = query.shape[2], key.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

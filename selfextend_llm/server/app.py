@@ -1,8 +1,8 @@
-"""An OpenAI-compatible HTTP server over one :class:`SelfExtendModel`.
+"""The OpenAI-compatible HTTP handlers over one :class:`SelfExtendModel` (wire format: :mod:`.protocol`).
 
 Any OpenAI client (any language) switches to a local SelfExtend model by changing its base URL.
-Requests queue on the model's lock rather than failing; a client that disconnects mid-stream
-stops its generation and frees the model; errors come back in the OpenAI error shape.
+Requests queue on the model rather than failing; a client that disconnects mid-stream stops its
+generation and frees the model; errors come back in the OpenAI error shape.
 """
 
 from __future__ import annotations
@@ -10,21 +10,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
-from . import validation
-from .model import ContextWindowExceededError, SelfExtendModel
-from .validation import missing_extra
+from .. import validation
+from ..model import ContextWindowExceededError, SelfExtendModel, StreamChunk
+from ..streaming import iterate_in_thread
+from ..validation import missing_extra
+from .protocol import ChatRequest, CompletionRequest, Responder, SamplingParams, error_body
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
 except ModuleNotFoundError as err:  # the optional [server] extra
     raise missing_extra("fastapi", "server") from err
@@ -35,6 +35,8 @@ DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes; about 2M tokens of text, far past a
 
 
 class APIError(Exception):
+    """A refusal with its HTTP status, in OpenAI's error shape."""
+
     def __init__(
         self,
         status: int,
@@ -48,39 +50,7 @@ class APIError(Exception):
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status
-    )
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class SamplingParams(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-
-
-class ChatRequest(SamplingParams):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
-
-
-class CompletionRequest(SamplingParams):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)
+    return JSONResponse(error_body(message, type_, code, param), status_code=status)
 
 
 def _content(content: str | list[dict[str, Any]] | None) -> str:
@@ -236,29 +206,28 @@ def create_app(
     # a worker thread (threads blocked on the model's lock could starve the stream that holds it).
     gate = asyncio.Lock()
 
-    async def _run(fn, *args, **kwargs):
-        async with gate:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+    async def _answer(prompt: Any, params: dict[str, Any], respond: Responder, stream: bool, request: Request):
+        """The whole response, or an SSE stream of it; chat and text completions alike."""
+        if not stream:
+            async with gate:
+                done = await asyncio.to_thread(model.complete, prompt, **params)
+            return respond.whole(done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens)
+        start = lambda: model.stream_chunks(prompt, **params)  # noqa: E731
+        return StreamingResponse(_sse(request, start, respond), media_type="text/event-stream")
 
-    async def _stream(request: Request, start: Any, make: Any, final: Any) -> AsyncIterator[bytes]:
+    async def _sse(
+        request: Request, start: Callable[[], Iterator[StreamChunk]], respond: Responder
+    ) -> AsyncIterator[bytes]:
         """SSE from a blocking chunk iterator; a disconnect closes it, which cancels generation."""
-        loop = asyncio.get_running_loop()
-        end = object()
         async with gate:
-            chunks = start()
-            try:
-                while True:
-                    chunk = await loop.run_in_executor(None, next, chunks, end)
-                    if chunk is end:
-                        break
-                    if await request.is_disconnected():
-                        break
-                    for payload in (make(chunk), final(chunk)):
-                        if payload is not None:
-                            yield f"data: {json.dumps(payload)}\n\n".encode()
+            async for chunk in iterate_in_thread(start()):
+                if await request.is_disconnected():
+                    break
+                counts = (chunk.prompt_tokens, chunk.completion_tokens)
+                for payload in respond.chunk(chunk.text, chunk.finish_reason, *counts):
+                    yield f"data: {json.dumps(payload)}\n\n".encode()
+            else:
                 yield b"data: [DONE]\n\n"
-            finally:
-                await loop.run_in_executor(None, chunks.close)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -281,40 +250,7 @@ def create_app(
         params = _params(req, req.max_completion_tokens or req.max_tokens)
         if req.tools:
             params["tools"] = [t.get("function", t) if t.get("type") == "function" else t for t in req.tools]
-        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if not req.stream:
-            done = await _run(model.complete, messages, **params)
-            return {
-                "id": cid,
-                "object": "chat.completion",
-                "created": now,
-                "model": name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": done.text},
-                        "finish_reason": done.finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": _usage(done.prompt_tokens, done.completion_tokens),
-            }
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-        base = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": name}
-        first = {"sent": False}
-
-        def make(c):
-            delta: dict[str, Any] = {"content": c.text} if c.text else {}
-            if not first["sent"]:
-                delta["role"], first["sent"] = "assistant", True
-            if c.finish_reason is None and not delta:
-                return None
-            return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": c.finish_reason}]}
-
-        final = _usage_chunk(base, include_usage)
-
-        start = lambda: model.stream_chunks(messages, **params)
-        return StreamingResponse(_stream(request, start, make, final), media_type="text/event-stream")
+        return await _answer(messages, params, Responder("chat", name, req.include_usage), req.stream, request)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -322,95 +258,8 @@ def create_app(
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "send one prompt per request", param="prompt")
-        prompt = prompts[0]
-        _check_fits(prompt)
+        _check_fits(prompts[0])
         params = _params(req, req.max_tokens)
-        cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if not req.stream:
-            done = await _run(model.complete, prompt, **params)
-            return {
-                "id": cid,
-                "object": "text_completion",
-                "created": now,
-                "model": name,
-                "choices": [{"index": 0, "text": done.text, "finish_reason": done.finish_reason, "logprobs": None}],
-                "usage": _usage(done.prompt_tokens, done.completion_tokens),
-            }
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-        base = {"id": cid, "object": "text_completion", "created": now, "model": name}
-
-        def make(c):
-            if not c.text and c.finish_reason is None:
-                return None
-            return {
-                **base,
-                "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}],
-            }
-
-        final = _usage_chunk(base, include_usage)
-
-        return StreamingResponse(
-            _stream(request, lambda: model.stream_chunks(prompt, **params), make, final), media_type="text/event-stream"
-        )
+        return await _answer(prompts[0], params, Responder("text", name, req.include_usage), req.stream, request)
 
     return app
-
-
-def _usage_chunk(base: dict[str, Any], include_usage: bool):
-    """The closing usage chunk of a stream (``stream_options.include_usage``), emitted with the last piece."""
-
-    def final(chunk) -> dict[str, Any] | None:
-        if chunk.finish_reason is None or not include_usage:
-            return None
-        return {**base, "choices": [], "usage": _usage(chunk.prompt_tokens, chunk.completion_tokens)}
-
-    return final
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _uvicorn():
-    try:
-        import uvicorn
-    except ModuleNotFoundError as err:  # the optional [server] extra
-        raise missing_extra("uvicorn", "server") from err
-    return uvicorn
-
-
-class BackgroundServer:
-    """Run the app with uvicorn in a thread (tests, notebooks); ``with BackgroundServer(app) as url: ...``."""
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-        uvicorn = _uvicorn()
-
-        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        sock = self.server.servers[0].sockets[0]
-        host, port = sock.getsockname()[:2]
-        return f"http://{host}:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def serve(model: SelfExtendModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
-    """Serve until interrupted; uvicorn finishes in-flight requests on SIGINT/SIGTERM."""
-    uvicorn = _uvicorn()
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    uvicorn.run(
-        create_app(model, api_key=api_key), host=host, port=port, log_level="info", timeout_graceful_shutdown=30
-    )

@@ -56,7 +56,7 @@ def flex_selfextend(
     scale: float,
 ) -> torch.Tensor:
     """SelfExtend attention for one prefill chunk; all keys up to the last query are visible causally."""
-    from .backends import merge_partials
+    from .lse import merge_partials
 
     flex, create_block_mask = _kernels()
     bsz, _, q_len, _ = query.shape

@@ -12,9 +12,11 @@ import warnings
 
 import torch
 
-from . import hf_attention, validation
-from .config import SelfExtendConfig, check_reach
-from .hf_attention import LayerState, RuntimeSettings
+from .. import tuning, validation
+from ..attention import Backend, check_backend
+from ..config import SelfExtendConfig
+from . import attention as hf_attention
+from .attention import LayerState, RuntimeSettings
 
 #: RoPE variants whose frequencies are fixed for a forward pass, so extra rotations compose.
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "longrope", "proportional"}
@@ -124,16 +126,12 @@ def _freq_source(rotaries: list[tuple[torch.nn.Module, list[str]]], layer_type: 
     raise UnsupportedModelError(f"no rotary frequencies found for {layer_type} layers")
 
 
-#: What ``apply(..., backend=...)`` accepts.
-BACKENDS = ("auto", "split", "triton", "flex", "math", "cpu_flash", "cuda_efficient")
-
-
 def apply(
     model: torch.nn.Module,
     config: SelfExtendConfig | None = None,
     *,
     target_context: int | None = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
 ) -> torch.nn.Module:
     """Enable SelfExtend on ``model`` in place and return it.
 
@@ -147,23 +145,13 @@ def apply(
     ``"flex"`` the flex_attention path, ``"math"``/``"cpu_flash"``/``"cuda_efficient"`` the
     block path on that kernel.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     validation.optional_integer("target_context", target_context, minimum=1)
+    if config is not None and not isinstance(config, SelfExtendConfig):
+        raise TypeError(f"config must be a SelfExtendConfig, got {type(config).__name__}")
     check_supported(model)
     trained = pretrained_context(model)
-    if config is None:
-        check_reach(trained, target_context or 4 * trained)
-        config = SelfExtendConfig.for_target(trained, target_context or 4 * trained)
-    elif not isinstance(config, SelfExtendConfig):
-        raise TypeError(f"config must be a SelfExtendConfig, got {type(config).__name__}")
-    config.validate_for(trained)
-    if target_context is not None and target_context > config.max_context(trained):
-        raise ValueError(
-            f"target_context={target_context} is beyond what G={config.group_size}, W={config.neighbor_window} "
-            f"can reach on a model trained on {trained} tokens ({config.max_context(trained)}); raise group_size "
-            f"or omit config to let SelfExtend choose"
-        )
+    config = tuning.plan(None, trained, target_context=target_context, config=config, adaptive=False).config
     if is_applied(model):
         remove(model)
     cfg = text_config(model)

@@ -2,13 +2,13 @@
 
 transformers' static cache keeps ``max_cache_len`` key slots per layer, zeros past the current
 length, and hands the attention every slot.  Where the queries stand is then data, not shape:
-the mask function (:func:`hf_attention.selfextend_mask`) describes it as a *key row*, a boolean
+the mask function (:func:`selfextend_llm.hf.attention.selfextend_mask`) describes it as a *key row*, a boolean
 ``(b, 1, 1, n)`` tensor that is True for every slot that holds a real key of the sequence so far.
 Everything here reads positions from tensors, so a decode step has no host sync, no
 data-dependent Python branch and fixed shapes: ``torch.compile(fullgraph=True)`` and CUDA graphs
 capture it.
 
-On a GPU the step is the split-K Triton decode kernel (:func:`triton_attention.decode`, grouped
+On a GPU the step is the split-K Triton decode kernel (:func:`.triton.decode`, grouped
 keys rotated in registers), told each row's length by a tensor and registered as the opaque
 custom op ``selfextend::static_decode`` so that the compiler keeps it whole.  Elsewhere (the CPU,
 softcapping, other RoPE layouts) grouped keys are kept in a buffer of the static cache's shape
@@ -27,12 +27,13 @@ Keys past the current length are never visible: the key row hides them in both p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 
-from . import triton_attention
-from .backends import attention_with_lse, merge_partials
-from .rope import Layout, grouped_key_position, grouped_query_position, log_scale_factor, rotate
+from ..rope import Layout, grouped_key_position, grouped_query_position, log_scale, rotate
+from . import triton as triton_kernels
+from .lse import Kernel, attention_with_lse, merge_partials
 
 
 @torch.library.custom_op("selfextend::static_decode", mutates_args=())
@@ -49,7 +50,7 @@ def triton_static_decode(
     scale: float,
 ) -> torch.Tensor:
     """The Triton split-K decode kernel over a static cache, as one opaque op for the compiler."""
-    return triton_attention.decode(
+    return triton_kernels.decode(
         query, key, value, offsets=offsets, group_size=group_size, neighbor_window=neighbor_window,
         inv_freq=inv_freq, scale=scale, key_valid=key_valid, lengths=lengths,
     )  # fmt: skip
@@ -69,8 +70,8 @@ def triton_decodes(
         and softcap is None
         and query.device.type == "cuda"
         and not query.requires_grad
-        and triton_attention.available(query.device)
-        and triton_attention.supports(query.shape[-1], 2 * inv_freq.shape[-1], layout, query.dtype)
+        and triton_kernels.available(query.device)
+        and triton_kernels.supports(query.shape[-1], 2 * inv_freq.shape[-1], layout, query.dtype)
     )
 
 
@@ -114,11 +115,6 @@ def new_mirror(key: torch.Tensor, group_size: int) -> StaticGroupedKeys:
         # a fixed address, like the static cache's own tensors: CUDA graphs replay in place
         torch._dynamo.mark_static_address(buffer)
     return StaticGroupedKeys(keys=buffer, owner=key.data_ptr(), group_size=group_size)
-
-
-def log_scale(query: torch.Tensor, positions: torch.Tensor, base: int | None) -> torch.Tensor:
-    """Scale queries by ``max(1, log(pos + 1) / log(base))`` (SelfExtend's optional log scaling)."""
-    return query if base is None else query * log_scale_factor(positions, base, query.dtype)
 
 
 def decode_step(
@@ -170,8 +166,8 @@ def decode_step(
     visible = key_row[:, 0, 0, :]  # (b, n)
     slots = torch.arange(n, device=key.device)
     far = visible & (slots[None, :] <= (slot - neighbor_window)[:, None])
-    backend = "math" if softcap is not None else "auto" if backend in ("triton", "split", "flex") else backend
-    grouped_part = attention_with_lse(grouped_query, grouped, value, far[:, None, None, :], scale, softcap, backend)
+    kernel: Kernel = "math" if softcap is not None else backend if backend in get_args(Kernel) else "auto"
+    grouped_part = attention_with_lse(grouped_query, grouped, value, far[:, None, None, :], scale, softcap, kernel)
 
     near_slots = slot[:, None] - (W - 1) + torch.arange(W, device=key.device)  # (b, W), oldest first
     in_cache = near_slots >= 0
@@ -179,6 +175,6 @@ def decode_step(
     near_mask = in_cache & visible.gather(1, near_slots)
     take = near_slots[:, None, :, None].expand(bsz, kv_heads, W, dim)
     near_part = attention_with_lse(
-        query, key.gather(2, take), value.gather(2, take), near_mask[:, None, None, :], scale, softcap, backend
+        query, key.gather(2, take), value.gather(2, take), near_mask[:, None, None, :], scale, softcap, kernel
     )
     return merge_partials([grouped_part, near_part], query.dtype)

@@ -8,7 +8,13 @@ backend, as in transformers' ``integrations/sdpa_attention.py``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+#: The per-block kernels: ``"auto"`` picks the fused one for the device (and ``"math"`` for
+#: softcapping or gradients); the others force one, for tests and comparisons.
+Kernel = Literal["auto", "math", "cpu_flash", "cuda_efficient"]
 
 NEG_INF = float("-inf")
 
@@ -156,13 +162,13 @@ def attention_with_lse(
     mask: torch.Tensor | None,
     scale: float,
     softcap: float | None = None,
-    backend: str = "auto",
+    kernel: Kernel = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and row LSE for one query block, on the best kernel for the device.
 
     ``mask`` is boolean, broadcastable to ``(batch, 1, q, k)``, True where a key is visible.
     Rows with no visible key come back with LSE ``-inf`` and output 0, so they drop out of the
-    merge.  ``backend`` is ``"auto"``, ``"math"``, ``"cpu_flash"`` or ``"cuda_efficient"``.
+    merge.  ``kernel`` is one of :data:`Kernel`.
     """
     if k.shape[2] == 0:
         shape = q.shape[:3]
@@ -173,26 +179,26 @@ def attention_with_lse(
         # kernel needs the cache repeated per query head.
         b, h, _, d = q.shape
         packed = q.reshape(b, k.shape[1], n_rep, d)
-        out, lse = attention_with_lse(packed, k, v, mask, scale, softcap, backend)
+        out, lse = attention_with_lse(packed, k, v, mask, scale, softcap, kernel)
         return out.reshape(b, h, 1, d), lse.reshape(b, h, 1)
-    if backend == "auto":
+    if kernel == "auto":
         if softcap is not None or q.requires_grad:
-            backend = "math"
+            kernel = "math"
         elif q.device.type == "cpu":
-            backend = "cpu_flash"
+            kernel = "cpu_flash"
         elif q.device.type == "cuda":
-            backend = "cuda_efficient"
+            kernel = "cuda_efficient"
         else:
-            backend = "math"
-    if backend == "math":
+            kernel = "math"
+    if kernel == "math":
         return math_attention(q, k, v, mask, scale, softcap)
     if softcap is not None:
-        raise ValueError(f"backend {backend!r} does not support logit softcapping; use 'math'")
-    if backend == "cpu_flash":
+        raise ValueError(f"kernel {kernel!r} does not support logit softcapping; use 'math'")
+    if kernel == "cpu_flash":
         return cpu_flash_attention(q, k, v, mask, scale)
-    if backend == "cuda_efficient":
+    if kernel == "cuda_efficient":
         return cuda_efficient_attention(q, k, v, mask, scale)
-    raise ValueError(f"unknown attention backend {backend!r}")
+    raise ValueError(f"unknown attention kernel {kernel!r}")
 
 
 def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
