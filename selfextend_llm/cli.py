@@ -184,7 +184,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    serve(_load(args), host=args.host, port=args.port, api_key=args.api_key)
+    serve(
+        _load(args), host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+        max_queue=args.max_queue, request_timeout=args.request_timeout or None,
+    )  # fmt: skip
     return 0
 
 
@@ -253,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    srv.add_argument("--max-batch", type=int, default=32, help="requests generated together (continuous batching)")
+    srv.add_argument("--max-queue", type=int, default=256, help="requests that may wait; past it: 429 + Retry-After")
+    srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: no limit)")
     srv.set_defaults(func=cmd_serve)
     return parser
 

@@ -69,3 +69,19 @@ def test_backend_is_chosen_at_apply_and_checked():
         assert torch.allclose(model(ids).logits, by_math, atol=1e-4)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         se.load("/nonexistent/model", backend="fast")  # refused before any loading
+
+
+def test_bypassed_layers_continue_a_cache_with_several_new_tokens_exactly():
+    """Plain (bypassed) attention over a cache with more keys than queries is bottom-right causal: SDPA's
+    ``is_causal`` would align the queries top-left (found by continuous batching's chunked prefill)."""
+    from selfextend_llm.hf.apply import settings_of
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, 40))
+    with torch.no_grad():
+        expected = model(ids).logits
+        se.apply(model, se.SelfExtendConfig(2, 8))
+        settings_of(model).bypass = True
+        first = model(ids[:, :30], use_cache=True)
+        rest = model(ids[:, 30:], past_key_values=first.past_key_values, use_cache=True).logits
+    assert torch.allclose(rest, expected[:, 30:], atol=1e-5)

@@ -210,7 +210,7 @@ def clear_cache(model: torch.nn.Module, *, keep_static: bool = False) -> None:
     for attn in _attention_modules(model):
         state = getattr(attn, "_selfextend", None)
         if state is not None:
-            state.key_cache = None
+            state.key_caches = []
             if not keep_static:
                 state.static_keys = None
 

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from ..rope import Layout
 
 ATTN_NAME = "selfextend"
+#: Grouped-key caches kept per layer (each about one K cache of memory while kept).
+KEPT_GROUPED_CACHES = 4
 
 
 @dataclass
@@ -83,9 +85,20 @@ class LayerState:
     rotary: torch.nn.Module
     freq_attr: str
     layout: Layout
-    key_cache: GroupedKeyCache | None = field(default=None, repr=False)
+    #: Grouped-key caches of the sequences this layer decodes, newest first: a few, so that batches
+    #: that take turns (continuous batching, a prefill between decode steps) each keep theirs.
+    key_caches: list[GroupedKeyCache] = field(default_factory=list, repr=False)
     #: Grouped keys mirroring a static cache (slot for slot), for tensor-only decode steps.
     static_keys: StaticGroupedKeys | None = field(default=None, repr=False)
+
+    def grouped_cache_for(self, key: torch.Tensor, query_start: int, offsets: torch.Tensor, group_size: int):
+        """The kept grouped-key cache that this call continues, if any."""
+        return next((c for c in self.key_caches if c.continues(key, query_start, offsets, group_size)), None)
+
+    def keep(self, cache: GroupedKeyCache | None, replaces: GroupedKeyCache | None) -> None:
+        """Keep ``cache`` first (in place of the one it extends); at most :data:`KEPT_GROUPED_CACHES`."""
+        rest = [c for c in self.key_caches if c is not replaces]
+        self.key_caches = ([cache] if cache is not None else []) + rest[: KEPT_GROUPED_CACHES - 1]
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -162,7 +175,7 @@ def dense_causal(key_row: torch.Tensor | None, q_len: int, n_keys: int, device: 
         end = sequence_end(key_row)
         if end == n_keys and bool(key_row.all()):
             key_row = None
-    if key_row is None and end == n_keys:
+    if key_row is None and end == n_keys == q_len:  # SDPA's is_causal aligns top-left: only when square
         return None
     rows = torch.arange(end - q_len, end, device=device)
     mask = (torch.arange(n_keys, device=device)[None, :] <= rows[:, None])[None, None]
@@ -292,7 +305,7 @@ def selfextend_attention_forward(
         if q_len == 1 and not needs_mirror:  # the GPU kernel reads the static cache as it is
             step = _static_step(state, query, key, value, key_row, positions, scale, softcap)
             return step.transpose(1, 2), None
-        state.key_cache = None  # the mirror replaces the dynamic grouped-key cache here
+        state.key_caches = []  # the mirror replaces the dynamic grouped-key caches here
         if needs_mirror:
             # Eagerly (the CPU), the keys in use are a slice: the dynamic path runs on it, with the
             # mirror as its grouped-key storage, so a step rotates only its own key and, unlike the
@@ -317,6 +330,10 @@ def selfextend_attention_forward(
             state.static_keys = mirror
         key, value = key[:, :, :end], value[:, :, :end]
 
+    previous = None
+    if not static and query_start > 0 and state.key_caches:
+        offsets = row_offsets(positions.expand(query.shape[0], -1), query_start)
+        previous = state.grouped_cache_for(key, query_start, offsets, cfg.group_size)
     out, new_cache = selfextend_attention(
         query,
         key,
@@ -333,13 +350,13 @@ def selfextend_attention_forward(
         softcap=softcap,
         log_scale_base=settings.pretrained_context if cfg.log_scale else None,
         block_size=settings.block_size,
-        key_cache=continued if static else state.key_cache,
+        key_cache=continued if static else previous,
         backend=settings.backend,
         grouped_buffer=None if state.static_keys is None else state.static_keys.keys,
         memo=settings.memo(positions) if kwargs.get("position_ids") is not None else None,
     )
     if not static:
-        state.key_cache = new_cache
+        state.keep(new_cache, previous)
     return out.transpose(1, 2).contiguous(), None
 
 

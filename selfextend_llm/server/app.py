@@ -1,30 +1,36 @@
 """The OpenAI-compatible HTTP handlers over one :class:`SelfExtendModel` (wire format: :mod:`.protocol`).
 
 Any OpenAI client (any language) switches to a local SelfExtend model by changing its base URL.
-Requests queue on the model rather than failing; a client that disconnects mid-stream stops its
-generation and frees the model; errors come back in the OpenAI error shape.
+Requests share the model through continuous batching (:mod:`selfextend_llm.batching`): they join
+the running batch at step boundaries and leave when done.  The wait queue is bounded (past it: 429
+with ``Retry-After``), each request has a timeout (504), a client that hangs up (streamed or not)
+cancels its request, shutdown drains what was admitted, and errors come back in OpenAI's shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import validation
-from ..model import ContextWindowExceededError, SelfExtendModel, StreamChunk
+from ..batching import ContinuousBatcher, QueueFullError, RequestHandle, RequestTimeoutError, ShuttingDownError
+from ..model import ContextWindowExceededError, SelfExtendModel
 from ..streaming import iterate_in_thread
 from ..validation import missing_extra
+from .metrics import ServerMetrics
 from .protocol import ChatRequest, CompletionRequest, Responder, SamplingParams, error_body
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 except ModuleNotFoundError as err:  # the optional [server] extra
     raise missing_extra("fastapi", "server") from err
@@ -44,9 +50,11 @@ class APIError(Exception):
         type_: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        retry_after: float | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.retry_after = retry_after
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -72,9 +80,30 @@ def create_app(
     api_key: str | None = None,
     model_id: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    request_timeout: float | None = 600.0,
+    prefill_chunk: int = 512,
 ) -> FastAPI:
-    """The ASGI app; run it with any ASGI server (``selfextend-llm serve`` uses uvicorn)."""
-    app = FastAPI(title="selfextend-llm", version="1")
+    """The ASGI app; run it with any ASGI server (``selfextend-llm serve`` uses uvicorn).
+
+    ``max_batch`` requests run at once, ``max_queue`` more may wait (then 429); ``request_timeout``
+    seconds per request (None: no limit); ``prefill_chunk`` prompt tokens are prefilled per step,
+    so a long prompt does not hold the running requests up for its whole prefill.
+    """
+    metrics = ServerMetrics()
+    batcher = ContinuousBatcher(
+        model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, on_step=metrics.on_step
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        # SIGTERM/SIGINT: uvicorn stops accepting connections; finish what was admitted, then stop
+        await asyncio.to_thread(batcher.close, drain=True, timeout=request_timeout)
+
+    app = FastAPI(title="selfextend-llm", version="1", lifespan=lifespan)
+    app.state.batcher, app.state.metrics = batcher, metrics
     name = model_id or model.model_name
     created = int(time.time())
 
@@ -101,6 +130,8 @@ def create_app(
             status = response.status_code
             return response
         finally:
+            if request.url.path.startswith("/v1/"):
+                metrics.observe(request.url.path, status, time.perf_counter() - start)
             log.info(
                 json.dumps(
                     {
@@ -116,7 +147,10 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError):
-        return _error(err.status, err.message, err.type, err.code, err.param)
+        response = _error(err.status, err.message, err.type, err.code, err.param)
+        if err.retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError):
@@ -149,6 +183,11 @@ def create_app(
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        metrics.on_step(batcher.queue_depth, batcher.running, 0)
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -202,32 +241,54 @@ def create_app(
             raise APIError(400, str(err), "invalid_request_error", "context_length_exceeded", "messages") from err
         return n
 
-    # One request at a time reaches the model; the rest wait here, on the event loop, without holding
-    # a worker thread (threads blocked on the model's lock could starve the stream that holds it).
-    gate = asyncio.Lock()
+    def _submit(prompt: Any, params: dict[str, Any]) -> RequestHandle:
+        try:
+            return batcher.submit(prompt, **params, timeout=request_timeout)
+        except QueueFullError as err:
+            raise APIError(429, str(err), "rate_limit_error", "queue_full", retry_after=err.retry_after) from err
+        except ShuttingDownError as err:
+            raise APIError(503, str(err), "server_error", "shutting_down") from err
 
     async def _answer(prompt: Any, params: dict[str, Any], respond: Responder, stream: bool, request: Request):
         """The whole response, or an SSE stream of it; chat and text completions alike."""
-        if not stream:
-            async with gate:
-                done = await asyncio.to_thread(model.complete, prompt, **params)
-            return respond.whole(done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens)
-        start = lambda: model.stream_chunks(prompt, **params)  # noqa: E731
-        return StreamingResponse(_sse(request, start, respond), media_type="text/event-stream")
+        handle = _submit(prompt, params)
+        if stream:
+            return StreamingResponse(_sse(request, handle, respond), media_type="text/event-stream")
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+        try:
+            chunks = [chunk async for chunk in iterate_in_thread(iter(handle))]
+        except RequestTimeoutError as err:
+            raise APIError(504, str(err), "timeout_error", "request_timeout") from err
+        finally:
+            watcher.cancel()
+        last = chunks[-1]
+        text = "".join(chunk.text for chunk in chunks)
+        return respond.whole(text, last.finish_reason, last.prompt_tokens, last.completion_tokens)
 
-    async def _sse(
-        request: Request, start: Callable[[], Iterator[StreamChunk]], respond: Responder
-    ) -> AsyncIterator[bytes]:
-        """SSE from a blocking chunk iterator; a disconnect closes it, which cancels generation."""
-        async with gate:
-            async for chunk in iterate_in_thread(start()):
+    async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:
+        """A non-streamed request whose client hung up is cancelled, not finished for nobody."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        handle.cancel()
+
+    async def _sse(request: Request, handle: RequestHandle, respond: Responder) -> AsyncIterator[bytes]:
+        """SSE from the request's chunks; a disconnect cancels it; a late error ends the stream with it."""
+        started = time.perf_counter()
+        first = True
+        try:
+            async for chunk in iterate_in_thread(iter(handle)):
                 if await request.is_disconnected():
-                    break
+                    return
+                if first and chunk.text:
+                    metrics.first_token.observe(time.perf_counter() - started)
+                    first = False
                 counts = (chunk.prompt_tokens, chunk.completion_tokens)
                 for payload in respond.chunk(chunk.text, chunk.finish_reason, *counts):
                     yield f"data: {json.dumps(payload)}\n\n".encode()
-            else:
-                yield b"data: [DONE]\n\n"
+        except Exception as err:  # the status line is sent: the error goes in the stream, in OpenAI's shape
+            kind = "timeout_error" if isinstance(err, RequestTimeoutError) else "server_error"
+            yield f"data: {json.dumps(error_body(str(err) or type(err).__name__, kind))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from ..model import SelfExtendModel
 from ..validation import missing_extra
@@ -42,11 +43,21 @@ class BackgroundServer:
         self.thread.join(timeout=30)
 
 
-def serve(model: SelfExtendModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
-    """Serve until interrupted; uvicorn finishes in-flight requests on SIGINT/SIGTERM."""
+def serve(
+    model: SelfExtendModel,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    **app_options: Any,
+) -> None:
+    """Serve until interrupted.  On SIGINT/SIGTERM uvicorn stops accepting connections and the app drains
+    the requests it admitted (up to ``request_timeout``) before exiting.  ``app_options``: see
+    :func:`create_app` (``max_batch``, ``max_queue``, ``request_timeout``, ``prefill_chunk``)."""
     uvicorn = _uvicorn()
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    app = create_app(model, api_key=api_key, **app_options)
+    timeout = app_options.get("request_timeout", 600.0)
     uvicorn.run(
-        create_app(model, api_key=api_key), host=host, port=port, log_level="info", timeout_graceful_shutdown=30
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None if timeout is None else timeout + 5
     )

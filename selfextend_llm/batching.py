@@ -1,0 +1,454 @@
+"""Continuous batching over one :class:`SelfExtendModel`: many requests share every decode step.
+
+A scheduler thread runs the model.  Requests wait in a bounded queue; at each step boundary
+waiting requests are admitted and prefilled, a chunk of at most ``prefill_chunk`` tokens per step
+(so a 16k-token prompt never stalls the running batch for its whole prefill), and finished ones
+leave.  Each running request is one row of a left-padded batch: its own positions (SelfExtend
+reads them per row), its own ``max_new_tokens``, stop strings, temperature, ``top_p`` and seed.
+
+SelfExtend may choose a different grouping for different lengths (:meth:`tuning.Plan.config_for`),
+and one forward runs one grouping, so running requests form one batch per grouping and the
+batches take turns; a request's answer is then exactly what it would get alone (greedy decoding
+is token for token the same; the tests check it).
+
+transformers' own continuous batching (``generate_batch``) was not used: it pages the KV cache
+through ``"paged|<name>"`` attention functions and silently swaps unknown implementations for
+flash attention, and SelfExtend's grouped keys would need a paged variant of every kernel.  Here
+the batch is a plain dynamic cache, so every SelfExtend path (CPU, Triton, block) serves it as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from . import validation
+from .config import SelfExtendConfig
+from .hf import apply as hf_apply
+from .model import MIN_SAMPLING_TEMPERATURE, Completion, Prompt, SelfExtendModel, StreamChunk
+from .stopping import emittable, find_stop, normalize_stops
+
+log = logging.getLogger("selfextend_llm.batching")
+
+
+class QueueFullError(RuntimeError):
+    """The wait queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, depth: int, retry_after: float):
+        super().__init__(f"the server is busy: {depth} requests are waiting; retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class ShuttingDownError(RuntimeError):
+    """The batcher is draining (SIGTERM) and takes no new requests."""
+
+
+class RequestTimeoutError(TimeoutError):
+    """A request ran past its deadline; what it had generated is dropped."""
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    max_new: int
+    stops: list[str]
+    temperature: float
+    top_p: float | None
+    generator: torch.Generator | None
+    config: SelfExtendConfig | None
+    deadline: float | None
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    shown: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    done: bool = False
+
+
+@dataclass
+class _Batch:
+    """Running requests that share one grouping: one left-padded dynamic cache."""
+
+    config: SelfExtendConfig | None
+    rows: list[_Request] = field(default_factory=list)
+    cache: DynamicCache | None = None
+    mask: torch.Tensor | None = None  # (rows, cache length), 1 for real tokens
+
+
+@dataclass
+class _Prefill:
+    request: _Request
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done_tokens: int = 0
+
+
+class RequestHandle:
+    """One submitted request: iterate it for :class:`StreamChunk` pieces, or wait for :meth:`result`."""
+
+    def __init__(self, request: _Request, batcher: ContinuousBatcher):
+        self._request, self._batcher = request, batcher
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        """Text pieces as they become safe to show; the last chunk has the finish reason and usage.
+        Leaving early (closing the iterator) cancels the request."""
+        try:
+            while True:
+                item = self._request.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self.cancel()
+
+    def result(self) -> Completion:
+        """Block until the request finishes; the whole text with usage counts."""
+        text, last = [], None
+        for chunk in self:
+            text.append(chunk.text)
+            last = chunk
+        return Completion("".join(text), last.prompt_tokens, last.completion_tokens, last.finish_reason)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (a client hung up); its row leaves at the next step."""
+        self._request.cancelled.set()
+        self._batcher._wake.set()
+
+
+class ContinuousBatcher:
+    """Runs many requests on one model at once; see the module doc.
+
+    * ``max_batch``: running requests at most (all groupings together);
+    * ``max_queue``: waiting requests at most; past it :meth:`submit` raises :class:`QueueFullError`;
+    * ``prefill_chunk``: prompt tokens prefilled per step, so long prompts do not starve the batch;
+    * ``on_step``: called after every step with ``(queue depth, running, new tokens)`` (metrics).
+    """
+
+    def __init__(
+        self,
+        model: SelfExtendModel,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        prefill_chunk: int = 512,
+        on_step: Any = None,
+    ):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            validation.optional_integer(name, value, minimum=1)
+        self.model, self.max_batch, self.max_queue, self.prefill_chunk = model, max_batch, max_queue, prefill_chunk
+        self.on_step = on_step
+        self._waiting: deque[_Request] = deque()
+        self._prefill: _Prefill | None = None
+        self._batches: dict[SelfExtendConfig | None, _Batch] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._draining = False
+        self._stopped = False
+        self._step_seconds = 0.05
+        eos = model.model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="selfextend-batcher")
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(len(b.rows) for b in self._batches.values()) + (self._prefill is not None)
+
+    def submit(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 256,
+        stop: str | Sequence[str] | None = None,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        timeout: float | None = None,
+    ) -> RequestHandle:
+        """Queue a request (checked now: a bad argument raises here, before it waits)."""
+        if self._draining or self._stopped:
+            raise ShuttingDownError("the server is shutting down and takes no new requests; retry elsewhere")
+        validation.generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if timeout is not None:
+            validation.number("timeout", timeout, minimum=0.0, exclusive_minimum=True)
+        stops = normalize_stops(stop)
+        ids = self.model.encode(prompt, tools=tools)
+        self.model.check_fits(len(ids))
+        max_new = max(1, min(max_new_tokens, self.model.context_window - len(ids)))
+        plan = self.model.plan
+        config = None if plan is None else plan.config_for(len(ids) + max_new)
+        generator = None
+        if seed is not None and temperature >= MIN_SAMPLING_TEMPERATURE:
+            generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        request = _Request(
+            ids, max_new, stops, temperature, top_p, generator, config,
+            None if timeout is None else time.monotonic() + timeout,
+        )  # fmt: skip
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(len(self._waiting), self._retry_after())
+            self._waiting.append(request)
+        self._wake.set()
+        return RequestHandle(request, self)
+
+    def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; with ``drain`` finish the admitted ones first (graceful shutdown)."""
+        self._draining = True
+        if not drain:
+            self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._stopped = True
+
+    # ------------------------------------------------------------------ scheduler
+    def _retry_after(self) -> float:
+        """A rough wait: the queue ahead, drained a batch per ``~max_new`` steps."""
+        return max(1.0, len(self._waiting) / self.max_batch * 32 * self._step_seconds)
+
+    def _loop(self) -> None:
+        while True:
+            busy = self._prefill is not None or any(b.rows for b in self._batches.values())
+            if self._stopped or (self._draining and not busy and not self._waiting):
+                break
+            if not busy and not self._waiting:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            started = time.perf_counter()
+            new_tokens = 0
+            with self.model._lock:  # direct calls on the model interleave with steps, never overlap
+                try:
+                    new_tokens = self._step()
+                except Exception as err:  # a bug, not a request's fault: fail what runs, keep serving
+                    log.exception("batcher step failed")
+                    self._fail_running(err)
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
+            if self.on_step is not None:
+                self.on_step(self.queue_depth, self.running, new_tokens)
+        for request in list(self._waiting):
+            self._fail(request, ShuttingDownError("the server shut down before this request ran"))
+        self._waiting.clear()
+
+    def _step(self) -> int:
+        """One scheduler step: expire, admit, one prefill chunk, one decode step per batch."""
+        new_tokens = 0
+        self._expire()
+        self._admit()
+        if self._prefill is not None:
+            new_tokens += self._prefill_step()
+        for batch in list(self._batches.values()):
+            if batch.rows:
+                new_tokens += self._decode_step(batch)
+        if not self._prefill and not any(b.rows for b in self._batches.values()):
+            self._batches.clear()
+            if self.model.self_extend:  # idle: free the grouped-key caches
+                hf_apply.clear_cache(self.model.model, keep_static=self.model.fast.active)
+        return new_tokens
+
+    def _fail_running(self, error: BaseException) -> None:
+        if self._prefill is not None:
+            self._fail(self._prefill.request, error)
+            self._prefill = None
+        for batch in self._batches.values():
+            for request in batch.rows:
+                self._fail(request, error)
+        self._batches.clear()
+
+    def _expire(self) -> None:
+        """Cancelled and timed-out requests leave, wherever they are."""
+        now = time.monotonic()
+        for request in list(self._waiting):
+            if request.cancelled.is_set() or (request.deadline is not None and now > request.deadline):
+                self._waiting.remove(request)
+                self._finish_early(request, now)
+        if self._prefill is not None:
+            request = self._prefill.request
+            if request.cancelled.is_set() or (request.deadline is not None and now > request.deadline):
+                self._prefill = None
+                self._finish_early(request, now)
+        for batch in self._batches.values():
+            gone = [r for r in batch.rows if r.cancelled.is_set() or (r.deadline is not None and now > r.deadline)]
+            for request in gone:
+                self._finish_early(request, now)
+            if gone:
+                self._drop_rows(batch, [batch.rows.index(r) for r in gone])
+
+    def _finish_early(self, request: _Request, now: float) -> None:
+        if request.cancelled.is_set():
+            request.done = True
+            request.events.put(RuntimeError("cancelled"))
+        else:
+            self._fail(request, RequestTimeoutError("the request ran past its timeout; retry with a longer timeout"))
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        request.done = True
+        request.events.put(error)
+
+    def _admit(self) -> None:
+        """Start prefilling the next waiting request when a row is free."""
+        if self._prefill is None and self._waiting and self.running < self.max_batch:
+            with self._lock:
+                request = self._waiting.popleft()
+            self._prefill = _Prefill(request)
+
+    def _configure(self, config: SelfExtendConfig | None) -> None:
+        if self.model.self_extend:
+            settings = hf_apply.settings_of(self.model.model)
+            settings.bypass = config is None
+            if config is not None:
+                settings.config = config
+
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
+        return out.logits[:, -1].float()
+
+    def _prefill_step(self) -> int:
+        """One chunk of the prefilling request; on its last chunk, its first token, then it joins a batch."""
+        job = self._prefill
+        request, device = job.request, self.model.device
+        start = job.done_tokens
+        end = min(len(request.ids), start + self.prefill_chunk)
+        ids = torch.tensor([request.ids[start:end]], device=device)
+        try:
+            self._configure(request.config)
+            logits = self._forward(
+                ids, torch.ones((1, end), dtype=torch.long, device=device),
+                torch.arange(start, end, device=device)[None], job.cache,
+            )  # fmt: skip
+        except Exception as err:  # this request's fault (e.g. out of memory): the others go on
+            self._prefill = None
+            self._fail(request, err)
+            return 0
+        job.done_tokens = end
+        if end < len(request.ids):
+            return 0
+        self._prefill = None
+        token = self._sample(logits, [request])[0]
+        request.first_token_at = time.perf_counter()
+        if self._emit(request, token):
+            return 1
+        batch = self._batches.setdefault(request.config, _Batch(request.config))
+        self._join(batch, request, job.cache, token)
+        return 1
+
+    def _join(self, batch: _Batch, request: _Request, cache: DynamicCache, token: int) -> None:
+        """Left-pad the new row or the batch to one length and stack the new row under it."""
+        n_new = cache.get_seq_length()
+        if not batch.rows:
+            batch.cache, batch.mask = cache, torch.ones((1, n_new), dtype=torch.long, device=self.model.device)
+        else:
+            n_old = batch.mask.shape[1]
+            width = max(n_old, n_new)
+            for old, new in zip(batch.cache.layers, cache.layers, strict=True):
+                old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])
+                old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])
+            new_mask = torch.ones((1, n_new), dtype=torch.long, device=self.model.device)
+            batch.mask = torch.cat([_pad_left(batch.mask, width, dim=1), _pad_left(new_mask, width, dim=1)])
+        batch.rows.append(request)
+        request.generated.append(token)
+
+    def _drop_rows(self, batch: _Batch, gone: list[int]) -> None:
+        keep = [i for i in range(len(batch.rows)) if i not in set(gone)]
+        batch.rows = [batch.rows[i] for i in keep]
+        if not keep:
+            batch.cache, batch.mask = None, None
+            return
+        index = torch.tensor(keep, device=self.model.device)
+        mask = batch.mask.index_select(0, index)
+        lead = int((mask.sum(0) == 0).long().cumprod(0).sum())  # columns that are padding in every row
+        batch.mask = mask[:, lead:]
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, lead:]
+            layer.values = layer.values.index_select(0, index)[:, :, lead:]
+
+    def _decode_step(self, batch: _Batch) -> int:
+        device = self.model.device
+        last = torch.tensor([[r.generated[-1]] for r in batch.rows], device=device)
+        mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=torch.long, device=device)], 1)
+        positions = (batch.mask.sum(1, keepdim=True)).to(device)
+        try:
+            self._configure(batch.config)
+            logits = self._forward(last, mask, positions, batch.cache)
+        except Exception as err:  # a failed step fails its rows, not the other batches
+            for request in batch.rows:
+                self._fail(request, err)
+            batch.rows, batch.cache, batch.mask = [], None, None
+            return 0
+        batch.mask = mask
+        tokens = self._sample(logits, batch.rows)
+        finished = []
+        for i, (request, token) in enumerate(zip(batch.rows, tokens, strict=True)):
+            if self._emit(request, token):
+                finished.append(i)
+            else:
+                request.generated.append(token)
+        if finished:
+            self._drop_rows(batch, finished)
+        return len(tokens)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Request]) -> list[int]:
+        """Each row's next token with its own temperature, top_p and seed."""
+        tokens = logits.argmax(-1).tolist()
+        for i, request in enumerate(rows):
+            if request.temperature < MIN_SAMPLING_TEMPERATURE:
+                continue
+            probs = torch.softmax(logits[i] / request.temperature, -1)
+            if request.top_p is not None and request.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                drop = sorted_p.cumsum(0) - sorted_p > request.top_p
+                probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+            tokens[i] = int(torch.multinomial(probs, 1, generator=request.generator))
+        return tokens
+
+    def _emit(self, request: _Request, token: int) -> bool:
+        """Send what ``token`` makes safe to show; True when the request is finished."""
+        eos = token in self._eos
+        ids = request.generated + ([] if eos else [token])
+        text = self.model.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = find_stop(text, request.stops)
+        length = not eos and len(ids) >= request.max_new
+        if cut is not None or eos or length:
+            end = len(text) if cut is None else cut
+            if end > request.shown:
+                request.events.put(StreamChunk(text[request.shown : end]))
+            reason = "length" if length and cut is None else "stop"
+            request.events.put(StreamChunk("", reason, len(request.ids), len(ids)))
+            request.done = True
+            return True
+        upto = emittable(text, request.stops)
+        while upto > request.shown and text[upto - 1] == "\ufffd":  # half of a multi-byte character
+            upto -= 1
+        if upto > request.shown:
+            request.events.put(StreamChunk(text[request.shown : upto]))
+            request.shown = upto
+        return False
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    extra = width - x.shape[dim]
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([torch.zeros(shape, dtype=x.dtype, device=x.device), x], dim)
