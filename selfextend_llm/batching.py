@@ -149,7 +149,7 @@ class ContinuousBatcher:
         self.model, self.max_batch, self.max_queue, self.prefill_chunk = model, max_batch, max_queue, prefill_chunk
         self.on_step = on_step
         self._waiting: deque[_Request] = deque()
-        self._prefill: _Prefill | None = None
+        self._prefills: list[_Prefill] = []
         self._batches: dict[SelfExtendConfig | None, _Batch] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -167,8 +167,13 @@ class ContinuousBatcher:
         return len(self._waiting)
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (no new requests are taken)."""
+        return self._draining or self._stopped
+
+    @property
     def running(self) -> int:
-        return sum(len(b.rows) for b in self._batches.values()) + (self._prefill is not None)
+        return sum(len(b.rows) for b in self._batches.values()) + len(self._prefills)
 
     def submit(
         self,
@@ -224,7 +229,7 @@ class ContinuousBatcher:
 
     def _loop(self) -> None:
         while True:
-            busy = self._prefill is not None or any(b.rows for b in self._batches.values())
+            busy = bool(self._prefills) or any(b.rows for b in self._batches.values())
             if self._stopped or (self._draining and not busy and not self._waiting):
                 break
             if not busy and not self._waiting:
@@ -247,25 +252,29 @@ class ContinuousBatcher:
         self._waiting.clear()
 
     def _step(self) -> int:
-        """One scheduler step: expire, admit, one prefill chunk, one decode step per batch."""
+        """One scheduler step: expire, admit, one prefill chunk per prefilling request, one decode step per batch.
+
+        Every prefilling request advances by at most ``prefill_chunk`` tokens a step, so short prompts
+        admitted beside a long one finish their prefill at once and start decoding, and the running
+        rows never wait for more than one chunk per prefill."""
         new_tokens = 0
         self._expire()
         self._admit()
-        if self._prefill is not None:
-            new_tokens += self._prefill_step()
+        for job in list(self._prefills):
+            new_tokens += self._prefill_step(job)
         for batch in list(self._batches.values()):
             if batch.rows:
                 new_tokens += self._decode_step(batch)
-        if not self._prefill and not any(b.rows for b in self._batches.values()):
+        if not self._prefills and not any(b.rows for b in self._batches.values()):
             self._batches.clear()
             if self.model.self_extend:  # idle: free the grouped-key caches
                 hf_apply.clear_cache(self.model.model, keep_static=self.model.fast.active)
         return new_tokens
 
     def _fail_running(self, error: BaseException) -> None:
-        if self._prefill is not None:
-            self._fail(self._prefill.request, error)
-            self._prefill = None
+        for job in self._prefills:
+            self._fail(job.request, error)
+        self._prefills = []
         for batch in self._batches.values():
             for request in batch.rows:
                 self._fail(request, error)
@@ -278,10 +287,10 @@ class ContinuousBatcher:
             if request.cancelled.is_set() or (request.deadline is not None and now > request.deadline):
                 self._waiting.remove(request)
                 self._finish_early(request, now)
-        if self._prefill is not None:
-            request = self._prefill.request
+        for job in list(self._prefills):
+            request = job.request
             if request.cancelled.is_set() or (request.deadline is not None and now > request.deadline):
-                self._prefill = None
+                self._prefills.remove(job)
                 self._finish_early(request, now)
         for batch in self._batches.values():
             gone = [r for r in batch.rows if r.cancelled.is_set() or (r.deadline is not None and now > r.deadline)]
@@ -302,11 +311,11 @@ class ContinuousBatcher:
         request.events.put(error)
 
     def _admit(self) -> None:
-        """Start prefilling the next waiting request when a row is free."""
-        if self._prefill is None and self._waiting and self.running < self.max_batch:
+        """Start prefilling waiting requests while rows are free."""
+        while self._waiting and self.running < self.max_batch:
             with self._lock:
                 request = self._waiting.popleft()
-            self._prefill = _Prefill(request)
+            self._prefills.append(_Prefill(request))
 
     def _configure(self, config: SelfExtendConfig | None) -> None:
         if self.model.self_extend:
@@ -323,9 +332,8 @@ class ContinuousBatcher:
             )  # fmt: skip
         return out.logits[:, -1].float()
 
-    def _prefill_step(self) -> int:
-        """One chunk of the prefilling request; on its last chunk, its first token, then it joins a batch."""
-        job = self._prefill
+    def _prefill_step(self, job: _Prefill) -> int:
+        """One chunk of a prefilling request; on its last chunk, its first token, then it joins a batch."""
         request, device = job.request, self.model.device
         start = job.done_tokens
         end = min(len(request.ids), start + self.prefill_chunk)
@@ -337,13 +345,13 @@ class ContinuousBatcher:
                 torch.arange(start, end, device=device)[None], job.cache,
             )  # fmt: skip
         except Exception as err:  # this request's fault (e.g. out of memory): the others go on
-            self._prefill = None
+            self._prefills.remove(job)
             self._fail(request, err)
             return 0
         job.done_tokens = end
         if end < len(request.ids):
             return 0
-        self._prefill = None
+        self._prefills.remove(job)
         token = self._sample(logits, [request])[0]
         request.first_token_at = time.perf_counter()
         if self._emit(request, token):

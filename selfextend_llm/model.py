@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TextIteratorStreamer
@@ -24,6 +24,9 @@ from .generation import FastGeneration, compile_errors
 from .hf import apply as hf_apply
 from .loading import DEFAULT_NAME, load_pretrained
 from .stopping import StopScan, find_stop, normalize_stops, visible_pieces
+
+if TYPE_CHECKING:
+    from .batching import ContinuousBatcher
 
 Prompt = str | Sequence[Mapping[str, Any]]
 
@@ -132,6 +135,9 @@ class SelfExtendModel:
         self.fast = FastGeneration(model, enabled=bool(fast_generation))
         # A plain Lock, not an RLock: a stream may be advanced (and closed) from different worker threads.
         self._lock = threading.Lock()
+        self._batcher: ContinuousBatcher | None = None
+        self._batcher_lock = threading.Lock()
+        self._solo_calls = 0  # complete_shared() calls on the single-sequence path right now
 
     # ----------------------------------------------------------------- properties
     @property
@@ -370,6 +376,37 @@ class SelfExtendModel:
     def complete(self, prompt: Prompt, **kwargs: Any) -> Completion:
         """Generate for one prompt; returns the text with usage counts and finish reason."""
         return self.complete_batch([prompt], **kwargs)[0]
+
+    def batcher(self) -> ContinuousBatcher:
+        """The model's shared continuous batcher (started on first use), for calls from many threads."""
+        with self._batcher_lock:
+            if self._batcher is None:
+                from .batching import ContinuousBatcher
+
+                self._batcher = ContinuousBatcher(self)
+            return self._batcher
+
+    def complete_shared(self, prompt: Prompt, **kwargs: Any) -> Completion:
+        """:meth:`complete`, sharing decode steps with concurrent calls (framework ``batch()``, thread pools).
+
+        Alone, a call takes the fast single-sequence path; while another generation runs, it joins the
+        continuous batcher instead of waiting for the model, so N concurrent calls cost about one batched
+        generation rather than N in a row.  Extra ``generate`` keyword arguments always take the single path.
+        """
+        known = {"max_new_tokens", "stop", "temperature", "top_p", "seed", "tools"}
+        with self._batcher_lock:  # claim the single path atomically: calls arriving together batch
+            batcher = self._batcher
+            solo = not self._solo_calls and (batcher is None or batcher.running + batcher.queue_depth == 0)
+            solo = solo or bool(set(kwargs) - known)
+            if solo:
+                self._solo_calls += 1
+        if not solo:
+            return self.batcher().submit(prompt, **kwargs).result()
+        try:
+            return self.complete(prompt, **kwargs)
+        finally:
+            with self._batcher_lock:
+                self._solo_calls -= 1
 
     def generate(
         self,

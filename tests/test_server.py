@@ -163,3 +163,71 @@ def test_openai_pipeline_example_runs_against_the_server(client):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     assert example.summarise(client, "The museum opens at 9 am and closes at 5 pm.").strip()
+
+
+def _headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def _wait(condition, seconds: float = 60) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_full_queue_is_a_429_with_retry_after_and_hung_up_requests_are_cancelled(default_model):
+    app = create_app(default_model, api_key=KEY, max_batch=1, max_queue=1)
+    batcher = app.state.batcher
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 3000}
+    pool = futures.ThreadPoolExecutor(2)
+    with BackgroundServer(app) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", headers=_headers(), json={**body, "stream": True}) as s:
+            lines = s.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))  # it holds the only row
+            # a non-streamed client that gives up while queued: its request leaves the queue
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/completions", headers=_headers(), json=body, timeout=1.5)
+            assert _wait(lambda: batcher.queue_depth == 0)
+            waiting = pool.submit(
+                httpx.post, f"{url}/v1/completions", headers=_headers(), json={**body, "max_tokens": 2}, timeout=120
+            )
+            assert _wait(lambda: batcher.queue_depth == 1)
+            r = httpx.post(f"{url}/v1/completions", headers=_headers(), json=body, timeout=30)
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "rate_limit_error"
+            assert batcher.running == 1
+        # the stream hung up: its row is cancelled, and the waiting request runs and answers
+        assert waiting.result().status_code == 200
+        assert _wait(lambda: batcher.running == 0)
+
+
+def test_timeout_is_a_504_and_ends_a_stream_with_an_error(default_model):
+    app = create_app(default_model, api_key=KEY, request_timeout=0.3)
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 3000}
+    with BackgroundServer(app) as url:
+        r = httpx.post(f"{url}/v1/completions", headers=_headers(), json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        with httpx.stream("POST", f"{url}/v1/completions", headers=_headers(), json={**body, "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert "timeout" in lines[-2] and lines[-1] == "data: [DONE]"
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_metrics_in_prometheus_format(server, client):
+    client.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=3, temperature=0)
+    text = httpx.get(f"{server}/metrics").text
+    for name in (
+        "selfextend_queue_depth",
+        "selfextend_running_requests",
+        "selfextend_generated_tokens_total",
+        'selfextend_request_seconds_bucket{endpoint="/v1/completions"',
+        "selfextend_time_to_first_token_seconds_bucket",
+    ):
+        assert name in text, name
+    tokens = next(line for line in text.splitlines() if line.startswith("selfextend_generated_tokens_total"))
+    assert float(tokens.split()[-1]) >= 3

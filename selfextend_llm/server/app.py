@@ -61,6 +61,56 @@ def _error(status: int, message: str, type_: str, code: str | None = None, param
     return JSONResponse(error_body(message, type_, code, param), status_code=status)
 
 
+class _Guard:
+    """Key check, body-size limit, access log and latency metrics, as plain ASGI middleware.
+
+    Not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` hides the client's
+    disconnect from the handler, and a non-streamed request must see it to cancel its generation.
+    """
+
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics):
+        self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
+
+    def _refusal(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
+        if (
+            self.api_key is not None
+            and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}"
+        ):
+            return _error(401, "missing or wrong API key", "invalid_request_error", "invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None:
+            text = length.decode("latin-1")
+            if not text.isdigit() or int(text) > self.max_body_bytes:
+                return _error(
+                    413, f"request body of {text!r} bytes is not a size up to the limit of {self.max_body_bytes}",
+                    "invalid_request_error", "request_too_large",
+                )  # fmt: skip
+        return None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, path, status = time.perf_counter(), scope["path"], [500]
+
+        async def recorded(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(dict(scope["headers"])) if path.startswith("/v1/") else None
+            if refusal is not None:
+                await refusal(scope, receive, recorded)
+            else:
+                await self.app(scope, receive, recorded)
+        finally:
+            seconds = time.perf_counter() - start
+            if path.startswith("/v1/"):
+                self.metrics.observe(path, status[0], seconds)
+            entry = {"event": "request", "id": uuid.uuid4().hex[:12], "method": scope["method"], "path": path}
+            log.info(json.dumps({**entry, "status": status[0], "ms": round(seconds * 1e3, 1)}))
+
+
 def _content(content: str | list[dict[str, Any]] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
@@ -92,58 +142,26 @@ def create_app(
     so a long prompt does not hold the running requests up for its whole prefill.
     """
     metrics = ServerMetrics()
-    batcher = ContinuousBatcher(
-        model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, on_step=metrics.on_step
-    )
+
+    def new_batcher() -> ContinuousBatcher:
+        return ContinuousBatcher(
+            model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, on_step=metrics.on_step
+        )
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(app: FastAPI):
+        if app.state.batcher.closed:  # served again after a shutdown (tests, notebooks)
+            app.state.batcher = new_batcher()
         yield
         # SIGTERM/SIGINT: uvicorn stops accepting connections; finish what was admitted, then stop
-        await asyncio.to_thread(batcher.close, drain=True, timeout=request_timeout)
+        await asyncio.to_thread(app.state.batcher.close, drain=True, timeout=request_timeout)
 
     app = FastAPI(title="selfextend-llm", version="1", lifespan=lifespan)
-    app.state.batcher, app.state.metrics = batcher, metrics
+    app.state.batcher, app.state.metrics = new_batcher(), metrics
     name = model_id or model.model_name
     created = int(time.time())
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        start = time.perf_counter()
-        rid = uuid.uuid4().hex[:12]
-        status = 500
-        try:
-            if request.url.path.startswith("/v1/"):
-                if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-                    status = 401
-                    return _error(401, "missing or wrong API key", "invalid_request_error", "invalid_api_key")
-                length = request.headers.get("content-length")
-                if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-                    status = 413
-                    return _error(
-                        413,
-                        f"request body of {length!r} bytes is not a size up to the limit of {max_body_bytes}",
-                        "invalid_request_error",
-                        "request_too_large",
-                    )
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            if request.url.path.startswith("/v1/"):
-                metrics.observe(request.url.path, status, time.perf_counter() - start)
-            log.info(
-                json.dumps(
-                    {
-                        "event": "request",
-                        "id": rid,
-                        "method": request.method,
-                        "path": request.url.path,
-                        "status": status,
-                        "ms": round((time.perf_counter() - start) * 1e3, 1),
-                    }
-                )
-            )
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError):
@@ -186,7 +204,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        metrics.on_step(batcher.queue_depth, batcher.running, 0)
+        metrics.on_step(app.state.batcher.queue_depth, app.state.batcher.running, 0)
         return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
@@ -243,7 +261,7 @@ def create_app(
 
     def _submit(prompt: Any, params: dict[str, Any]) -> RequestHandle:
         try:
-            return batcher.submit(prompt, **params, timeout=request_timeout)
+            return app.state.batcher.submit(prompt, **params, timeout=request_timeout)
         except QueueFullError as err:
             raise APIError(429, str(err), "rate_limit_error", "queue_full", retry_after=err.retry_after) from err
         except ShuttingDownError as err:

@@ -210,7 +210,7 @@ class ChatSelfExtend(BaseChatModel):
         if self.streaming and not kwargs.get("tools"):
             return generate_from_stream(self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
         chat, params = self._call_args(messages, stop, kwargs)
-        done = self.selfextend_model.complete(chat, **params)
+        done = self.selfextend_model.complete_shared(chat, **params)  # concurrent calls share decode steps
         message = self._message(
             done.text, done.prompt_tokens, done.completion_tokens, done.finish_reason, bool(params["tools"])
         )

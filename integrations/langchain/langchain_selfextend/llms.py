@@ -78,9 +78,14 @@ class SelfExtendLLM(BaseLLM):
         model = self.selfextend_model
         for p in prompts:  # fail before any work
             model.check_fits(model.count_tokens(p))
+        params = self._params(stop, kwargs)
+        if len(prompts) > 1:  # batch(): every prompt a row of one continuously batched generation
+            handles = [model.batcher().submit(p, **params) for p in prompts]
+            results = [h.result() for h in handles]
+        else:
+            results = [model.complete_shared(prompts[0], **params)]
         gens = []
-        for p in prompts:
-            done = model.complete(p, **self._params(stop, kwargs))
+        for done in results:
             gens.append(
                 [
                     Generation(

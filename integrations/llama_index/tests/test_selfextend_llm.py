@@ -104,3 +104,17 @@ def test_fast_generation_opt_in_and_out_reach_the_model():
     assert not SelfExtendLLM(fast_generation=False)._model.fast.enabled
     assert ChatSelfExtend(fast_generation=True).selfextend_model.fast.enabled
     assert not ChatSelfExtend(fast_generation=False).selfextend_model.fast.enabled
+
+
+def test_concurrent_async_calls_share_decode_steps(llm):
+    """``asyncio.gather`` over ``acomplete`` (what LlamaIndex's async pipelines do): one batched generation,
+    each answer the same as its call alone."""
+    import asyncio
+
+    prompts = ["The capital of France is", "1, 2, 3,", "Roses are red,", "Once upon a time"]
+    alone = [llm.complete(p).text for p in prompts]
+
+    async def together():
+        return await asyncio.gather(*(llm.acomplete(p) for p in prompts))
+
+    assert [r.text for r in asyncio.run(together())] == alone

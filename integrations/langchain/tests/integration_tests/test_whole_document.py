@@ -113,3 +113,18 @@ def test_summarization_middleware_sees_extended_window():
 
     n = llm.get_num_tokens_from_messages(convert_to_messages(messages))
     assert 0.8 * 8192 < n < 0.8 * 32768  # would trigger on the plain 8k window, not on the extended one
+
+
+def test_batch_and_abatch_share_decode_steps_and_match_single_calls():
+    """``batch()`` runs its calls concurrently; they join one continuously batched generation (exact per row)."""
+    import asyncio
+
+    chat = ChatSelfExtend(max_tokens=6, temperature=0)
+    prompts = ["Name a colour.", "Name a fruit.", "Name a country.", "Name an animal."]
+    alone = [chat.invoke(p).content for p in prompts]
+    assert [m.content for m in chat.batch(prompts, config={"max_concurrency": 4})] == alone
+    assert [m.content for m in asyncio.run(chat.abatch(prompts))] == alone
+    assert chat.selfextend_model._batcher is not None  # concurrent calls went through the batcher
+    text = SelfExtendLLM(max_tokens=6, temperature=0)
+    completions = ["The capital of France is", "1, 2, 3,", "Roses are"]
+    assert text.batch(completions) == [text.invoke(p) for p in completions]

@@ -126,7 +126,9 @@ class SelfExtendLLM(LLM):
     # ------------------------------------------------------------------ completion
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        done = self._model.complete(self._checked(self._completion_prompt(prompt, formatted)), **self._params(kwargs))
+        done = self._model.complete_shared(
+            self._checked(self._completion_prompt(prompt, formatted)), **self._params(kwargs)
+        )
         return CompletionResponse(
             text=done.text,
             raw={
@@ -157,7 +159,7 @@ class SelfExtendLLM(LLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        done = self._model.complete(self._checked(self._chat_prompt(messages)), **self._params(kwargs))
+        done = self._model.complete_shared(self._checked(self._chat_prompt(messages)), **self._params(kwargs))
         return ChatResponse(
             message=ChatMessage(role=MessageRole.ASSISTANT, content=done.text),
             raw={
