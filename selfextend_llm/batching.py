@@ -66,6 +66,7 @@ class _Request:
     generator: torch.Generator | None
     config: SelfExtendConfig | None
     deadline: float | None
+    constraint: Any = None  # structured.Constraint: JSON valid by construction
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
@@ -186,14 +187,18 @@ class ContinuousBatcher:
         seed: int | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         timeout: float | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> RequestHandle:
-        """Queue a request (checked now: a bad argument raises here, before it waits)."""
+        """Queue a request (checked now: a bad argument raises here, before it waits).
+
+        ``response_format`` constrains the answer to JSON (see :meth:`SelfExtendModel.constraint`)."""
         if self._draining or self._stopped:
             raise ShuttingDownError("the server is shutting down and takes no new requests; retry elsewhere")
         validation.generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if timeout is not None:
             validation.number("timeout", timeout, minimum=0.0, exclusive_minimum=True)
         stops = normalize_stops(stop)
+        constraint = self.model.constraint(response_format)
         ids = self.model.encode(prompt, tools=tools)
         self.model.check_fits(len(ids))
         max_new = max(1, min(max_new_tokens, self.model.context_window - len(ids)))
@@ -204,7 +209,7 @@ class ContinuousBatcher:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
         request = _Request(
             ids, max_new, stops, temperature, top_p, generator, config,
-            None if timeout is None else time.monotonic() + timeout,
+            None if timeout is None else time.monotonic() + timeout, constraint,
         )  # fmt: skip
         with self._lock:
             if len(self._waiting) >= self.max_queue:
@@ -417,16 +422,20 @@ class ContinuousBatcher:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Request]) -> list[int]:
         """Each row's next token with its own temperature, top_p and seed."""
+        for i, request in enumerate(rows):
+            if request.constraint is not None:
+                request.constraint.mask_(logits[i])  # JSON valid by construction
         tokens = logits.argmax(-1).tolist()
         for i, request in enumerate(rows):
-            if request.temperature < MIN_SAMPLING_TEMPERATURE:
-                continue
-            probs = torch.softmax(logits[i] / request.temperature, -1)
-            if request.top_p is not None and request.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                drop = sorted_p.cumsum(0) - sorted_p > request.top_p
-                probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
-            tokens[i] = int(torch.multinomial(probs, 1, generator=request.generator))
+            if request.temperature >= MIN_SAMPLING_TEMPERATURE:
+                probs = torch.softmax(logits[i] / request.temperature, -1)
+                if request.top_p is not None and request.top_p < 1.0:
+                    sorted_p, order = probs.sort(descending=True)
+                    drop = sorted_p.cumsum(0) - sorted_p > request.top_p
+                    probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+                tokens[i] = int(torch.multinomial(probs, 1, generator=request.generator))
+            if request.constraint is not None:
+                request.constraint.accept(tokens[i])
         return tokens
 
     def _emit(self, request: _Request, token: int) -> bool:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .config import SelfExtendConfig
+
 
 def _load(args: argparse.Namespace):
     import selfextend_llm
@@ -49,10 +51,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
         return 2
     model = _load(args)
     question = " ".join(args.question) or "Summarise this document."
-    messages = [
-        {"role": "system", "content": "Answer the question using the document."},
-        {"role": "user", "content": f"{text}\n\n{question}"},
-    ]
+    messages = model.with_instruction(
+        [{"role": "user", "content": f"{text}\n\n{question}"}], "Answer the question using the document."
+    )
     try:
         model.check_fits(model.count_tokens(messages) + 1)
     except ContextWindowExceededError as err:
@@ -142,7 +143,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         for g in args.groups
         for w in windows
         for suffix in suffixes
-        if (model.pretrained_context - w) * g + w >= args.target
+        if SelfExtendConfig(g, w).max_context(model.pretrained_context) >= args.target
     ]
     if not methods:
         print("error: no G/W pair reaches the target; add larger --groups", file=sys.stderr)
@@ -186,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(
         _load(args), host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-        max_queue=args.max_queue, request_timeout=args.request_timeout or None,
+        max_queue=args.max_queue, request_timeout=args.request_timeout or None, cors_origins=args.cors_origin,
     )  # fmt: skip
     return 0
 
@@ -255,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (chat and completions)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    srv.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SELFEXTEND_API_KEY, else open)"
+    )
+    srv.add_argument("--cors-origin", action="append", default=None, help="allow browser calls from this origin")
     srv.add_argument("--max-batch", type=int, default=32, help="requests generated together (continuous batching)")
     srv.add_argument("--max-queue", type=int, default=256, help="requests that may wait; past it: 429 + Retry-After")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: no limit)")

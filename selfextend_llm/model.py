@@ -8,6 +8,7 @@ that makes one instance safe to call from many threads.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -138,6 +139,7 @@ class SelfExtendModel:
         self._batcher: ContinuousBatcher | None = None
         self._batcher_lock = threading.Lock()
         self._solo_calls = 0  # complete_shared() calls on the single-sequence path right now
+        self._grammars: Any = None  # compiled JSON grammars (structured.JSONGrammars), made on first use
 
     # ----------------------------------------------------------------- properties
     @property
@@ -153,6 +155,41 @@ class SelfExtendModel:
         """Whether the chat template renders tool definitions (so tool calling can work at all)."""
         template = getattr(self.tokenizer, "chat_template", None) or ""
         return "tools" in template
+
+    @functools.cached_property
+    def supports_system_role(self) -> bool:
+        """Whether the chat template accepts a system message (Gemma 2/3's refuse one)."""
+        try:
+            self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], tokenize=False
+            )
+        except Exception:  # jinja2's TemplateError ("System role not supported") and friends
+            return False
+        return True
+
+    def with_instruction(self, messages: Sequence[Mapping[str, Any]], instruction: str) -> list[dict[str, Any]]:
+        """``messages`` with ``instruction`` added where the template can take it.
+
+        Merged into the caller's own system message when there is one (never a second system turn),
+        else a new system message, else (templates without a system role) the start of the first
+        user turn.
+        """
+        out = [dict(m) for m in messages]
+        if out and out[0].get("role") in ("system", "developer"):
+            own = validation.text_parts(out[0].get("content") or "")
+            out[0] = {**out[0], "role": "system", "content": f"{instruction}\n\n{own}" if own else instruction}
+            if not self.supports_system_role:
+                first = out.pop(0)["content"]
+                return self.with_instruction(out, first)
+            return out
+        if self.supports_system_role:
+            return [{"role": "system", "content": instruction}, *out]
+        for i, m in enumerate(out):
+            if m.get("role") == "user":
+                own = validation.text_parts(m.get("content") or "")
+                out[i] = {**m, "content": f"{instruction}\n\n{own}"}
+                return out
+        return [{"role": "user", "content": instruction}, *out]
 
     def describe(self) -> dict[str, Any]:
         cfg = self.config
@@ -330,10 +367,33 @@ class SelfExtendModel:
     ) -> _Call:
         """Everything a call needs, checked and encoded before any work (and before taking the lock)."""
         stops = normalize_stops(stop)
+        response_format = generate_kwargs.pop("response_format", None)
+        constraint = self.constraint(response_format)  # a bad schema fails here, before any work
         encoded, max_new = self._prepare(prompts, max_new_tokens, tools, temperature, top_p, seed)
         ids, mask = self._batch_tensors(encoded)
         kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
+        if constraint is not None:
+            from .structured import ConstrainedLogits
+
+            rows = [constraint] + [self.constraint(response_format) for _ in encoded[1:]]
+            kwargs["logits_processor"] = [ConstrainedLogits(rows, ids.shape[1])]
         return _Call(encoded, ids, mask, max_new, stops, kwargs)
+
+    def constraint(self, response_format: Mapping[str, Any] | None) -> Any:
+        """A fresh :class:`~selfextend_llm.structured.Constraint` for ``response_format`` (None: free text).
+
+        ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"schema": ...}}`` or a bare
+        JSON schema; the output is then valid JSON (for the schema) by construction.
+        """
+        if response_format is None:
+            return None
+        from .structured import JSONGrammars
+
+        with self._batcher_lock:
+            if self._grammars is None:
+                vocab = self.model.get_output_embeddings().weight.shape[0]
+                self._grammars = JSONGrammars(self.tokenizer, vocab)
+        return self._grammars.constraint(response_format)
 
     def _run(self, call: _Call, criteria: _StopCriteria, streamer: _RecordingStreamer | None = None) -> torch.Tensor:
         """Generate for a prepared call (the caller holds the lock): grouping for its length, then the
@@ -393,7 +453,7 @@ class SelfExtendModel:
         continuous batcher instead of waiting for the model, so N concurrent calls cost about one batched
         generation rather than N in a row.  Extra ``generate`` keyword arguments always take the single path.
         """
-        known = {"max_new_tokens", "stop", "temperature", "top_p", "seed", "tools"}
+        known = {"max_new_tokens", "stop", "temperature", "top_p", "seed", "tools", "response_format"}
         with self._batcher_lock:  # claim the single path atomically: calls arriving together batch
             batcher = self._batcher
             solo = not self._solo_calls and (batcher is None or batcher.running + batcher.queue_depth == 0)

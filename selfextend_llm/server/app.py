@@ -14,18 +14,29 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from .. import validation
 from ..batching import ContinuousBatcher, QueueFullError, RequestHandle, RequestTimeoutError, ShuttingDownError
-from ..model import ContextWindowExceededError, SelfExtendModel
+from ..model import ContextWindowExceededError, SelfExtendModel, StreamChunk
 from ..streaming import iterate_in_thread
+from ..tools import openai_tool_calls, parse_tool_calls
 from ..validation import missing_extra
 from .metrics import ServerMetrics
-from .protocol import ChatRequest, CompletionRequest, Responder, SamplingParams, error_body
+from .protocol import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Message,
+    Responder,
+    SamplingParams,
+    TokenizeRequest,
+    error_body,
+)
 
 try:
     from fastapi import FastAPI, Request
@@ -38,6 +49,10 @@ except ModuleNotFoundError as err:  # the optional [server] extra
 log = logging.getLogger("selfextend_llm.server")
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes; about 2M tokens of text, far past any window here
+#: Paths that need the API key (``/health`` and ``/metrics`` stay open for probes and scrapers).
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+#: Where the API key is read from when ``api_key`` is not given (keeps it out of the process list).
+API_KEY_ENV = "SELFEXTEND_API_KEY"
 
 
 class APIError(Exception):
@@ -98,7 +113,7 @@ class _Guard:
             await send(message)
 
         try:
-            refusal = self._refusal(dict(scope["headers"])) if path.startswith("/v1/") else None
+            refusal = self._refusal(dict(scope["headers"])) if path.startswith(PROTECTED) else None
             if refusal is not None:
                 await refusal(scope, receive, recorded)
             else:
@@ -109,6 +124,35 @@ class _Guard:
                 self.metrics.observe(path, status[0], seconds)
             entry = {"event": "request", "id": uuid.uuid4().hex[:12], "method": scope["method"], "path": path}
             log.info(json.dumps({**entry, "status": status[0], "ms": round(seconds * 1e3, 1)}))
+
+
+def _message(m: Message) -> dict[str, Any]:
+    """A request message as the chat template reads it: tool calls and tool results kept."""
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _content(m.content)}
+    extra = m.model_extra or {}
+    if extra.get("tool_calls"):
+        calls = []
+        for call in extra["tool_calls"]:
+            fn = dict(call.get("function", {}))
+            if isinstance(fn.get("arguments"), str):  # OpenAI sends a JSON string; templates want the object
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"])
+                except json.JSONDecodeError as err:
+                    raise APIError(400, f"tool call arguments are not JSON: {err}", param="messages") from err
+            calls.append({"type": "function", "id": call.get("id"), "function": fn})
+        out["tool_calls"] = calls
+    if extra.get("tool_call_id"):
+        out["tool_call_id"] = extra["tool_call_id"]
+    if extra.get("name"):
+        out["name"] = extra["name"]
+    return out
+
+
+def _tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Content and OpenAI ``tool_calls`` of an answer; unparseable calls stay in the content, not lost."""
+    content, calls = parse_tool_calls(text)
+    broken = [f"<tool_call>{c.raw}</tool_call>" for c in calls if c.error is not None]
+    return "\n".join([content, *broken]).strip(), openai_tool_calls(calls)
 
 
 def _content(content: str | list[dict[str, Any]] | None) -> str:
@@ -134,13 +178,17 @@ def create_app(
     max_queue: int = 256,
     request_timeout: float | None = 600.0,
     prefill_chunk: int = 512,
+    cors_origins: Sequence[str] | None = None,
 ) -> FastAPI:
     """The ASGI app; run it with any ASGI server (``selfextend-llm serve`` uses uvicorn).
 
     ``max_batch`` requests run at once, ``max_queue`` more may wait (then 429); ``request_timeout``
     seconds per request (None: no limit); ``prefill_chunk`` prompt tokens are prefilled per step,
-    so a long prompt does not hold the running requests up for its whole prefill.
+    so a long prompt does not hold the running requests up for its whole prefill.  ``api_key`` defaults
+    to ``$SELFEXTEND_API_KEY`` (none: open); ``cors_origins`` lets browsers on those origins call the API.
     """
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV) or None
     metrics = ServerMetrics()
 
     def new_batcher() -> ContinuousBatcher:
@@ -162,6 +210,12 @@ def create_app(
     created = int(time.time())
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )  # outermost: preflight requests are answered before the key check
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError):
@@ -251,8 +305,8 @@ def create_app(
             "seed": req.seed,
         }
 
-    def _check_fits(prompt) -> int:
-        n = model.count_tokens(prompt)
+    def _check_fits(prompt, tools: list[dict[str, Any]] | None = None) -> int:
+        n = len(model.encode(prompt, tools=tools))
         try:
             model.check_fits(n)
         except ContextWindowExceededError as err:
@@ -267,21 +321,28 @@ def create_app(
         except ShuttingDownError as err:
             raise APIError(503, str(err), "server_error", "shutting_down") from err
 
-    async def _answer(prompt: Any, params: dict[str, Any], respond: Responder, stream: bool, request: Request):
+    async def _answer(
+        prompt: Any, params: dict[str, Any], respond: Responder, stream: bool, request: Request, tools: bool = False
+    ):
         """The whole response, or an SSE stream of it; chat and text completions alike."""
         handle = _submit(prompt, params)
         if stream:
-            return StreamingResponse(_sse(request, handle, respond), media_type="text/event-stream")
+            return StreamingResponse(_sse(request, handle, respond, tools), media_type="text/event-stream")
+        chunks = await _collect(request, handle)
+        last = chunks[-1]
+        text = "".join(chunk.text for chunk in chunks)
+        content, calls = _tool_calls(text) if tools else (text, [])
+        return respond.whole(content, last.finish_reason, last.prompt_tokens, last.completion_tokens, calls)
+
+    async def _collect(request: Request, handle: RequestHandle) -> list[StreamChunk]:
+        """All chunks of a non-streamed request; a hang-up cancels it, a timeout is a 504."""
         watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
         try:
-            chunks = [chunk async for chunk in iterate_in_thread(iter(handle))]
+            return [chunk async for chunk in iterate_in_thread(iter(handle))]
         except RequestTimeoutError as err:
             raise APIError(504, str(err), "timeout_error", "request_timeout") from err
         finally:
             watcher.cancel()
-        last = chunks[-1]
-        text = "".join(chunk.text for chunk in chunks)
-        return respond.whole(text, last.finish_reason, last.prompt_tokens, last.completion_tokens)
 
     async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:
         """A non-streamed request whose client hung up is cancelled, not finished for nobody."""
@@ -289,10 +350,15 @@ def create_app(
             await asyncio.sleep(0.25)
         handle.cancel()
 
-    async def _sse(request: Request, handle: RequestHandle, respond: Responder) -> AsyncIterator[bytes]:
-        """SSE from the request's chunks; a disconnect cancels it; a late error ends the stream with it."""
+    async def _sse(
+        request: Request, handle: RequestHandle, respond: Responder, tools: bool = False
+    ) -> AsyncIterator[bytes]:
+        """SSE from the request's chunks; a disconnect cancels it; a late error ends the stream with it.
+
+        With tools the text is held until the end (a ``<tool_call>`` block must not reach the client
+        as content), then sent as content and ``delta.tool_calls``."""
         started = time.perf_counter()
-        first = True
+        first, held = True, []
         try:
             async for chunk in iterate_in_thread(iter(handle)):
                 if await request.is_disconnected():
@@ -300,45 +366,131 @@ def create_app(
                 if first and chunk.text:
                     metrics.first_token.observe(time.perf_counter() - started)
                     first = False
-                counts = (chunk.prompt_tokens, chunk.completion_tokens)
-                for payload in respond.chunk(chunk.text, chunk.finish_reason, *counts):
+                if tools and chunk.finish_reason is None:
+                    held.append(chunk.text)
+                    continue
+                text, reason, calls = chunk.text, chunk.finish_reason, []
+                if tools:
+                    text, calls = _tool_calls("".join(held) + chunk.text)
+                    reason = "tool_calls" if calls else reason
+                payloads = respond.chunk(text, None) if tools and text else []
+                payloads += [respond.tool_call_chunk(calls)] if calls else []
+                payloads += respond.chunk("" if tools else text, reason, chunk.prompt_tokens, chunk.completion_tokens)
+                for payload in payloads:
                     yield f"data: {json.dumps(payload)}\n\n".encode()
         except Exception as err:  # the status line is sent: the error goes in the stream, in OpenAI's shape
             kind = "timeout_error" if isinstance(err, RequestTimeoutError) else "server_error"
             yield f"data: {json.dumps(error_body(str(err) or type(err).__name__, kind))}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
-        _check_model(req.model)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": _content(m.content)}
-            for m in req.messages
-        ]
-        if req.response_format and req.response_format.get("type") in ("json_object", "json_schema"):
-            schema = req.response_format.get("json_schema", {}).get("schema")
-            hint = "Answer with one JSON object" + (
-                f" matching this JSON schema: {json.dumps(schema)}" if schema else ""
-            )
-            messages.insert(0, {"role": "system", "content": hint + ", and nothing else."})
-        if req.tools and not model.supports_tools:
+    def _refuse_unsupported(req: SamplingParams) -> None:
+        bad = req.unsupported()
+        if bad is not None:
+            raise APIError(400, f"{bad} is not supported by this server; leave it out (or at its default)", param=bad)
+
+    def _tools(req: ChatRequest) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """The tool definitions to render, and the tool the answer must call ("" for any); checked."""
+        choice = req.tool_choice
+        if isinstance(choice, dict):
+            choice = (choice.get("function") or {}).get("name") or choice.get("name")
+            if not isinstance(choice, str):
+                raise APIError(400, "tool_choice as an object needs function.name", param="tool_choice")
+        if not req.tools:
+            if choice not in (None, "none", "auto"):
+                raise APIError(400, "tool_choice needs tools; send the tools it may call", param="tool_choice")
+            return None, None
+        if not model.supports_tools:
             raise APIError(
                 400, f"{name}'s chat template has no tool support; send the request without tools", param="tools"
             )
-        _check_fits(messages)
+        tools = []
+        for i, tool in enumerate(req.tools):
+            fn = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise APIError(400, f"tools[{i}] needs a function with a name", param="tools")
+            if not isinstance(fn.get("parameters", {}), dict):
+                raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+            tools.append(fn)
+        if choice == "none":
+            return None, None
+        if choice in (None, "auto"):
+            return tools, None
+        if choice in ("required", "any"):
+            return tools, ""
+        if choice not in {t["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names {choice!r}, which is not among the tools", param="tool_choice")
+        return tools, choice
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        _check_model(req.model)
+        _refuse_unsupported(req)
+        messages = [_message(m) for m in req.messages]
+        tools, must_call = _tools(req)
+        instructions = []
+        constrained = req.response_format and req.response_format.get("type") in ("json_object", "json_schema")
+        if constrained:
+            schema = req.response_format.get("json_schema", {}).get("schema")
+            instructions.append(
+                "Answer with one JSON object" + (f" matching this JSON schema: {json.dumps(schema)}" if schema else "")
+            )
+        if must_call is not None:
+            instructions.append(
+                f"You must answer by calling {'the tool ' + repr(must_call) if must_call else 'a tool'}"
+            )
+        if instructions:
+            messages = model.with_instruction(messages, ". ".join(instructions) + ".")
         params = _params(req, req.max_completion_tokens or req.max_tokens)
-        if req.tools:
-            params["tools"] = [t.get("function", t) if t.get("type") == "function" else t for t in req.tools]
-        return await _answer(messages, params, Responder("chat", name, req.include_usage), req.stream, request)
+        if constrained:
+            params["response_format"] = req.response_format
+        params["tools"] = tools
+        _check_fits(messages, tools)
+        respond = Responder("chat", name, req.include_usage)
+        return await _answer(messages, params, respond, req.stream, request, tools=bool(tools))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         _check_model(req.model)
+        _refuse_unsupported(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "send one prompt per request", param="prompt")
-        _check_fits(prompts[0])
+        if not prompts:
+            raise APIError(400, "prompt is an empty list; send at least one prompt", param="prompt")
+        for p in prompts:
+            _check_fits(p)
         params = _params(req, req.max_tokens)
-        return await _answer(prompts[0], params, Responder("text", name, req.include_usage), req.stream, request)
+        respond = Responder("text", name, req.include_usage)
+        if len(prompts) == 1:
+            return await _answer(prompts[0], params, respond, req.stream, request)
+        if req.stream:
+            raise APIError(400, "stream one prompt per request (or send the list without stream)", param="stream")
+        handles = [_submit(p, params) for p in prompts]  # all in the running batch at once
+        results = await asyncio.gather(*(_collect(request, h) for h in handles))
+        choices = [
+            respond.choice("".join(c.text for c in chunks), chunks[-1].finish_reason, i)
+            for i, chunks in enumerate(results)
+        ]
+        used = [(chunks[-1].prompt_tokens, chunks[-1].completion_tokens) for chunks in results]
+        return respond.many(choices, sum(u[0] for u in used), sum(u[1] for u in used))
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        if req.model is not None:
+            _check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send either prompt (text) or messages (chat)", param="prompt")
+        ids = (
+            model.tokenize(req.prompt) if req.prompt is not None else model.encode([_message(m) for m in req.messages])
+        )
+        return {"count": len(ids), "max_model_len": model.context_window, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        if req.model is not None:
+            _check_model(req.model)
+        vocab = len(model.tokenizer)
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return {"prompt": model.tokenizer.decode(req.tokens)}
 
     return app

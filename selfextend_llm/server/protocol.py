@@ -39,6 +39,26 @@ class SamplingParams(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    # Accepted so that they can be refused by name when set (never silently ignored):
+    n: int = Field(default=1, ge=1)
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def unsupported(self) -> str | None:
+        """The first parameter set to something this server does not do, or None."""
+        if self.n != 1:
+            return "n"
+        if self.logprobs not in (None, False, 0) or self.top_logprobs:
+            return "logprobs"
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty" if self.presence_penalty else "frequency_penalty"
+        if self.logit_bias:
+            return "logit_bias"
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -52,14 +72,44 @@ class ChatRequest(SamplingParams):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingParams):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(description="one prompt, or a list: one choice per prompt, batched together")
     max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> str | None:
+        if self.echo:
+            return "echo"
+        if self.best_of not in (None, 1):
+            return "best_of"
+        if self.suffix:
+            return "suffix"
+        return super().unsupported()
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: a text prompt, or chat messages counted through the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -96,14 +146,40 @@ class Responder:
             kind += ".chunk"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        """The non-streamed response."""
+    def choice(
+        self, text: str, finish_reason: str, index: int = 0, tool_calls: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """One choice of a whole response; with ``tool_calls`` the finish reason is ``"tool_calls"``."""
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:
+                message.update(content=text or None, tool_calls=tool_calls)
+                finish_reason = "tool_calls"
+            out: dict[str, Any] = {"index": index, "message": message}
         else:
-            choice = {"index": 0, "text": text}
-        choice.update(finish_reason=finish_reason, logprobs=None)
+            out = {"index": index, "text": text}
+        return {**out, "finish_reason": finish_reason, "logprobs": None}
+
+    def whole(
+        self,
+        text: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        tool_calls: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """The non-streamed response."""
+        choice = self.choice(text, finish_reason, 0, tool_calls)
         return {**self._base(False), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+
+    def many(self, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """A response with several choices (a list of prompts to ``/v1/completions``)."""
+        return {**self._base(False), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+    def tool_call_chunk(self, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+        """A streamed delta carrying whole tool calls (OpenAI's ``delta.tool_calls`` with indexes)."""
+        calls = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+        return {**self._base(True), "choices": [{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": None}]}
 
     def chunk(
         self, text: str, finish_reason: str | None, prompt_tokens: int = 0, completion_tokens: int = 0

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
-import uuid
 from typing import Any
 
 from langchain_core.messages import (
@@ -52,24 +49,3 @@ def to_chat_dicts(messages: list[BaseMessage]) -> list[dict[str, Any]]:
             entry["tool_call_id"] = m.tool_call_id
         out.append(entry)
     return out
-
-
-_TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """Tool calls in the Hermes/Qwen ``<tool_call>{...}</tool_call>`` format, and the text around them."""
-    calls = []
-    for raw in _TOOL_CALL.findall(text):
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        args = data.get("arguments", data.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                args = {"input": args}
-        calls.append({"name": data.get("name", ""), "args": args, "id": f"call_{uuid.uuid4().hex[:12]}"})
-    return _TOOL_CALL.sub("", text).strip() if calls else text, calls

@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfextend_llm import SelfExtendModel, load_shared
 from selfextend_llm.streaming import iterate_in_thread
+from selfextend_llm.tools import parse_tool_calls
 
-from ._messages import parse_tool_calls, to_chat_dicts
+from ._messages import to_chat_dicts
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> UsageMetadata:
@@ -165,12 +166,15 @@ class ChatSelfExtend(BaseChatModel):
         tool_choice = kwargs.pop("tool_choice", None)
         response_format = kwargs.pop("response_format", None)
         chat = to_chat_dicts(messages)
+        model = self.selfextend_model
         if response_format is not None:
-            chat.insert(0, {"role": "system", "content": _json_instruction(response_format)})
+            chat = model.with_instruction(chat, _json_instruction(response_format))
         if tools and tool_choice not in (None, "auto", "none"):
             name = tool_choice if isinstance(tool_choice, str) and tool_choice not in ("any", "required") else None
+            if name is not None and name not in {(t.get("function") or t).get("name") for t in tools}:
+                raise ValueError(f"tool_choice names {name!r}, which is not among the bound tools")
             must = f"the tool {name!r}" if name else "one of the tools"
-            chat.insert(0, {"role": "system", "content": f"You must answer by calling {must}."})
+            chat = model.with_instruction(chat, f"You must answer by calling {must}.")
         if tool_choice == "none":
             tools = None
         params: dict[str, Any] = {
@@ -181,6 +185,8 @@ class ChatSelfExtend(BaseChatModel):
             "seed": kwargs.pop("seed", self.seed),
             "tools": tools,
         }
+        if response_format is not None:  # JSON valid by construction (constrained decoding)
+            params["response_format"] = response_format
         if self.timeout is not None:
             params["max_time"] = self.timeout
         # Fail before any work when the prompt cannot fit.
@@ -188,10 +194,17 @@ class ChatSelfExtend(BaseChatModel):
         return chat, params
 
     def _message(self, text: str, prompt_tokens: int, completion_tokens: int, finish: str, tools: bool) -> AIMessage:
-        content, calls = parse_tool_calls(text) if tools else (text, [])
+        content, parsed = parse_tool_calls(text) if tools else (text, [])
+        calls = [{"name": c.name, "args": c.arguments, "id": c.id} for c in parsed if c.error is None]
+        invalid = [
+            {"name": None, "args": c.raw, "id": c.id, "error": c.error, "type": "invalid_tool_call"}
+            for c in parsed
+            if c.error is not None
+        ]
         return AIMessage(
             content=content,
             tool_calls=calls,
+            invalid_tool_calls=invalid,
             usage_metadata=_usage(prompt_tokens, completion_tokens),
             response_metadata={
                 "model_name": self.model_name,
@@ -207,7 +220,7 @@ class ChatSelfExtend(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        if self.streaming and not kwargs.get("tools"):
+        if self.streaming:
             return generate_from_stream(self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
         chat, params = self._call_args(messages, stop, kwargs)
         done = self.selfextend_model.complete_shared(chat, **params)  # concurrent calls share decode steps
@@ -224,19 +237,32 @@ class ChatSelfExtend(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         chat, params = self._call_args(messages, stop, kwargs)
+        tools, held = bool(params["tools"]), []
         for piece in self.selfextend_model.stream_chunks(chat, **params):
+            if piece.finish_reason is None and tools:
+                held.append(piece.text)  # a <tool_call> block must not stream out as content
+                continue
             if piece.finish_reason is None:
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
                 if run_manager:
                     run_manager.on_llm_new_token(piece.text, chunk=chunk)
             else:
+                content, calls = parse_tool_calls("".join(held)) if tools else ("", [])
+                call_chunks = [
+                    {"name": c.name or None, "args": c.raw if c.error else json.dumps(c.arguments), "id": c.id,
+                     "index": i, "type": "tool_call_chunk"}
+                    for i, c in enumerate(calls)
+                ]  # fmt: skip
+                if run_manager and content:
+                    run_manager.on_llm_new_token(content)
                 chunk = ChatGenerationChunk(
                     message=AIMessageChunk(
-                        content="",
+                        content=content,
+                        tool_call_chunks=call_chunks,
                         usage_metadata=_usage(piece.prompt_tokens, piece.completion_tokens),
                         response_metadata={
                             "model_name": self.model_name,
-                            "finish_reason": piece.finish_reason,
+                            "finish_reason": "tool_calls" if call_chunks else piece.finish_reason,
                             "model_provider": "selfextend",
                         },
                         chunk_position="last",
@@ -251,7 +277,7 @@ class ChatSelfExtend(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        if self.streaming and not kwargs.get("tools"):
+        if self.streaming:
             chunks = [c async for c in self._astream(messages, stop=stop, run_manager=run_manager, **kwargs)]
             merged = chunks[0]
             for c in chunks[1:]:

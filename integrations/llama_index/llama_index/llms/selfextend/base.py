@@ -57,6 +57,8 @@ class SelfExtendLLM(LLM):
         description="Decode over a static cache (compiled steps on a GPU); on by default, False opts out.",
     )
     temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling (with temperature > 0).")
+    seed: int | None = Field(default=None, description="Seed for sampling, for repeatable answers.")
     max_new_tokens: int = Field(default=256, gt=0)
     stop: list[str] | None = Field(default=None, description="Stop strings, cut from the output.")
     context_window_override: int | None = Field(
@@ -106,6 +108,8 @@ class SelfExtendLLM(LLM):
         return {
             "max_new_tokens": kwargs.pop("max_new_tokens", kwargs.pop("max_tokens", self.max_new_tokens)),
             "temperature": kwargs.pop("temperature", self.temperature),
+            "top_p": kwargs.pop("top_p", self.top_p),
+            "seed": kwargs.pop("seed", self.seed),
             "stop": stop or None,
         }
 
@@ -131,11 +135,7 @@ class SelfExtendLLM(LLM):
         )
         return CompletionResponse(
             text=done.text,
-            raw={
-                "finish_reason": done.finish_reason,
-                "prompt_tokens": done.prompt_tokens,
-                "completion_tokens": done.completion_tokens,
-            },
+            raw=_raw(done.finish_reason, done.prompt_tokens, done.completion_tokens),
         )
 
     @llm_completion_callback()
@@ -145,9 +145,13 @@ class SelfExtendLLM(LLM):
 
         def gen() -> CompletionResponseGen:
             text = ""
-            for piece in self._model.stream(full, **params):
-                text += piece
-                yield CompletionResponse(text=text, delta=piece)
+            for piece in self._model.stream_chunks(full, **params):
+                text += piece.text
+                if piece.finish_reason is None:
+                    yield CompletionResponse(text=text, delta=piece.text)
+                else:  # the last response carries the usage (TokenCountingHandler reads raw["usage"])
+                    raw = _raw(piece.finish_reason, piece.prompt_tokens, piece.completion_tokens)
+                    yield CompletionResponse(text=text, delta=piece.text, raw=raw)
 
         return gen()
 
@@ -162,11 +166,7 @@ class SelfExtendLLM(LLM):
         done = self._model.complete_shared(self._checked(self._chat_prompt(messages)), **self._params(kwargs))
         return ChatResponse(
             message=ChatMessage(role=MessageRole.ASSISTANT, content=done.text),
-            raw={
-                "finish_reason": done.finish_reason,
-                "prompt_tokens": done.prompt_tokens,
-                "completion_tokens": done.completion_tokens,
-            },
+            raw=_raw(done.finish_reason, done.prompt_tokens, done.completion_tokens),
         )
 
     @llm_chat_callback()
@@ -176,9 +176,14 @@ class SelfExtendLLM(LLM):
 
         def gen() -> ChatResponseGen:
             text = ""
-            for piece in self._model.stream(prompt, **params):
-                text += piece
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece)
+            for piece in self._model.stream_chunks(prompt, **params):
+                text += piece.text
+                message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+                if piece.finish_reason is None:
+                    yield ChatResponse(message=message, delta=piece.text)
+                else:
+                    raw = _raw(piece.finish_reason, piece.prompt_tokens, piece.completion_tokens)
+                    yield ChatResponse(message=message, delta=piece.text, raw=raw)
 
         return gen()
 
@@ -198,3 +203,14 @@ class SelfExtendLLM(LLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         return iterate_in_thread(self.stream_chat(messages, **kwargs))
+
+
+def _raw(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """Response ``raw``: the counts at the top level and, as OpenAI shapes them, under ``usage``."""
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return {"finish_reason": finish_reason, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "usage": usage}  # fmt: skip
