@@ -231,3 +231,135 @@ def test_metrics_in_prometheus_format(server, client):
         assert name in text, name
     tokens = next(line for line in text.splitlines() if line.startswith("selfextend_generated_tokens_total"))
     assert float(tokens.split()[-1]) >= 3
+
+
+def test_response_format_json_schema_is_valid_by_construction(client):
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}, "big": {"type": "boolean"}},
+        "required": ["city", "rank", "big"],
+        "additionalProperties": False,
+    }
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a city."}],
+        max_tokens=60,
+        temperature=0.9,
+        seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )
+    data = json.loads(reply.choices[0].message.content)
+    assert set(data) == {"city", "rank", "big"} and isinstance(data["rank"], int) and isinstance(data["big"], bool)
+    r = httpx.post(
+        f"{client.base_url}chat/completions", headers=_headers(), json={
+            "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}},
+        },
+    )  # fmt: skip
+    assert r.status_code == 400 and "cannot be compiled" in r.json()["error"]["message"]
+
+
+def test_list_prompts_are_answered_together_one_choice_each(client):
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    alone = [client.completions.create(model="SmolLM2-135M-Instruct", prompt=p, max_tokens=6, temperature=0)
+             for p in prompts]  # fmt: skip
+    both = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.text for c in both.choices] == [a.choices[0].text for a in alone]
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
+     ({"frequency_penalty": 1.0}, "frequency_penalty"), ({"logit_bias": {"5": 10}}, "logit_bias")],
+)  # fmt: skip
+def test_parameters_this_server_does_not_do_are_refused_by_name(server, extra, param):
+    body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}], **extra}
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(), json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+    assert param in r.json()["error"]["message"]
+
+
+def test_tokenize_and_detokenize(server, default_model):
+    r = httpx.post(f"{server}/tokenize", headers=_headers(), json={"prompt": "Hello world"})
+    body = r.json()
+    assert body["tokens"] == default_model.tokenize("Hello world") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == default_model.context_window
+    chat = httpx.post(f"{server}/tokenize", headers=_headers(), json={"messages": [{"role": "user", "content": "hi"}]})
+    assert chat.json()["count"] == default_model.count_tokens([{"role": "user", "content": "hi"}])
+    back = httpx.post(f"{server}/detokenize", headers=_headers(), json={"tokens": body["tokens"]}).json()
+    assert back["prompt"] == "Hello world"
+    assert httpx.post(f"{server}/detokenize", headers=_headers(), json={"tokens": [10**9]}).status_code == 400
+    assert httpx.post(f"{server}/tokenize", json={"prompt": "x"}).status_code == 401  # behind the key too
+
+
+class _Scripted:
+    """Stands in for the batcher's answer (the embedded model's template renders no tools)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __call__(self, prompt, **params):
+        from selfextend_llm.model import StreamChunk
+
+        text = self.text
+
+        class Handle:
+            def __iter__(self):
+                yield StreamChunk(text[:5])
+                yield StreamChunk(text[5:])
+                yield StreamChunk("", "stop", 10, 7)
+
+            def cancel(self):
+                pass
+
+        return Handle()
+
+
+def test_tool_calls_come_back_in_openai_shape_whole_and_streamed(default_model, monkeypatch):
+    monkeypatch.setattr(type(default_model), "supports_tools", property(lambda self: True))
+    app = create_app(default_model, api_key=KEY)
+    call = '<tool_call>{"name": "read_file", "arguments": {"path": "a.txt"}}</tool_call>'
+    monkeypatch.setattr(app.state.batcher, "submit", _Scripted("Let me look. " + call))
+    tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
+    messages = [
+        {"role": "user", "content": "What is in a.txt?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "b.txt"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "nothing"},
+    ]  # fmt: skip
+    with BackgroundServer(app) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        reply = c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, tools=tools)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look."
+        (tc,) = choice.message.tool_calls
+        assert tc.function.name == "read_file" and json.loads(tc.function.arguments) == {"path": "a.txt"}
+        chunks = list(c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, tools=tools,
+                                                stream=True))  # fmt: skip
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        streamed = [t for d in deltas for t in (d.tool_calls or [])]
+        assert streamed[0].function.name == "read_file" and "<tool_call>" not in "".join(
+            d.content or "" for d in deltas
+        )
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(
+                model="SmolLM2-135M-Instruct", messages=messages, tools=tools,
+                tool_choice={"type": "function", "function": {"name": "delete_everything"}},
+            )  # fmt: skip
+        assert err.value.body["param"] == "tool_choice"
+
+
+def test_api_key_from_the_environment_and_cors(default_model, monkeypatch):
+    monkeypatch.setenv("SELFEXTEND_API_KEY", "from-env")
+    app = create_app(default_model, cors_origins=["http://localhost:3000"])
+    with BackgroundServer(app) as url:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+        pre = httpx.options(
+            f"{url}/v1/chat/completions",
+            headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"},
+        )
+        assert pre.headers.get("access-control-allow-origin") == "http://localhost:3000"

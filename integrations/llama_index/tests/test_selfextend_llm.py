@@ -118,3 +118,19 @@ def test_concurrent_async_calls_share_decode_steps(llm):
         return await asyncio.gather(*(llm.acomplete(p) for p in prompts))
 
     assert [r.text for r in asyncio.run(together())] == alone
+
+
+def test_usage_under_raw_usage_whole_and_streamed_and_sampling_fields(llm):
+    """TokenCountingHandler reads ``raw["usage"]``: there in whole and streamed responses."""
+    from llama_index.core.callbacks import TokenCountingHandler
+
+    whole = llm.complete("The capital of France is")
+    assert whole.raw["usage"]["completion_tokens"] == whole.raw["completion_tokens"] > 0
+    last = list(llm.stream_chat([ChatMessage(role="user", content="Name a colour.")]))[-1]
+    assert last.raw["usage"]["total_tokens"] == last.raw["prompt_tokens"] + last.raw["completion_tokens"]
+    counter = TokenCountingHandler()
+    counted = SelfExtendLLM(max_new_tokens=8, callback_manager=CallbackManager([counter]))
+    counted.complete("The capital of France is")
+    assert counter.completion_llm_token_count == counted.complete("The capital of France is").raw["completion_tokens"]
+    sampled = SelfExtendLLM(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=5)
+    assert sampled.complete("Once upon a time").text == sampled.complete("Once upon a time").text  # seeded

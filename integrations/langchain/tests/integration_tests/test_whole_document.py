@@ -128,3 +128,72 @@ def test_batch_and_abatch_share_decode_steps_and_match_single_calls():
     text = SelfExtendLLM(max_tokens=6, temperature=0)
     completions = ["The capital of France is", "1, 2, 3,", "Roses are"]
     assert text.batch(completions) == [text.invoke(p) for p in completions]
+
+
+def _scripted(monkeypatch, chat: ChatSelfExtend, text: str) -> None:
+    """The embedded template renders no tools: script the model's answer, keep everything else real."""
+    from selfextend_llm.model import StreamChunk
+
+    model = chat.selfextend_model
+    monkeypatch.setattr(type(model), "supports_tools", property(lambda self: True))
+
+    def stream_chunks(prompt, **params):
+        yield from (StreamChunk(text[i : i + 7]) for i in range(0, len(text), 7))
+        yield StreamChunk("", "stop", 12, 9)
+
+    monkeypatch.setattr(model, "stream_chunks", stream_chunks)
+
+
+def test_streamed_tool_calls_arrive_as_tool_call_chunks(monkeypatch):
+    """LangGraph's stream_mode="messages" and astream_events route through _stream: the calls must survive."""
+    from langchain_core.tools import tool
+
+    @tool
+    def read_file(path: str) -> str:
+        """Read a whole file."""
+        return path
+
+    chat = ChatSelfExtend(max_tokens=50, temperature=0)
+    _scripted(
+        monkeypatch, chat, 'Checking. <tool_call>{"name": "read_file", "arguments": {"path": "a.txt"}}</tool_call>'
+    )
+    bound = chat.bind_tools([read_file])
+    chunks = list(bound.stream("What is in a.txt?"))
+    assert all("<tool_call>" not in str(c.content) for c in chunks)
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged += c
+    assert merged.tool_calls[0]["name"] == "read_file" and merged.tool_calls[0]["args"] == {"path": "a.txt"}
+    assert merged.content == "Checking." and merged.response_metadata["finish_reason"] == "tool_calls"
+    streaming = ChatSelfExtend(max_tokens=50, temperature=0, streaming=True).bind_tools([read_file])
+    assert streaming.invoke("What is in a.txt?").tool_calls[0]["args"] == {"path": "a.txt"}
+
+
+def test_unparseable_tool_calls_land_in_invalid_tool_calls(monkeypatch):
+    from langchain_core.tools import tool
+
+    @tool
+    def read_file(path: str) -> str:
+        """Read a whole file."""
+        return path
+
+    chat = ChatSelfExtend(max_tokens=50, temperature=0, streaming=True)
+    _scripted(monkeypatch, chat, '<tool_call>{"name": "read_file", "arguments": {"path": </tool_call>')
+    message = chat.bind_tools([read_file]).invoke("What is in a.txt?")
+    assert message.tool_calls == [] and len(message.invalid_tool_calls) == 1
+    with pytest.raises(ValueError, match="not among the bound tools"):
+        chat.bind_tools([read_file], tool_choice="delete_everything").invoke("hi")
+
+
+def test_structured_output_is_valid_by_construction():
+    """The 135M default writes schema-valid JSON once decoding is constrained (it did not when only asked)."""
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+        coastal: bool
+
+    for seed in range(3):  # sampled: the constraint, not luck
+        chat = ChatSelfExtend(max_tokens=60, temperature=0.9, seed=seed)
+        assert isinstance(chat.with_structured_output(City).invoke("Name a city."), City)
