@@ -76,8 +76,6 @@ class JSONGrammars:
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one instance per model, kept as long as the model
     def _compiled(self, key: str):
         with _COMPILE_LOCK:
-            if key == "true":
-                return self._compiler.compile_builtin_json_grammar()
             try:
                 return self._compiler.compile_json_schema(key, any_whitespace=False)
             except Exception as err:  # xgrammar raises RuntimeError/ValueError subclasses for bad schemas
@@ -91,7 +89,8 @@ class JSONGrammars:
         schema = schema_of(response_format)
         if schema is None:
             return None
-        key = "true" if schema is True else json.dumps(schema)  # property order is the output order
+        # json_object is any JSON *object* (OpenAI's JSON mode), not any JSON value
+        key = '{"type": "object"}' if schema is True else json.dumps(schema)  # property order is the output order
         return Constraint(self._compiled(key), self.vocab_size)
 
 

@@ -198,14 +198,17 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if app.state.batcher.closed:  # served again after a shutdown (tests, notebooks)
-            app.state.batcher = new_batcher()
         yield
-        # SIGTERM/SIGINT: uvicorn stops accepting connections; finish what was admitted, then stop
-        await asyncio.to_thread(app.state.batcher.close, drain=True, timeout=request_timeout)
+        # SIGTERM/SIGINT: uvicorn stops accepting connections; finish what was admitted (new requests
+        # meanwhile: 503), then stop.  An app served again later (tests, notebooks) starts a new batcher.
+        app.state.draining = True
+        try:
+            await asyncio.to_thread(app.state.batcher.close, drain=True, timeout=request_timeout)
+        finally:
+            app.state.draining = False
 
     app = FastAPI(title="selfextend-llm", version="1", lifespan=lifespan)
-    app.state.batcher, app.state.metrics = new_batcher(), metrics
+    app.state.batcher, app.state.metrics, app.state.draining = new_batcher(), metrics, False
     name = model_id or model.model_name
     created = int(time.time())
 
@@ -314,6 +317,8 @@ def create_app(
         return n
 
     def _submit(prompt: Any, params: dict[str, Any]) -> RequestHandle:
+        if app.state.batcher.closed and not app.state.draining:  # served again after a shutdown
+            app.state.batcher = new_batcher()
         try:
             return app.state.batcher.submit(prompt, **params, timeout=request_timeout)
         except QueueFullError as err:

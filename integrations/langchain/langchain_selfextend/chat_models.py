@@ -248,9 +248,12 @@ class ChatSelfExtend(BaseChatModel):
                     run_manager.on_llm_new_token(piece.text, chunk=chunk)
             else:
                 content, calls = parse_tool_calls("".join(held)) if tools else ("", [])
+                # An unparseable call's args go as a JSON *string* (its raw text): LangChain's partial-JSON
+                # parser would otherwise "complete" the broken object into a call; a string lands in
+                # invalid_tool_calls, as it must.
                 call_chunks = [
-                    {"name": c.name or None, "args": c.raw if c.error else json.dumps(c.arguments), "id": c.id,
-                     "index": i, "type": "tool_call_chunk"}
+                    {"name": c.name or None, "args": json.dumps(c.raw) if c.error else json.dumps(c.arguments),
+                     "id": c.id, "index": i, "type": "tool_call_chunk"}
                     for i, c in enumerate(calls)
                 ]  # fmt: skip
                 if run_manager and content:
