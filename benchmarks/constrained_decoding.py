@@ -2,7 +2,7 @@
 
 For each schema (nested objects, enums, arrays, numbers, ``json_object``) the embedded model answers
 a chat request three ways: free (the prompt asks for JSON), and constrained through
-``response_format`` (xgrammar, what the project ships).  Every answer is checked with
+``response_format`` (llguidance, what the project ships since this measurement).  Every answer is checked with
 ``jsonschema``-style validation (``pydantic``'s ``TypeAdapter`` on the schema is not general, so
 a small validator below covers the keywords used).  Then the constrained token sequences are
 replayed through xgrammar and llguidance, timing "compute the mask, apply it to the logits, accept

@@ -335,7 +335,7 @@ class ContinuousBatcher:
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                 logits_to_keep=1,
             )  # fmt: skip
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().clone()  # a normal tensor: constraints mask it in place
 
     def _prefill_step(self, job: _Prefill) -> int:
         """One chunk of a prefilling request; on its last chunk, its first token, then it joins a batch."""

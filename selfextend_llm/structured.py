@@ -1,22 +1,21 @@
-"""JSON that is valid by construction: constrained decoding with xgrammar.
+"""JSON that is valid by construction: constrained decoding with llguidance.
 
 A request's ``response_format`` (OpenAI's shapes: ``{"type": "json_object"}``, ``{"type":
-"json_schema", "json_schema": {"schema": ...}}``, or a bare JSON schema) is compiled once into a
-grammar over the model's vocabulary; at every step a per-request matcher masks the tokens that
-could not continue a valid document, so a 135M model writes schema-valid JSON every time, where
-asking in the prompt alone gave broken JSON.  The same :class:`Constraint` serves
+"json_schema", "json_schema": {"schema": ...}}``, or a bare JSON schema) becomes a grammar over the
+model's vocabulary; at every step a per-request matcher masks the tokens that could not continue a
+valid document, so a 135M model writes schema-valid JSON every time, where asking in the prompt
+alone gave none (BENCHMARKS.md "Constrained decoding").  The same :class:`Constraint` serves
 ``model.generate`` (as a logits processor) and the continuous batcher (row by row).
 
-xgrammar was chosen over llguidance, lm-format-enforcer and outlines-core by measured per-token
-cost on this machine's CPU (``benchmarks/constrained_decoding.py``, BENCHMARKS.md "Constrained
-decoding"); it is what vLLM and SGLang use by default.  Optional: ``pip install 'selfextend-llm[json]'``.
+llguidance was chosen over xgrammar by measured per-token cost on this machine's CPU
+(``benchmarks/constrained_decoding.py``: 44-74 us per token against xgrammar's 190 us on schemas; both far
+below a 40 ms decode step) and because it compiles schemas lazily (no per-schema precompute on the
+request path).  Optional: ``pip install 'selfextend-llm[json]'``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,15 +23,15 @@ import torch
 
 from .validation import missing_extra
 
-_COMPILE_LOCK = threading.Lock()
 
-
-def _xgrammar():
+def _llguidance():
     try:
-        import xgrammar
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch
     except ModuleNotFoundError as err:
-        raise missing_extra("xgrammar", "json") from err
-    return xgrammar
+        raise missing_extra("llguidance", "json") from err
+    return llguidance
 
 
 def schema_of(response_format: Mapping[str, Any] | None) -> dict[str, Any] | None | bool:
@@ -65,24 +64,30 @@ def schema_of(response_format: Mapping[str, Any] | None) -> dict[str, Any] | Non
 
 
 class JSONGrammars:
-    """Compiled grammars for one tokenizer, cached by schema (compiling takes milliseconds to seconds)."""
+    """Grammars for one tokenizer: checked once per schema, a matcher per request."""
 
     def __init__(self, tokenizer: Any, vocab_size: int):
-        xgr = _xgrammar()
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        self._compiler = xgr.GrammarCompiler(info)
+        llg = _llguidance()
+        self._llg = llg
+        self._tokenizer = llg.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=tokenizer.eos_token_id)
+        self.eos = tokenizer.eos_token_id
         self.vocab_size = vocab_size
+        self._checked: dict[str, str] = {}
 
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - one instance per model, kept as long as the model
-    def _compiled(self, key: str):
-        with _COMPILE_LOCK:
-            try:
-                return self._compiler.compile_json_schema(key, any_whitespace=False)
-            except Exception as err:  # xgrammar raises RuntimeError/ValueError subclasses for bad schemas
+    def _grammar(self, schema: Mapping[str, Any]) -> str:
+        key = json.dumps(schema)  # property order is the output order
+        if key not in self._checked:
+            grammar = self._llg.LLMatcher.grammar_from_json_schema(key, defaults={"whitespace_flexible": False})
+            error = self._llg.LLMatcher.validate_grammar(grammar, self._tokenizer)
+            if error:
                 raise ValueError(
-                    f"the JSON schema cannot be compiled into a grammar ({err}); simplify it or send "
+                    f"the JSON schema cannot be compiled into a grammar ({error}); simplify it or send "
                     "{'type': 'json_object'}"
-                ) from err
+                )
+            if len(self._checked) > 256:
+                self._checked.clear()
+            self._checked[key] = grammar
+        return self._checked[key]
 
     def constraint(self, response_format: Mapping[str, Any] | None) -> Constraint | None:
         """A fresh per-request constraint (None: free text).  A bad schema raises ``ValueError`` now."""
@@ -90,39 +95,42 @@ class JSONGrammars:
         if schema is None:
             return None
         # json_object is any JSON *object* (OpenAI's JSON mode), not any JSON value
-        key = '{"type": "object"}' if schema is True else json.dumps(schema)  # property order is the output order
-        return Constraint(self._compiled(key), self.vocab_size)
+        grammar = self._grammar({"type": "object"} if schema is True else schema)
+        return Constraint(self._llg, self._llg.LLMatcher(self._tokenizer, grammar), self.vocab_size, self.eos)
 
 
 class Constraint:
     """One request's grammar state: masks logits to valid continuations, advances on each token."""
 
-    def __init__(self, compiled: Any, vocab_size: int):
-        xgr = _xgrammar()
-        self._xgr = xgr
-        self.matcher = xgr.GrammarMatcher(compiled)
-        self.vocab_size = vocab_size
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    def __init__(self, llg: Any, matcher: Any, vocab_size: int, eos: int | None):
+        self._llg, self.matcher, self.vocab_size, self.eos = llg, matcher, vocab_size, eos
+        self._bitmask = llg.torch.allocate_token_bitmask(1, vocab_size)
 
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
-        """Forbid, in place, every token of ``logits`` (``vocab`` or ``1 x vocab``) that breaks the grammar."""
-        self.matcher.fill_next_token_bitmask(self._bitmask)
+        """Forbid, in place, every token of ``logits`` (``vocab`` or ``1 x vocab``) that breaks the grammar.
+        Once the document is complete only end-of-text is left."""
         row = logits.view(1, -1)
-        if row.device.type == "cpu" and row.dtype == torch.float32:
-            self._xgr.apply_token_bitmask_inplace(row, self._bitmask)
-        else:  # xgrammar's kernels cover float32 on the CPU; elsewhere mask through a boolean row
+        if self.finished and self.eos is not None:
+            keep = row[0, self.eos].clone()
+            row.fill_(float("-inf"))
+            row[0, self.eos] = keep
+            return logits
+        self._llg.torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+        if row.dtype == torch.float32:
+            self._llg.torch.apply_token_bitmask_inplace(row, self._bitmask.to(row.device))
+        else:  # mask through a boolean row for half precision
             allowed = _unpack(self._bitmask, row.shape[-1]).to(row.device)
             row.masked_fill_(~allowed, float("-inf"))
         return logits
 
     def accept(self, token: int) -> None:
-        if not self.matcher.is_terminated():
-            self.matcher.accept_token(token)
+        if not self.matcher.is_stopped():
+            self.matcher.consume_token(token)
 
     @property
     def finished(self) -> bool:
         """The document is complete (only end-of-text may follow)."""
-        return self.matcher.is_terminated()
+        return self.matcher.is_stopped()
 
 
 def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:

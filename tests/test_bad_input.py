@@ -11,8 +11,6 @@ import sys
 
 import pytest
 import schemathesis
-import torch
-import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
@@ -21,8 +19,8 @@ from starlette.testclient import TestClient
 import selfextend_llm
 from selfextend_llm import validation
 from selfextend_llm.config import SelfExtendConfig
-from selfextend_llm.model import SelfExtendModel
 from selfextend_llm.server import create_app
+from tests.helpers import tiny_served_model
 
 #: What a caller may see from bad input; anything else (RuntimeError, KeyError, jinja2, ...) is a bug.
 DOCUMENTED = (ValueError, TypeError)
@@ -157,17 +155,7 @@ def test_cli_errors_are_one_line_and_name_the_fix(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_server_model(default_model):
     """A one-layer random model with the real tokenizer: the server's whole path, at fuzzing speed."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(default_model.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-        eos_token_id=default_model.tokenizer.eos_token_id,
-    )  # fmt: skip
-    lm = transformers.LlamaForCausalLM(config).eval()
-    lm.generation_config.eos_token_id = default_model.tokenizer.eos_token_id
-    se_config = SelfExtendConfig(4, 32)
-    selfextend_llm.apply(lm, se_config)
-    return SelfExtendModel(lm, default_model.tokenizer, config=se_config, context_window=160, name="tiny")
+    return tiny_served_model(default_model.tokenizer, layers=1, hidden=32, context_window=160)
 
 
 @pytest.fixture(scope="module")

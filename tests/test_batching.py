@@ -7,33 +7,19 @@ import time
 
 import pytest
 import torch
-import transformers
 
-import selfextend_llm
 from selfextend_llm.batching import ContinuousBatcher, QueueFullError, RequestTimeoutError, ShuttingDownError
-from selfextend_llm.config import SelfExtendConfig
-from selfextend_llm.model import SelfExtendModel
 from selfextend_llm.tasks.passkey import passkey_prompt
+from tests.helpers import tiny_served_model
 
 
 @pytest.fixture(scope="module")
 def tiny(default_model):
     """Two layers, trained on 128 tokens, adaptive grouping: prompts past 128 tokens group, shorter
     ones run plain, so one batcher runs two batches (one per grouping) side by side."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(default_model.tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        eos_token_id=default_model.tokenizer.eos_token_id,
-    )  # fmt: skip
-    lm = transformers.LlamaForCausalLM(config).eval()
-    lm.generation_config.eos_token_id = default_model.tokenizer.eos_token_id
-    selfextend_llm.apply(lm, SelfExtendConfig(4, 32))
-    model = SelfExtendModel(
-        lm, default_model.tokenizer, config=SelfExtendConfig(4, 32), context_window=600, name="tiny", adaptive=True,
-        fast_generation=False,
-    )  # fmt: skip
-    return model
+    return tiny_served_model(
+        default_model.tokenizer, layers=2, hidden=64, context_window=600, adaptive=True, fast_generation=False
+    )
 
 
 def _prompts(n: int) -> list[str]:

@@ -95,3 +95,24 @@ def register_reference() -> None:
     """Make ``attn_implementation="selfextend_reference"`` (the float64 formula) known to transformers."""
     transformers.AttentionInterface.register("selfextend_reference", reference_attention_forward)
     transformers.masking_utils.AttentionMaskInterface.register("selfextend_reference", selfextend_mask)
+
+
+def tiny_served_model(tokenizer, *, layers: int, hidden: int, context_window: int, **model_options):
+    """A random Llama with a real tokenizer, trained (nominally) on 128 tokens, SelfExtend G=4 W=32, as a
+    :class:`SelfExtendModel`: the serving paths (server, batcher) end to end at test speed."""
+    from selfextend_llm import apply
+    from selfextend_llm.config import SelfExtendConfig
+    from selfextend_llm.model import SelfExtendModel
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden + 32, num_hidden_layers=layers,
+        num_attention_heads=hidden // 16, num_key_value_heads=max(1, hidden // 32), max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    lm = transformers.LlamaForCausalLM(config).eval()
+    lm.generation_config.eos_token_id = tokenizer.eos_token_id
+    apply(lm, SelfExtendConfig(4, 32))
+    return SelfExtendModel(
+        lm, tokenizer, config=SelfExtendConfig(4, 32), context_window=context_window, name="tiny", **model_options
+    )
