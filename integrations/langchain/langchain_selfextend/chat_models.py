@@ -336,7 +336,7 @@ class ChatSelfExtend(BaseChatModel):
         """
         if kwargs:
             raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
-        json_schema = convert_to_json_schema(schema) if method != "json_mode" else None
+        json_schema = _closed(convert_to_json_schema(schema)) if method != "json_mode" else None
         llm = self.bind(
             response_format=json_schema or {"type": "json_object"},
             ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
@@ -360,6 +360,18 @@ class ChatSelfExtend(BaseChatModel):
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def _closed(schema: Any) -> Any:
+    """Objects with listed properties take no others unless the schema says so: without this, a constrained
+    model may keep adding keys until ``max_tokens`` cuts the document (Pydantic drops extras anyway)."""
+    if isinstance(schema, dict):
+        schema = {k: _closed(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_closed(v) for v in schema]
+    return schema
 
 
 def _json_instruction(response_format: dict) -> str:
