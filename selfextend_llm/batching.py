@@ -71,9 +71,10 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     shown: int = 0
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    done: bool = False
+
+    def gone(self, now: float) -> bool:
+        """Cancelled (the client left) or past its deadline: it leaves at this step."""
+        return self.cancelled.is_set() or (self.deadline is not None and now > self.deadline)
 
 
 @dataclass
@@ -157,8 +158,6 @@ class ContinuousBatcher:
         self._draining = False
         self._stopped = False
         self._step_seconds = 0.05
-        eos = model.model.generation_config.eos_token_id
-        self._eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self._thread = threading.Thread(target=self._loop, daemon=True, name="selfextend-batcher")
         self._thread.start()
 
@@ -288,31 +287,26 @@ class ContinuousBatcher:
     def _expire(self) -> None:
         """Cancelled and timed-out requests leave, wherever they are."""
         now = time.monotonic()
-        for request in list(self._waiting):
-            if request.cancelled.is_set() or (request.deadline is not None and now > request.deadline):
-                self._waiting.remove(request)
-                self._finish_early(request, now)
-        for job in list(self._prefills):
-            request = job.request
-            if request.cancelled.is_set() or (request.deadline is not None and now > request.deadline):
-                self._prefills.remove(job)
-                self._finish_early(request, now)
+        for request in [r for r in self._waiting if r.gone(now)]:
+            self._waiting.remove(request)
+            self._finish_early(request)
+        for job in [j for j in self._prefills if j.request.gone(now)]:
+            self._prefills.remove(job)
+            self._finish_early(job.request)
         for batch in self._batches.values():
-            gone = [r for r in batch.rows if r.cancelled.is_set() or (r.deadline is not None and now > r.deadline)]
+            gone = [r for r in batch.rows if r.gone(now)]
             for request in gone:
-                self._finish_early(request, now)
+                self._finish_early(request)
             if gone:
                 self._drop_rows(batch, [batch.rows.index(r) for r in gone])
 
-    def _finish_early(self, request: _Request, now: float) -> None:
+    def _finish_early(self, request: _Request) -> None:
         if request.cancelled.is_set():
-            request.done = True
             request.events.put(RuntimeError("cancelled"))
         else:
             self._fail(request, RequestTimeoutError("the request ran past its timeout; retry with a longer timeout"))
 
     def _fail(self, request: _Request, error: BaseException) -> None:
-        request.done = True
         request.events.put(error)
 
     def _admit(self) -> None:
@@ -321,13 +315,6 @@ class ContinuousBatcher:
             with self._lock:
                 request = self._waiting.popleft()
             self._prefills.append(_Prefill(request))
-
-    def _configure(self, config: SelfExtendConfig | None) -> None:
-        if self.model.self_extend:
-            settings = hf_apply.settings_of(self.model.model)
-            settings.bypass = config is None
-            if config is not None:
-                settings.config = config
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         with torch.inference_mode():
@@ -344,7 +331,7 @@ class ContinuousBatcher:
         end = min(len(request.ids), start + self.prefill_chunk)
         ids = torch.tensor([request.ids[start:end]], device=device)
         try:
-            self._configure(request.config)
+            self.model.use_grouping(request.config)
             logits = self._forward(
                 ids, torch.ones((1, end), dtype=torch.long, device=device),
                 torch.arange(start, end, device=device)[None], job.cache,
@@ -358,7 +345,6 @@ class ContinuousBatcher:
             return 0
         self._prefills.remove(job)
         token = self._sample(logits, [request])[0]
-        request.first_token_at = time.perf_counter()
         if self._emit(request, token):
             return 1
         batch = self._batches.setdefault(request.config, _Batch(request.config))
@@ -401,7 +387,7 @@ class ContinuousBatcher:
         mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=torch.long, device=device)], 1)
         positions = (batch.mask.sum(1, keepdim=True)).to(device)
         try:
-            self._configure(batch.config)
+            self.model.use_grouping(batch.config)
             logits = self._forward(last, mask, positions, batch.cache)
         except Exception as err:  # a failed step fails its rows, not the other batches
             for request in batch.rows:
@@ -440,7 +426,7 @@ class ContinuousBatcher:
 
     def _emit(self, request: _Request, token: int) -> bool:
         """Send what ``token`` makes safe to show; True when the request is finished."""
-        eos = token in self._eos
+        eos = token in self.model.eos_ids
         ids = request.generated + ([] if eos else [token])
         text = self.model.tokenizer.decode(ids, skip_special_tokens=True)
         cut = find_stop(text, request.stops)
@@ -451,7 +437,6 @@ class ContinuousBatcher:
                 request.events.put(StreamChunk(text[request.shown : end]))
             reason = "length" if length and cut is None else "stop"
             request.events.put(StreamChunk("", reason, len(request.ids), len(ids)))
-            request.done = True
             return True
         upto = emittable(text, request.stops)
         while upto > request.shown and text[upto - 1] == "\ufffd":  # half of a multi-byte character

@@ -270,14 +270,23 @@ class SelfExtendModel:
             )
 
     # ----------------------------------------------------------------- generation
-    def _configure_for(self, total_tokens: int) -> None:
+    def use_grouping(self, config: SelfExtendConfig | None) -> None:
+        """Run the next forward passes with ``config`` (None: exactly the plain model).  The caller holds the lock."""
         if self.plan is None:
             return
         settings = hf_apply.settings_of(self.model)
-        chosen = self.plan.config_for(total_tokens)
-        settings.bypass = chosen is None
-        if chosen is not None:
-            settings.config = chosen
+        settings.bypass = config is None
+        if config is not None:
+            settings.config = config
+
+    def _configure_for(self, total_tokens: int) -> None:
+        if self.plan is not None:
+            self.use_grouping(self.plan.config_for(total_tokens))
+
+    @functools.cached_property
+    def eos_ids(self) -> frozenset[int]:
+        """The token ids that end a generation (the generation config may list several)."""
+        return frozenset(_as_list(self.model.generation_config.eos_token_id))
 
     def _gen_kwargs(
         self, max_new_tokens: int, temperature: float, top_p: float | None, seed: int | None, **extra: Any
@@ -311,8 +320,7 @@ class SelfExtendModel:
 
     def _until_eos(self, new: list[int]) -> list[int]:
         """Generated ids up to (not including) the first end-of-sequence token (padding follows it)."""
-        eos = set(_as_list(self.model.generation_config.eos_token_id))
-        return next((new[:i] for i, t in enumerate(new) if t in eos), new)
+        return next((new[:i] for i, t in enumerate(new) if t in self.eos_ids), new)
 
     def _batch_tensors(self, encoded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(e) for e in encoded)

@@ -63,6 +63,16 @@ def schema_of(response_format: Mapping[str, Any] | None) -> dict[str, Any] | Non
     raise ValueError(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'")
 
 
+def json_instruction(response_format: Mapping[str, Any] | None) -> str | None:
+    """What to tell the model beside the constraint (it writes better content when it knows the schema)."""
+    schema = schema_of(response_format)
+    if schema is None:
+        return None
+    if schema is True:
+        return "Answer with one JSON object and nothing else."
+    return "Answer with one JSON object that matches this JSON schema, and nothing else:\n" + json.dumps(schema)
+
+
 class JSONGrammars:
     """Grammars for one tokenizer: checked once per schema, a matcher per request."""
 

@@ -50,6 +50,11 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     return _TOOL_CALL.sub("", text).strip(), calls
 
 
+def must_call_instruction(name: str | None) -> str:
+    """The instruction for a forced call: ``tool_choice`` naming a tool, or "required"/"any" (``name`` None)."""
+    return f"You must answer by calling {f'the tool {name!r}' if name else 'one of the tools'}."
+
+
 def openai_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
     """Valid calls in OpenAI's ``message.tool_calls`` shape (arguments as a JSON string)."""
     return [

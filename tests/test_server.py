@@ -83,6 +83,10 @@ def test_errors_in_openai_shape(server, client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="SmolLM2-135M-Instruct", prompt="word " * 33_000, max_tokens=1)
     assert "33" in err.value.body["message"] and "32768" in err.value.body["message"]
+    assert err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:  # one prompt of a list too long: none runs
+        client.completions.create(model="SmolLM2-135M-Instruct", prompt=["Hi", "word " * 33_000], max_tokens=1)
+    assert err.value.body["code"] == "context_length_exceeded"
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()

@@ -24,7 +24,8 @@ from .. import validation
 from ..batching import ContinuousBatcher, QueueFullError, RequestHandle, RequestTimeoutError, ShuttingDownError
 from ..model import ContextWindowExceededError, SelfExtendModel, StreamChunk
 from ..streaming import iterate_in_thread
-from ..tools import openai_tool_calls, parse_tool_calls
+from ..structured import json_instruction
+from ..tools import must_call_instruction, openai_tool_calls, parse_tool_calls
 from ..validation import missing_extra
 from .metrics import ServerMetrics
 from .protocol import (
@@ -308,19 +309,13 @@ def create_app(
             "seed": req.seed,
         }
 
-    def _check_fits(prompt, tools: list[dict[str, Any]] | None = None) -> int:
-        n = len(model.encode(prompt, tools=tools))
-        try:
-            model.check_fits(n)
-        except ContextWindowExceededError as err:
-            raise APIError(400, str(err), "invalid_request_error", "context_length_exceeded", "messages") from err
-        return n
-
     def _submit(prompt: Any, params: dict[str, Any]) -> RequestHandle:
         if app.state.batcher.closed and not app.state.draining:  # served again after a shutdown
             app.state.batcher = new_batcher()
         try:
             return app.state.batcher.submit(prompt, **params, timeout=request_timeout)
+        except ContextWindowExceededError as err:  # the batcher encodes once and checks the window
+            raise APIError(400, str(err), "invalid_request_error", "context_length_exceeded", "messages") from err
         except QueueFullError as err:
             raise APIError(429, str(err), "rate_limit_error", "queue_full", retry_after=err.retry_after) from err
         except ShuttingDownError as err:
@@ -432,24 +427,16 @@ def create_app(
         _refuse_unsupported(req)
         messages = [_message(m) for m in req.messages]
         tools, must_call = _tools(req)
-        instructions = []
         constrained = req.response_format and req.response_format.get("type") in ("json_object", "json_schema")
-        if constrained:
-            schema = req.response_format.get("json_schema", {}).get("schema")
-            instructions.append(
-                "Answer with one JSON object" + (f" matching this JSON schema: {json.dumps(schema)}" if schema else "")
-            )
+        instructions = [json_instruction(req.response_format)] if constrained else []
         if must_call is not None:
-            instructions.append(
-                f"You must answer by calling {'the tool ' + repr(must_call) if must_call else 'a tool'}"
-            )
+            instructions.append(must_call_instruction(must_call or None))
         if instructions:
-            messages = model.with_instruction(messages, ". ".join(instructions) + ".")
+            messages = model.with_instruction(messages, "\n\n".join(instructions))
         params = _params(req, req.max_completion_tokens or req.max_tokens)
         if constrained:
             params["response_format"] = req.response_format
         params["tools"] = tools
-        _check_fits(messages, tools)
         respond = Responder("chat", name, req.include_usage)
         return await _answer(messages, params, respond, req.stream, request, tools=bool(tools))
 
@@ -460,15 +447,20 @@ def create_app(
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise APIError(400, "prompt is an empty list; send at least one prompt", param="prompt")
-        for p in prompts:
-            _check_fits(p)
         params = _params(req, req.max_tokens)
         respond = Responder("text", name, req.include_usage)
         if len(prompts) == 1:
             return await _answer(prompts[0], params, respond, req.stream, request)
         if req.stream:
             raise APIError(400, "stream one prompt per request (or send the list without stream)", param="stream")
-        handles = [_submit(p, params) for p in prompts]  # all in the running batch at once
+        handles: list[RequestHandle] = []
+        try:  # all in the running batch at once; one refused prompt withdraws the others
+            for p in prompts:
+                handles.append(_submit(p, params))
+        except APIError:
+            for handle in handles:
+                handle.cancel()
+            raise
         results = await asyncio.gather(*(_collect(request, h) for h in handles))
         choices = [
             respond.choice("".join(c.text for c in chunks), chunks[-1].finish_reason, i)

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfextend_llm import SelfExtendModel, load_shared
 from selfextend_llm.streaming import iterate_in_thread
-from selfextend_llm.tools import parse_tool_calls
+from selfextend_llm.structured import json_instruction
+from selfextend_llm.tools import must_call_instruction, parse_tool_calls
 
 from ._messages import to_chat_dicts
 
@@ -168,13 +169,12 @@ class ChatSelfExtend(BaseChatModel):
         chat = to_chat_dicts(messages)
         model = self.selfextend_model
         if response_format is not None:
-            chat = model.with_instruction(chat, _json_instruction(response_format))
+            chat = model.with_instruction(chat, json_instruction(response_format))
         if tools and tool_choice not in (None, "auto", "none"):
             name = tool_choice if isinstance(tool_choice, str) and tool_choice not in ("any", "required") else None
             if name is not None and name not in {(t.get("function") or t).get("name") for t in tools}:
                 raise ValueError(f"tool_choice names {name!r}, which is not among the bound tools")
-            must = f"the tool {name!r}" if name else "one of the tools"
-            chat = model.with_instruction(chat, f"You must answer by calling {must}.")
+            chat = model.with_instruction(chat, must_call_instruction(name))
         if tool_choice == "none":
             tools = None
         params: dict[str, Any] = {
@@ -372,14 +372,6 @@ def _closed(schema: Any) -> Any:
     elif isinstance(schema, list):
         schema = [_closed(v) for v in schema]
     return schema
-
-
-def _json_instruction(response_format: dict) -> str:
-    if response_format.get("type") == "json_object":
-        return "Answer with one JSON object and nothing else."
-    return "Answer with one JSON object that matches this JSON schema, and nothing else:\n" + json.dumps(
-        response_format
-    )
 
 
 __all__ = ["ChatSelfExtend"]
