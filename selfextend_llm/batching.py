@@ -187,17 +187,20 @@ class ContinuousBatcher:
         tools: Sequence[Mapping[str, Any]] | None = None,
         timeout: float | None = None,
         response_format: Mapping[str, Any] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
     ) -> RequestHandle:
         """Queue a request (checked now: a bad argument raises here, before it waits).
 
-        ``response_format`` constrains the answer to JSON (see :meth:`SelfExtendModel.constraint`)."""
+        ``response_format`` constrains the answer to JSON, a forced ``tool_choice`` to one valid tool call
+        (see :meth:`SelfExtendModel.prepare_tools` and :meth:`SelfExtendModel.constraint`)."""
         if self._draining or self._stopped:
             raise ShuttingDownError("the server is shutting down and takes no new requests; retry elsewhere")
         validation.generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if timeout is not None:
             validation.number("timeout", timeout, minimum=0.0, exclusive_minimum=True)
         stops = normalize_stops(stop)
-        constraint = self.model.constraint(response_format)
+        prompt, tools, must_call = self.model.prepare_tools(prompt, tools, tool_choice)
+        constraint = self.model.constraint(response_format, tools=tools, must_call=must_call)
         ids = self.model.encode(prompt, tools=tools)
         self.model.check_fits(len(ids))
         max_new = max(1, min(max_new_tokens, self.model.context_window - len(ids)))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TextIteratorStreamer
 
+from . import tools as tools_mod
 from . import tuning, validation
 from .attention import Backend, check_backend
 from .config import SelfExtendConfig
@@ -151,10 +152,52 @@ class SelfExtendModel:
         return next(self.model.parameters()).device
 
     @property
-    def supports_tools(self) -> bool:
-        """Whether the chat template renders tool definitions (so tool calling can work at all)."""
+    def native_tools(self) -> bool:
+        """Whether the chat template renders tool definitions itself (else the prompted format is used)."""
         template = getattr(self.tokenizer, "chat_template", None) or ""
         return "tools" in template
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether tool calling works: every chat model, through its template's own tool rendering or, for
+        templates without one, the prompted format of :func:`selfextend_llm.tools.tools_instruction`."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def tool_format(self) -> str | None:
+        """``"template"`` (the chat template renders tools), ``"prompted"`` (our documented format) or None."""
+        if not self.supports_tools:
+            return None
+        return "template" if self.native_tools else "prompted"
+
+    def prepare_tools(
+        self, prompt: Prompt, tools: Any, tool_choice: Any = None
+    ) -> tuple[Prompt, list[dict[str, Any]] | None, str | None]:
+        """``(prompt, tools, must_call)`` for a call with tools, checked before any work.
+
+        ``tools`` in OpenAI's function format; ``tool_choice`` ``"auto"``/``None``, ``"none"`` (tools not
+        offered), ``"required"``/``"any"`` or a tool's name (OpenAI's object shape too).  A forced choice
+        adds the instruction to the prompt and returns ``must_call`` (``""``: any tool), which the decoder
+        is then held to (:meth:`constraint`).
+        """
+        if tools is None and tool_choice in (None, "auto", "none"):
+            return prompt, None, None
+        validation.prompt(prompt)
+        checked = tools_mod.check_tools(tools) if tools is not None else None
+        offer, must_call = tools_mod.resolve_choice(checked, tool_choice)
+        if not offer:
+            return prompt, None, None
+        if isinstance(prompt, str):
+            raise ValueError("tools need a chat prompt (a list of messages), not a plain string")
+        if not self.supports_tools:
+            raise ValueError(f"{self.model_name} has no chat template, so it cannot call tools")
+        if must_call is not None:
+            prompt = self.with_instruction(prompt, tools_mod.must_call_instruction(must_call or None))
+        return prompt, checked, must_call
+
+    def parse_tool_calls(self, text: str) -> tuple[str, list[tools_mod.ToolCall]]:
+        """Content and tool calls of an answer (``<tool_call>`` blocks; unparseable ones with ``error``)."""
+        return tools_mod.parse_tool_calls(text)
 
     @functools.cached_property
     def supports_system_role(self) -> bool:
@@ -234,11 +277,17 @@ class SelfExtendModel:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.model_name} has no chat template; pass a plain string prompt instead")
         kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": True}
-        if tools:
-            if isinstance(tools, (str, Mapping)) or not all(isinstance(t, Mapping) for t in tools):
-                raise TypeError("tools must be a list of tool definitions (dicts in OpenAI's function format)")
-            kwargs["tools"] = list(tools)
         messages = [{**m, "content": validation.text_parts(m["content"])} for m in prompt]
+        if tools:
+            tools = tools_mod.check_tools(tools)
+        if self.native_tools:
+            if tools:
+                kwargs["tools"] = tools
+        else:  # the prompted format: the contract in the system instruction, earlier calls as text
+            if tools_mod.has_tool_turns(messages):
+                messages = tools_mod.as_plain_chat(messages)
+            if tools:
+                messages = self.with_instruction(messages, tools_mod.tools_instruction(tools))
         try:
             ids = self.tokenizer.apply_chat_template(messages, **kwargs)
         except Exception as err:  # jinja2's TemplateError and friends: the template refused these messages
@@ -309,7 +358,7 @@ class SelfExtendModel:
     ) -> tuple[list[list[int]], int]:
         """Check every argument, encode the prompts, check they fit: all before any generation."""
         validation.generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        if isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence) or not prompts:
+        if not _is_prompt_list(prompts):
             raise TypeError("prompts must be a non-empty list of prompts (strings or message lists)")
         encoded = [self.encode(p, tools=tools) for p in prompts]
         longest = max(len(e) for e in encoded)
@@ -376,24 +425,43 @@ class SelfExtendModel:
         """Everything a call needs, checked and encoded before any work (and before taking the lock)."""
         stops = normalize_stops(stop)
         response_format = generate_kwargs.pop("response_format", None)
-        constraint = self.constraint(response_format)  # a bad schema fails here, before any work
-        encoded, max_new = self._prepare(prompts, max_new_tokens, tools, temperature, top_p, seed)
+        tool_choice = generate_kwargs.pop("tool_choice", None)
+        checked, must_call = None, None
+        if (tools is not None or tool_choice is not None) and _is_prompt_list(prompts):
+            prepared = [self.prepare_tools(p, tools, tool_choice) for p in prompts]
+            prompts = [p for p, _, _ in prepared]
+            checked, must_call = prepared[0][1], prepared[0][2]
+        # a bad schema or tool fails here, before any work
+        constraint = self.constraint(response_format, tools=checked, must_call=must_call)
+        encoded, max_new = self._prepare(prompts, max_new_tokens, checked, temperature, top_p, seed)
         ids, mask = self._batch_tensors(encoded)
         kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
         if constraint is not None:
             from .structured import ConstrainedLogits
 
-            rows = [constraint] + [self.constraint(response_format) for _ in encoded[1:]]
+            rows = [constraint] + [
+                self.constraint(response_format, tools=checked, must_call=must_call) for _ in encoded[1:]
+            ]
             kwargs["logits_processor"] = [ConstrainedLogits(rows, ids.shape[1])]
         return _Call(encoded, ids, mask, max_new, stops, kwargs)
 
-    def constraint(self, response_format: Mapping[str, Any] | None) -> Any:
-        """A fresh :class:`~selfextend_llm.structured.Constraint` for ``response_format`` (None: free text).
+    def constraint(
+        self,
+        response_format: Mapping[str, Any] | None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        must_call: str | None = None,
+    ) -> Any:
+        """A fresh :class:`~selfextend_llm.structured.Constraint` (None: free text).
 
-        ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"schema": ...}}`` or a bare
-        JSON schema; the output is then valid JSON (for the schema) by construction.
+        ``response_format``: ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"schema":
+        ...}}`` or a bare JSON schema; the output is then valid JSON (for the schema) by construction.
+        ``must_call`` (from :meth:`prepare_tools`): the answer is one call of that tool (``""``: any of
+        ``tools``) with schema-valid arguments.
         """
-        if response_format is None:
+        if must_call is not None and response_format is not None:
+            raise ValueError("a forced tool_choice and response_format cannot both shape one answer; send one of them")
+        if response_format is None and must_call is None:
             return None
         from .structured import JSONGrammars
 
@@ -401,6 +469,8 @@ class SelfExtendModel:
             if self._grammars is None:
                 vocab = self.model.get_output_embeddings().weight.shape[0]
                 self._grammars = JSONGrammars(self.tokenizer, vocab)
+        if must_call is not None:
+            return self._grammars.tool_call(tools or [], must_call or None)
         return self._grammars.constraint(response_format)
 
     def _run(self, call: _Call, criteria: _StopCriteria, streamer: _RecordingStreamer | None = None) -> torch.Tensor:
@@ -461,7 +531,7 @@ class SelfExtendModel:
         continuous batcher instead of waiting for the model, so N concurrent calls cost about one batched
         generation rather than N in a row.  Extra ``generate`` keyword arguments always take the single path.
         """
-        known = {"max_new_tokens", "stop", "temperature", "top_p", "seed", "tools", "response_format"}
+        known = {"max_new_tokens", "stop", "temperature", "top_p", "seed", "tools", "tool_choice", "response_format"}
         with self._batcher_lock:  # claim the single path atomically: calls arriving together batch
             batcher = self._batcher
             solo = not self._solo_calls and (batcher is None or batcher.running + batcher.queue_depth == 0)
@@ -563,6 +633,10 @@ class _RecordingStreamer(TextIteratorStreamer):
         if not (self.skip_prompt and self.next_tokens_are_prompt):
             self.generated.extend(value.reshape(-1).tolist())
         super().put(value)
+
+
+def _is_prompt_list(prompts: Any) -> bool:
+    return isinstance(prompts, Sequence) and not isinstance(prompts, (str, Mapping)) and bool(prompts)
 
 
 def _as_list(value) -> list[int]:

@@ -16,7 +16,7 @@ request path).  Optional: ``pip install 'selfextend-llm[json]'``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -84,20 +84,28 @@ class JSONGrammars:
         self.vocab_size = vocab_size
         self._checked: dict[str, str] = {}
 
-    def _grammar(self, schema: Mapping[str, Any]) -> str:
-        key = json.dumps(schema)  # property order is the output order
+    def _compiled(self, key: str, make: Any, what: str) -> str:
+        """A grammar checked against this tokenizer once (``make()`` builds it on a miss)."""
         if key not in self._checked:
-            grammar = self._llg.LLMatcher.grammar_from_json_schema(key, defaults={"whitespace_flexible": False})
+            grammar = make()
             error = self._llg.LLMatcher.validate_grammar(grammar, self._tokenizer)
             if error:
-                raise ValueError(
-                    f"the JSON schema cannot be compiled into a grammar ({error}); simplify it or send "
-                    "{'type': 'json_object'}"
-                )
+                raise ValueError(f"{what} cannot be compiled into a grammar ({error}); simplify it")
             if len(self._checked) > 256:
                 self._checked.clear()
             self._checked[key] = grammar
         return self._checked[key]
+
+    def _grammar(self, schema: Mapping[str, Any]) -> str:
+        key = json.dumps(schema)  # property order is the output order
+        return self._compiled(
+            key,
+            lambda: self._llg.LLMatcher.grammar_from_json_schema(key, defaults={"whitespace_flexible": False}),
+            "the JSON schema (send {'type': 'json_object'} for any object)",
+        )
+
+    def _new(self, grammar: str) -> Constraint:
+        return Constraint(self._llg, self._llg.LLMatcher(self._tokenizer, grammar), self.vocab_size, self.eos)
 
     def constraint(self, response_format: Mapping[str, Any] | None) -> Constraint | None:
         """A fresh per-request constraint (None: free text).  A bad schema raises ``ValueError`` now."""
@@ -105,8 +113,20 @@ class JSONGrammars:
         if schema is None:
             return None
         # json_object is any JSON *object* (OpenAI's JSON mode), not any JSON value
-        grammar = self._grammar({"type": "object"} if schema is True else schema)
-        return Constraint(self._llg, self._llg.LLMatcher(self._tokenizer, grammar), self.vocab_size, self.eos)
+        return self._new(self._grammar({"type": "object"} if schema is True else schema))
+
+    def tool_call(self, tools: Sequence[Mapping[str, Any]], name: str | None) -> Constraint:
+        """A constraint to exactly one ``<tool_call>`` of ``name`` (any offered tool when None), arguments
+        valid for its schema: how ``tool_choice`` "required" or a named tool is enforced."""
+        from .tools import call_grammar
+
+        lark = call_grammar(tools, name)
+        grammar = self._compiled(
+            "lark:" + lark,
+            lambda: self._llg.LLMatcher.grammar_from_lark(lark),
+            "a tool's parameters schema",
+        )
+        return self._new(grammar)
 
 
 class Constraint:

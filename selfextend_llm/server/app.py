@@ -25,7 +25,7 @@ from ..batching import ContinuousBatcher, QueueFullError, RequestHandle, Request
 from ..model import ContextWindowExceededError, SelfExtendModel, StreamChunk
 from ..streaming import iterate_in_thread
 from ..structured import json_instruction
-from ..tools import must_call_instruction, openai_tool_calls, parse_tool_calls
+from ..tools import check_tools, openai_tool_calls, parse_tool_calls, resolve_choice
 from ..validation import missing_extra
 from .metrics import ServerMetrics
 from .protocol import (
@@ -388,57 +388,34 @@ def create_app(
         if bad is not None:
             raise APIError(400, f"{bad} is not supported by this server; leave it out (or at its default)", param=bad)
 
-    def _tools(req: ChatRequest) -> tuple[list[dict[str, Any]] | None, str | None]:
-        """The tool definitions to render, and the tool the answer must call ("" for any); checked."""
-        choice = req.tool_choice
-        if isinstance(choice, dict):
-            choice = (choice.get("function") or {}).get("name") or choice.get("name")
-            if not isinstance(choice, str):
-                raise APIError(400, "tool_choice as an object needs function.name", param="tool_choice")
-        if not req.tools:
-            if choice not in (None, "none", "auto"):
-                raise APIError(400, "tool_choice needs tools; send the tools it may call", param="tool_choice")
-            return None, None
-        if not model.supports_tools:
-            raise APIError(
-                400, f"{name}'s chat template has no tool support; send the request without tools", param="tools"
-            )
-        tools = []
-        for i, tool in enumerate(req.tools):
-            fn = tool.get("function", tool) if tool.get("type", "function") == "function" else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise APIError(400, f"tools[{i}] needs a function with a name", param="tools")
-            if not isinstance(fn.get("parameters", {}), dict):
-                raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
-            tools.append(fn)
-        if choice == "none":
-            return None, None
-        if choice in (None, "auto"):
-            return tools, None
-        if choice in ("required", "any"):
-            return tools, ""
-        if choice not in {t["name"] for t in tools}:
-            raise APIError(400, f"tool_choice names {choice!r}, which is not among the tools", param="tool_choice")
-        return tools, choice
+    def _tools(req: ChatRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+        """The tool definitions and ``tool_choice``, checked (400 naming the parameter) before any work."""
+        try:
+            tools = check_tools(req.tools) if req.tools else None
+        except (TypeError, ValueError) as err:
+            raise APIError(400, str(err), param="tools") from err
+        try:
+            resolve_choice(tools, req.tool_choice)
+        except (TypeError, ValueError) as err:
+            raise APIError(400, str(err), param="tool_choice") from err
+        return tools, req.tool_choice
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         _check_model(req.model)
         _refuse_unsupported(req)
         messages = [_message(m) for m in req.messages]
-        tools, must_call = _tools(req)
+        tools, tool_choice = _tools(req)
         constrained = req.response_format and req.response_format.get("type") in ("json_object", "json_schema")
-        instructions = [json_instruction(req.response_format)] if constrained else []
-        if must_call is not None:
-            instructions.append(must_call_instruction(must_call or None))
-        if instructions:
-            messages = model.with_instruction(messages, "\n\n".join(instructions))
+        if constrained:
+            messages = model.with_instruction(messages, json_instruction(req.response_format))
         params = _params(req, req.max_completion_tokens or req.max_tokens)
         if constrained:
             params["response_format"] = req.response_format
-        params["tools"] = tools
+        params.update(tools=tools, tool_choice=tool_choice)
         respond = Responder("chat", name, req.include_usage)
-        return await _answer(messages, params, respond, req.stream, request, tools=bool(tools))
+        offered = bool(tools) and tool_choice != "none"
+        return await _answer(messages, params, respond, req.stream, request, tools=offered)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from selfextend_llm import SelfExtendModel, load_shared
 from selfextend_llm.streaming import iterate_in_thread
 from selfextend_llm.structured import json_instruction
-from selfextend_llm.tools import must_call_instruction, parse_tool_calls
+from selfextend_llm.tools import check_tools, closed_schema, resolve_choice
 
 from ._messages import to_chat_dicts
 
@@ -170,13 +170,8 @@ class ChatSelfExtend(BaseChatModel):
         model = self.selfextend_model
         if response_format is not None:
             chat = model.with_instruction(chat, json_instruction(response_format))
-        if tools and tool_choice not in (None, "auto", "none"):
-            name = tool_choice if isinstance(tool_choice, str) and tool_choice not in ("any", "required") else None
-            if name is not None and name not in {(t.get("function") or t).get("name") for t in tools}:
-                raise ValueError(f"tool_choice names {name!r}, which is not among the bound tools")
-            chat = model.with_instruction(chat, must_call_instruction(name))
-        if tool_choice == "none":
-            tools = None
+        if tool_choice in ("none", False):
+            tools, tool_choice = None, None
         params: dict[str, Any] = {
             "max_new_tokens": kwargs.pop("max_tokens", kwargs.pop("max_new_tokens", self.max_tokens)),
             "temperature": kwargs.pop("temperature", self.temperature),
@@ -184,17 +179,16 @@ class ChatSelfExtend(BaseChatModel):
             "top_p": kwargs.pop("top_p", self.top_p),
             "seed": kwargs.pop("seed", self.seed),
             "tools": tools,
+            "tool_choice": tool_choice,  # forced choices are held to one valid call (constrained decoding)
         }
         if response_format is not None:  # JSON valid by construction (constrained decoding)
             params["response_format"] = response_format
         if self.timeout is not None:
             params["max_time"] = self.timeout
-        # Fail before any work when the prompt cannot fit.
-        self.selfextend_model.check_fits(len(self.selfextend_model.encode(chat, tools=tools)))
         return chat, params
 
     def _message(self, text: str, prompt_tokens: int, completion_tokens: int, finish: str, tools: bool) -> AIMessage:
-        content, parsed = parse_tool_calls(text) if tools else (text, [])
+        content, parsed = self.selfextend_model.parse_tool_calls(text) if tools else (text, [])
         calls = [{"name": c.name, "args": c.arguments, "id": c.id} for c in parsed if c.error is None]
         invalid = [
             {"name": None, "args": c.raw, "id": c.id, "error": c.error, "type": "invalid_tool_call"}
@@ -247,7 +241,7 @@ class ChatSelfExtend(BaseChatModel):
                 if run_manager:
                     run_manager.on_llm_new_token(piece.text, chunk=chunk)
             else:
-                content, calls = parse_tool_calls("".join(held)) if tools else ("", [])
+                content, calls = self.selfextend_model.parse_tool_calls("".join(held)) if tools else ("", [])
                 # An unparseable call's args go as a JSON *string* (its raw text): LangChain's partial-JSON
                 # parser would otherwise "complete" the broken object into a call; a string lands in
                 # invalid_tool_calls, as it must.
@@ -310,17 +304,19 @@ class ChatSelfExtend(BaseChatModel):
         tool_choice: str | dict | bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Offer tools through the model's chat template (Hermes/Qwen ``<tool_call>`` output format)."""
-        if not self.selfextend_model.supports_tools:
-            raise ValueError(
-                f"{self.model_name}'s chat template has no tool support, so it cannot call tools; "
-                "use a model whose template renders tools (for example Qwen2.5-Instruct), or call the tool yourself"
-            )
+        """Offer tools: through the chat template where it renders tools, else in the documented prompted format.
+
+        ``tool_choice``: "auto" (default), "none", "any"/"required"/True (some call) or a tool's name; a
+        forced choice is decoded under a grammar, so the answer is one call with schema-valid arguments.
+        """
         if isinstance(tool_choice, dict):
             tool_choice = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
         elif tool_choice is True:
             tool_choice = "any"
-        return super().bind(tools=[convert_to_openai_tool(t) for t in tools], tool_choice=tool_choice, **kwargs)
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        # unknown names, bad schemas: an error now, not at the first call
+        resolve_choice(check_tools(formatted), tool_choice)
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(
         self,
@@ -336,7 +332,7 @@ class ChatSelfExtend(BaseChatModel):
         """
         if kwargs:
             raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
-        json_schema = _closed(convert_to_json_schema(schema)) if method != "json_mode" else None
+        json_schema = closed_schema(convert_to_json_schema(schema)) if method != "json_mode" else None
         llm = self.bind(
             response_format=json_schema or {"type": "json_object"},
             ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
@@ -344,7 +340,15 @@ class ChatSelfExtend(BaseChatModel):
         is_pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
 
         def parse(message: AIMessage) -> Any:
-            data = _extract_json(message.content if isinstance(message.content, str) else str(message.content))
+            text = message.content if isinstance(message.content, str) else str(message.content)
+            if message.response_metadata.get("finish_reason") == "length":
+                # valid so far (the decoder held it to the schema), but max_tokens ended it mid-document
+                raise OutputParserException(
+                    f"max_tokens cut the JSON before it was complete ({len(text)} characters written); raise "
+                    f"max_tokens: {text[:200]!r}",
+                    llm_output=text,
+                )
+            data = _extract_json(text)
             if is_pydantic:
                 try:
                     return schema.model_validate(data)
@@ -360,18 +364,6 @@ class ChatSelfExtend(BaseChatModel):
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
-
-
-def _closed(schema: Any) -> Any:
-    """Objects with listed properties take no others unless the schema says so: without this, a constrained
-    model may keep adding keys until ``max_tokens`` cuts the document (Pydantic drops extras anyway)."""
-    if isinstance(schema, dict):
-        schema = {k: _closed(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema:
-            schema["additionalProperties"] = False
-    elif isinstance(schema, list):
-        schema = [_closed(v) for v in schema]
-    return schema
 
 
 __all__ = ["ChatSelfExtend"]

@@ -35,9 +35,36 @@ class CallCounter(BaseCallbackHandler):
 def test_profile_advertises_extended_window():
     llm = ChatSelfExtend()
     assert llm.profile["max_input_tokens"] == llm.selfextend_model.context_window == 32768
-    assert llm.profile["tool_calling"] is False  # SmolLM2's template has no tools
-    with pytest.raises(ValueError, match="no tool support"):
-        llm.bind_tools([])
+    # SmolLM2's template renders no tools: the prompted format makes them work all the same
+    assert llm.profile["tool_calling"] is True and llm.selfextend_model.tool_format == "prompted"
+
+
+def test_forced_tool_call_on_the_embedded_default_is_valid_on_every_path():
+    """No scripting: the 135M default calls the named tool with schema-valid arguments (a grammar holds it)."""
+    from langchain_core.tools import tool
+
+    @tool
+    def read_file(path: str, max_lines: int) -> str:
+        """Read a whole text file."""
+        return path
+
+    @tool
+    def word_count(text: str) -> int:
+        """Count the words of a text."""
+        return len(text.split())
+
+    bound = ChatSelfExtend(max_tokens=60).bind_tools([read_file, word_count], tool_choice="read_file")
+    message = bound.invoke("Read the file notes.txt, 10 lines.")
+    (call,) = message.tool_calls
+    assert call["name"] == "read_file" and isinstance(call["args"]["path"], str)
+    assert isinstance(call["args"]["max_lines"], int) and message.response_metadata["finish_reason"] == "tool_calls"
+    merged = None
+    for chunk in bound.stream("Read the file notes.txt, 10 lines."):
+        assert "<tool_call>" not in str(chunk.content)
+        merged = chunk if merged is None else merged + chunk
+    assert merged.tool_calls[0]["name"] == "read_file" and merged.tool_calls[0]["args"] == call["args"]
+    anyone = ChatSelfExtend(max_tokens=60).bind_tools([read_file, word_count], tool_choice="any")
+    assert anyone.invoke("How many words are in 'a b c'?").tool_calls[0]["name"] in ("read_file", "word_count")
 
 
 def test_same_arguments_share_one_model():
@@ -181,7 +208,7 @@ def test_unparseable_tool_calls_land_in_invalid_tool_calls(monkeypatch):
     _scripted(monkeypatch, chat, '<tool_call>{"name": "read_file", "arguments": {"path": </tool_call>')
     message = chat.bind_tools([read_file]).invoke("What is in a.txt?")
     assert message.tool_calls == [] and len(message.invalid_tool_calls) == 1
-    with pytest.raises(ValueError, match="not among the bound tools"):
+    with pytest.raises(ValueError, match="not among the tools"):
         chat.bind_tools([read_file], tool_choice="delete_everything").invoke("hi")
 
 

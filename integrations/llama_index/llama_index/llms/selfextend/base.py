@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -16,21 +16,61 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.llm import LLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.prompts import BasePromptTemplate
+from pydantic import BaseModel
 
 from selfextend_llm import SelfExtendModel, load_shared
 from selfextend_llm.streaming import iterate_in_thread
+from selfextend_llm.structured import json_instruction
+from selfextend_llm.tools import closed_schema
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
-def _to_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+def _to_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """LlamaIndex messages as chat-template dicts: tool calls (``ToolCallBlock``) and tool results kept."""
     role = {MessageRole.CHATBOT: "assistant", MessageRole.MODEL: "assistant"}
-    return [{"role": role.get(m.role, m.role.value), "content": m.content or ""} for m in messages]
+    out = []
+    for m in messages:
+        entry: dict[str, Any] = {"role": role.get(m.role, m.role.value), "content": m.content or ""}
+        calls = [b for b in m.blocks if isinstance(b, ToolCallBlock)]
+        if calls:
+            entry["tool_calls"] = [
+                {"type": "function", "id": c.tool_call_id, "function": {"name": c.tool_name, "arguments": args}}
+                for c in calls
+                for args in [c.tool_kwargs]
+            ]
+        if m.role == MessageRole.TOOL and m.additional_kwargs.get("tool_call_id"):
+            entry["tool_call_id"] = m.additional_kwargs["tool_call_id"]
+        out.append(entry)
+    return out
 
 
-class SelfExtendLLM(LLM):
+def _answer_message(text: str, model: SelfExtendModel | None) -> ChatMessage:
+    """The assistant message of an answer: with tools offered (``model`` given), ``<tool_call>`` blocks
+    become ``ToolCallBlock``\ s (unparseable ones stay in the text, not lost)."""
+    if model is None:
+        return ChatMessage(role=MessageRole.ASSISTANT, content=text)
+    content, calls = model.parse_tool_calls(text)
+    broken = [f"<tool_call>{c.raw}</tool_call>" for c in calls if c.error is not None]
+    content = "\n".join([content, *broken]).strip()
+    blocks: list[Any] = [TextBlock(text=content)] if content else []
+    valid = [c for c in calls if c.error is None]
+    blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in valid]
+    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks or [TextBlock(text="")])
+
+
+class SelfExtendLLM(FunctionCallingLLM):
     """A local RoPE model with SelfExtend, as a LlamaIndex LLM.
 
     Example:
@@ -93,7 +133,7 @@ class SelfExtendLLM(LLM):
             context_window=self.context_window_override or m.context_window,
             num_output=self.max_new_tokens,
             is_chat_model=bool(getattr(m.tokenizer, "chat_template", None)),
-            is_function_calling_model=False,
+            is_function_calling_model=m.supports_tools,
             model_name=m.model_name,
         )
 
@@ -111,6 +151,9 @@ class SelfExtendLLM(LLM):
             "top_p": kwargs.pop("top_p", self.top_p),
             "seed": kwargs.pop("seed", self.seed),
             "stop": stop or None,
+            "tools": kwargs.pop("tools", None),
+            "tool_choice": kwargs.pop("tool_choice", None),
+            "response_format": kwargs.pop("response_format", None),
         }
 
     def _completion_prompt(self, prompt: str, formatted: bool) -> str | list[dict[str, str]]:
@@ -123,8 +166,11 @@ class SelfExtendLLM(LLM):
                 return [*messages, {"role": "user", "content": prompt}]
         return prompt
 
-    def _checked(self, prompt: str | list[dict[str, str]]) -> str | list[dict[str, str]]:
-        self._model.check_fits(self._model.count_tokens(prompt))  # before any generation starts
+    def _checked(self, prompt: str | list[dict[str, Any]], params: dict[str, Any] | None = None) -> Any:
+        """The prompt, after checking (before a stream starts) that it fits and that its tools are valid."""
+        params = params or {}
+        prompt_, tools, _ = self._model.prepare_tools(prompt, params.get("tools"), params.get("tool_choice"))
+        self._model.check_fits(len(self._model.encode(prompt_, tools=tools)))
         return prompt
 
     # ------------------------------------------------------------------ completion
@@ -163,29 +209,97 @@ class SelfExtendLLM(LLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        done = self._model.complete_shared(self._checked(self._chat_prompt(messages)), **self._params(kwargs))
+        params = self._params(kwargs)
+        done = self._model.complete_shared(self._chat_prompt(messages), **params)
         return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=done.text),
+            message=_answer_message(done.text, self._model if _offers(params) else None),
             raw=_raw(done.finish_reason, done.prompt_tokens, done.completion_tokens),
         )
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        prompt = self._checked(self._chat_prompt(messages))
+        prompt = self._checked(self._chat_prompt(messages), self._params(dict(kwargs)))
         params = self._params(kwargs)
+        tools = self._model if _offers(params) else None
 
         def gen() -> ChatResponseGen:
             text = ""
             for piece in self._model.stream_chunks(prompt, **params):
                 text += piece.text
-                message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
                 if piece.finish_reason is None:
-                    yield ChatResponse(message=message, delta=piece.text)
+                    if tools is None:  # with tools the text is held: a <tool_call> block is no content
+                        yield ChatResponse(message=_answer_message(text, None), delta=piece.text)
                 else:
                     raw = _raw(piece.finish_reason, piece.prompt_tokens, piece.completion_tokens)
-                    yield ChatResponse(message=message, delta=piece.text, raw=raw)
+                    message = _answer_message(text, tools)
+                    yield ChatResponse(message=message, delta=message.content if tools else piece.text, raw=raw)
 
         return gen()
+
+    # ------------------------------------------------------------------ tools (FunctionCallingLLM)
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """``chat()`` arguments offering ``tools``; ``tool_required`` (or a ``tool_choice`` naming a tool)
+        forces a call, which is then decoded under a grammar (one call, schema-valid arguments)."""
+        specs = [t.metadata.to_openai_tool(skip_length_check=True) for t in tools]
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            if isinstance(user_msg, str):
+                user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+            messages.append(user_msg)
+        if tool_choice is None:
+            tool_choice = "required" if tool_required else "auto"
+        return {"messages": messages, "tools": specs or None, "tool_choice": tool_choice if specs else None, **kwargs}
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The calls of an answer from ``chat_with_tools`` (or its stream's last response)."""
+        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            raise ValueError(f"expected at least one tool call, got none; the answer was {response.message.content!r}")
+        return [
+            ToolSelection(tool_id=c.tool_call_id or "", tool_name=c.tool_name, tool_kwargs=c.tool_kwargs) for c in calls
+        ]
+
+    # ------------------------------------------------------------------ structured output: constrained decoding
+    def _structured_messages(self, output_cls: type[Model], prompt: BasePromptTemplate, prompt_args: dict) -> Any:
+        schema = closed_schema(output_cls.model_json_schema())
+        chat = _to_dicts(prompt.format_messages(llm=self, **prompt_args))
+        return self._model.with_instruction(chat, json_instruction(schema)), schema
+
+    def _parse_structured(self, output_cls: type[Model], text: str) -> Model:
+        try:
+            return output_cls.model_validate_json(text)
+        except ValueError as err:  # cut by max_new_tokens: the JSON is valid so far, but not finished
+            raise ValueError(
+                f"the answer is not a complete {output_cls.__name__} ({err}); raise max_new_tokens"
+            ) from err
+
+    def structured_predict(
+        self, output_cls: type[Model], prompt: BasePromptTemplate, llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:  # fmt: skip
+        """An ``output_cls`` instance, decoded under the class's JSON schema (valid by construction)."""
+        chat, schema = self._structured_messages(output_cls, prompt, prompt_args)
+        params = self._params(dict(llm_kwargs or {}))
+        params["response_format"] = schema
+        return self._parse_structured(output_cls, self._model.complete_shared(chat, **params).text)
+
+    async def astructured_predict(
+        self, output_cls: type[Model], prompt: BasePromptTemplate, llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:  # fmt: skip
+        return await asyncio.to_thread(self.structured_predict, output_cls, prompt, llm_kwargs, **prompt_args)
 
     # ------------------------------------------------------------------ async: the model runs in a worker thread
     @llm_completion_callback()
@@ -203,6 +317,11 @@ class SelfExtendLLM(LLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         return iterate_in_thread(self.stream_chat(messages, **kwargs))
+
+
+def _offers(params: dict[str, Any]) -> bool:
+    """Whether a call offers tools (so its answer may hold calls)."""
+    return bool(params.get("tools")) and params.get("tool_choice") not in ("none", False)
 
 
 def _raw(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
