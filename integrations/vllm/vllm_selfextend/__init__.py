@@ -1,0 +1,100 @@
+"""SelfExtend inside vLLM: a plugin attention backend, so whole-document serving scales past one process.
+
+``pip install`` this package beside vLLM and its ``vllm.general_plugins`` entry point registers the
+backend as ``CUSTOM``. :func:`engine_args` gives everything ``vllm.LLM`` (or ``AsyncEngineArgs``) needs to
+serve a model past its trained window; ``selfextend-llm vllm-args MODEL`` prints the same as ``vllm serve``
+flags.
+
+    from vllm import LLM
+    from vllm_selfextend import engine_args
+
+    llm = LLM(**engine_args("exported-folder", target_context=32768))
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from .settings import KEY, Settings, plan
+
+__all__ = ["KEY", "Settings", "engine_args", "register", "serve_command", "serve_flags"]
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: register the SelfExtend backend as ``CUSTOM``."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, "vllm_selfextend.backend.SelfExtendBackend")
+
+
+def _default_model() -> str:
+    """The embedded default as a transformers folder (exported once into the cache)."""
+    from selfextend_llm.loading import export_folder
+
+    return str(export_folder(None))
+
+
+def engine_args(
+    model: str | Path | None = None,
+    *,
+    target_context: int | None = None,
+    group_size: int | None = None,
+    neighbor_window: int | None = None,
+    **more: Any,
+) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM(**...)`` serving ``model`` (a transformers folder) with SelfExtend.
+
+    G and W come from the project's own tuning, as ``selfextend_llm.load`` chooses them: fixed when
+    ``group_size`` is given, else per request by its length (the measured table for the embedded
+    default, plain inside the trained window and the rule of thumb beyond).  ``max_model_len`` is the
+    planned window (``target_context``, default 4x the trained one); the model config's
+    ``max_position_embeddings`` is raised to it (vLLM sizes its rotary tables by it) and the settings
+    travel in ``hf_overrides``.  ``enforce_eager`` defaults to True: the backend walks the batch's
+    requests on the host.  ``more`` is passed through (it wins over these defaults, except the
+    settings themselves).  A model or target the backend cannot serve raises here, before any engine
+    starts.
+    """
+    folder = str(Path(model).expanduser()) if model is not None else _default_model()
+    settings = plan(folder, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window)
+    overrides = {**more.pop("hf_overrides", {}), KEY: settings.to_override()}
+    overrides["max_position_embeddings"] = settings.context_window
+    args: dict[str, Any] = {
+        "model": folder,
+        "attention_backend": "CUSTOM",
+        "max_model_len": settings.context_window,
+        "enforce_eager": True,
+    }
+    args.update(more)
+    args["hf_overrides"] = overrides
+    if args["max_model_len"] > settings.context_window:
+        raise ValueError(
+            f"max_model_len={args['max_model_len']} is beyond the planned SelfExtend window "
+            f"({settings.context_window}); pass target_context={args['max_model_len']} instead"
+        )
+    return args
+
+
+def serve_flags(args: dict[str, Any]) -> list[str]:
+    """:func:`engine_args` as ``vllm serve`` command-line flags (the model first)."""
+    flags = [str(args["model"])]
+    for key, value in args.items():
+        if key == "model":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def serve_command(args: dict[str, Any]) -> str:
+    """The whole ``vllm serve ...`` line, quoted for a POSIX shell."""
+    return shlex.join(["vllm", "serve", *serve_flags(args)])

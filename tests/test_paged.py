@@ -1,0 +1,111 @@
+"""SelfExtend over a paged KV cache (vLLM's layout) against the float64 formula: random block tables, GQA,
+mixed batches of prefill chunks and decode tokens, prefix-cache hits.  On a GPU the same tests run the Triton
+kernels (``SELFEXTEND_TEST_DEVICE=cuda``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfextend_llm.config import SelfExtendConfig
+from selfextend_llm.kernels.paged import gather_sequence, paged_selfextend_attention, split_kv, write_kv
+from selfextend_llm.reference import reference_selfextend
+from selfextend_llm.rope import rotate
+
+
+def _inv_freq(d: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+
+
+def _device() -> torch.device:
+    return torch.empty(0).device  # the suite's default device (cuda under SELFEXTEND_TEST_DEVICE=cuda)
+
+
+def _batch(seed: int, seq_lens, q_lens, heads, kv_heads, d, block_size, dtype):
+    """A cache with the sequences' keys scattered over shuffled blocks, and the step's packed queries."""
+    g = torch.Generator().manual_seed(seed)
+    dev = _device()
+    inv = _inv_freq(d)
+    n_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 3
+    cache = torch.zeros(n_blocks, kv_heads, block_size, 2 * d, dtype=dtype, device=dev)
+    order = torch.randperm(n_blocks, generator=g).tolist()
+    width = max((n + block_size - 1) // block_size for n in seq_lens)
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    raw, queries = [], []
+    for i, (n, q_len) in enumerate(zip(seq_lens, q_lens, strict=True)):
+        blocks = [order.pop() for _ in range((n + block_size - 1) // block_size)]
+        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        pos = torch.arange(n)
+        k = rotate(torch.randn(1, kv_heads, n, d, generator=g, dtype=torch.float64), pos[None], inv)
+        v = torch.randn(1, kv_heads, n, d, generator=g, dtype=torch.float64)
+        q = rotate(torch.randn(1, heads, q_len, d, generator=g, dtype=torch.float64), pos[None, n - q_len :], inv)
+        slots = torch.tensor([blocks[p // block_size] * block_size + p % block_size for p in range(n)])
+        write_kv(cache, k[0].transpose(0, 1).to(dev, dtype), v[0].transpose(0, 1).to(dev, dtype), slots.to(dev))
+        raw.append((q, k, v))
+        queries.append(q[0].transpose(0, 1))
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    return cache, table.to(dev), torch.cat(queries).to(dev, dtype), starts, raw, inv
+
+
+def _expected(raw, seq_lens, config_for, inv, scale):
+    outs = []
+    for (q, k, v), n in zip(raw, seq_lens, strict=True):
+        cfg = config_for(n)
+        group, window = (1, n + 1) if cfg is None else (cfg.group_size, cfg.neighbor_window)
+        pos = torch.arange(n)
+        ref = reference_selfextend(
+            q, k, v, query_positions=pos[None, n - q.shape[2] :], key_positions=pos[None], group_size=group,
+            neighbor_window=window, inv_freq=inv, scale=scale,
+        )  # fmt: skip
+        outs.append(ref[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_write_and_gather_round_trip_through_shuffled_blocks():
+    cache, table, _, _, raw, _ = _batch(0, [37, 5], [1, 5], 4, 2, 16, 8, torch.float32)
+    key_cache, value_cache = split_kv(cache, 16)
+    for i, (_, k, v) in enumerate(raw):
+        n = k.shape[2]
+        torch.testing.assert_close(gather_sequence(key_cache, table[i], n).cpu().double(), k, atol=1e-6, rtol=0)
+        torch.testing.assert_close(gather_sequence(value_cache, table[i], n).cpu().double(), v, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "q_lens", "heads", "kv_heads", "d"),
+    [
+        ([300, 97, 1, 180], [1, 97, 1, 64], 4, 2, 32),  # decode, whole prompt, a 1-token prompt, a chunk
+        ([520, 40], [128, 1], 6, 2, 64),  # a late prefill chunk (prefix-cache hit) beside a decode row
+        ([256], [256], 2, 2, 64),  # MHA, one whole prompt
+    ],
+)
+def test_mixed_batches_match_the_float64_formula(seq_lens, q_lens, heads, kv_heads, d):
+    dtype = torch.float32
+    cache, table, query, starts, raw, inv = _batch(1, seq_lens, q_lens, heads, kv_heads, d, 16, dtype)
+    scale = d**-0.5
+
+    def config_for(n: int) -> SelfExtendConfig | None:  # per-length grouping, plain for short sequences
+        return None if n < 64 else SelfExtendConfig(4 if n < 400 else 8, 32)
+
+    out = paged_selfextend_attention(
+        query, cache, block_table=table, seq_lens=seq_lens, query_start_loc=starts, config_for=config_for,
+        inv_freq=inv.float().to(query.device), scale=scale, pretrained_context=128,
+    )  # fmt: skip
+    expected = _expected(raw, seq_lens, config_for, inv, scale)
+    torch.testing.assert_close(out.cpu().double(), expected, atol=2e-4 if query.is_cuda else 1e-5, rtol=0)
+
+
+def test_padding_rows_and_negative_slots_are_left_alone():
+    cache, table, query, starts, raw, inv = _batch(2, [40], [3], 2, 1, 16, 8, torch.float32)
+    before = cache.clone()
+    write_kv(cache, torch.ones(2, 1, 16, device=cache.device), torch.ones(2, 1, 16, device=cache.device),
+             torch.tensor([-1, -1], device=cache.device))  # fmt: skip
+    assert torch.equal(cache, before)
+    padded = torch.cat([query, torch.full_like(query[:2], 7.0)])
+    out = paged_selfextend_attention(
+        padded, cache, block_table=table, seq_lens=[40], query_start_loc=starts,
+        config_for=lambda n: SelfExtendConfig(2, 8), inv_freq=inv.float().to(query.device), scale=0.25,
+        pretrained_context=32,
+    )  # fmt: skip
+    assert torch.equal(out[3:], torch.zeros_like(out[3:]))
