@@ -114,16 +114,20 @@ def parses(text: str, schema: dict) -> bool:
     return isinstance(value, dict) and valid(value, schema or {"type": "object"})
 
 
-def replay_costs(model, schema: dict, tokens: list[int], vocab: int) -> dict[str, float]:
-    """Median microseconds per token: mask + apply + accept, for xgrammar and llguidance."""
+def replay_costs(tokenizer, schema: dict, tokens: list[int], vocab: int, device: str = "cpu") -> dict[str, float]:
+    """Median microseconds per token: mask + apply + accept, for xgrammar and llguidance.
+
+    On a GPU the logits live there: the mask is filled on the host, copied over and applied there, as a
+    GPU decode step would do it (and the step synchronises before the next token, as sampling does)."""
     import llguidance
     import llguidance.hf
     import llguidance.torch
     import xgrammar as xgr
 
-    logits = torch.randn(1, vocab)
+    logits = torch.randn(1, vocab, device=device)
+    sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)
     out = {}
-    info = xgr.TokenizerInfo.from_huggingface(model.tokenizer, vocab_size=vocab)
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
     compiler = xgr.GrammarCompiler(info)
     compiled = compiler.compile_json_schema(json.dumps(schema or {"type": "object"}))
     matcher, mask = xgr.GrammarMatcher(compiled), xgr.allocate_token_bitmask(1, vocab)
@@ -131,12 +135,13 @@ def replay_costs(model, schema: dict, tokens: list[int], vocab: int) -> dict[str
     for t in tokens:
         start = time.perf_counter()
         matcher.fill_next_token_bitmask(mask)
-        xgr.apply_token_bitmask_inplace(logits, mask)
+        xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device, non_blocking=True))
+        sync()
         matcher.accept_token(t)
         times.append(time.perf_counter() - start)
     out["xgrammar_us"] = statistics.median(times) * 1e6
 
-    lltok = llguidance.hf.from_tokenizer(model.tokenizer, n_vocab=vocab)
+    lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(
         json.dumps(schema or {"type": "object"}), defaults={"whitespace_flexible": True}
     )
@@ -146,7 +151,8 @@ def replay_costs(model, schema: dict, tokens: list[int], vocab: int) -> dict[str
     for t in tokens:
         start = time.perf_counter()
         llguidance.torch.fill_next_token_bitmask(matcher, mask, 0)
-        llguidance.torch.apply_token_bitmask_inplace(logits, mask)
+        llguidance.torch.apply_token_bitmask_inplace(logits, mask.to(logits.device, non_blocking=True))
+        sync()
         matcher.consume_token(t)
         times.append(time.perf_counter() - start)
         if matcher.is_error():  # the replay must follow the same text, or the timing means nothing
@@ -177,7 +183,7 @@ def main() -> None:
             row["free_valid"] += parses(free.text, schema)
             row["constrained_valid"] += parses(done.text, schema)
             row["constrained_cut"] += done.finish_reason == "length"  # max_new_tokens ran out mid-document
-            replay.append(replay_costs(model, schema, model.tokenize(done.text), vocab))
+            replay.append(replay_costs(model.tokenizer, schema, model.tokenize(done.text), vocab))
         row["ms_per_token_free"] = statistics.median(step_free) * 1e3
         row["ms_per_token_constrained"] = statistics.median(step_constrained) * 1e3
         row["xgrammar_us_per_token"] = statistics.median(r["xgrammar_us"] for r in replay)
