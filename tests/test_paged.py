@@ -79,10 +79,15 @@ def test_write_and_gather_round_trip_through_shuffled_blocks():
         ([300, 97, 1, 180], [1, 97, 1, 64], 4, 2, 32),  # decode, whole prompt, a 1-token prompt, a chunk
         ([520, 40], [128, 1], 6, 2, 64),  # a late prefill chunk (prefix-cache hit) beside a decode row
         ([256], [256], 2, 2, 64),  # MHA, one whole prompt
+        ([300, 180, 260, 97], [1, 1, 1, 97], 4, 1, 32),  # three decode rows of one grouping: one launch
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_batches_match_the_float64_formula(seq_lens, q_lens, heads, kv_heads, d, dtype):
+@pytest.mark.parametrize("batch_decodes", [None, True])
+def test_mixed_batches_match_the_float64_formula(seq_lens, q_lens, heads, kv_heads, d, dtype, batch_decodes):
+    """``batch_decodes=True``: the one-token rows in one Triton launch (Triton's interpreter on the CPU)."""
+    if batch_decodes and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("Triton's interpreter computes bfloat16 through NumPy, which has none; covered on the GPU")
     cache, table, query, starts, raw, inv = _batch(1, seq_lens, q_lens, heads, kv_heads, d, 16, dtype)
     scale = d**-0.5
 
@@ -91,7 +96,7 @@ def test_mixed_batches_match_the_float64_formula(seq_lens, q_lens, heads, kv_hea
 
     out = paged_selfextend_attention(
         query, cache, block_table=table, seq_lens=seq_lens, query_start_loc=starts, config_for=config_for,
-        inv_freq=inv.float().to(query.device), scale=scale, pretrained_context=128,
+        inv_freq=inv.float().to(query.device), scale=scale, pretrained_context=128, batch_decodes=batch_decodes,
     )  # fmt: skip
     expected = _expected(raw, seq_lens, config_for, inv, scale)
     atol = 3e-2 if dtype == torch.bfloat16 else 2e-4 if query.is_cuda else 1e-5
@@ -111,3 +116,24 @@ def test_padding_rows_and_negative_slots_are_left_alone():
         pretrained_context=32,
     )  # fmt: skip
     assert torch.equal(out[3:], torch.zeros_like(out[3:]))
+
+
+def test_decode_rows_of_one_grouping_share_one_launch(monkeypatch):
+    from selfextend_llm.kernels import paged
+
+    launches = []
+    real = paged._decode_rows_together
+
+    def spy(*args, **kwargs):
+        done = real(*args, **kwargs)
+        launches.append(done)
+        return done
+
+    monkeypatch.setattr(paged, "_decode_rows_together", spy)
+    cache, table, query, starts, raw, inv = _batch(3, [300, 180, 260, 97], [1, 1, 1, 97], 4, 1, 32, 16, torch.float32)
+    paged.paged_selfextend_attention(
+        query, cache, block_table=table, seq_lens=[300, 180, 260, 97], query_start_loc=starts,
+        config_for=lambda n: SelfExtendConfig(4, 32), inv_freq=inv.float().to(query.device), scale=32**-0.5,
+        pretrained_context=128, batch_decodes=True,
+    )  # fmt: skip
+    assert launches == [{0, 1, 2}]

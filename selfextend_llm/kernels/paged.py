@@ -69,6 +69,7 @@ def paged_selfextend_attention(
     pretrained_context: int,
     layout: Layout = "half",
     out: torch.Tensor | None = None,
+    batch_decodes: bool | None = None,
 ) -> torch.Tensor:
     """SelfExtend attention for a packed batch of sequences over one layer's paged cache.
 
@@ -76,7 +77,8 @@ def paged_selfextend_attention(
     their true positions; sequence ``i`` owns rows ``query_start_loc[i]:query_start_loc[i + 1]`` and has
     ``seq_lens[i]`` keys in the cache (its new tokens included).  ``config_for(n)`` gives the grouping of
     a sequence of ``n`` tokens (None: plain causal attention).  Returns (or fills ``out``) ``tokens,
-    heads, d``; rows past the last sequence's queries are left as they are.
+    heads, d``; rows past the last sequence's queries are left as they are.  ``batch_decodes``: run the
+    one-token rows in one Triton launch (default: on CUDA; True also in Triton's interpreter, for tests).
     """
     from ..attention import selfextend_attention
 
@@ -84,10 +86,19 @@ def paged_selfextend_attention(
     key_cache, value_cache = split_kv(kv_cache, head)
     if out is None:
         out = torch.zeros(query.shape[0], query.shape[1], value_cache.shape[-1], dtype=query.dtype, device=query.device)
+    together = query.device.type == "cuda" if batch_decodes is None else batch_decodes
+    done = (
+        _decode_rows_together(
+            query, key_cache, value_cache, block_table, seq_lens, query_start_loc, config_for, inv_freq, scale,
+            pretrained_context, layout, out,
+        )
+        if together
+        else set()
+    )  # fmt: skip
     for i, n in enumerate(seq_lens):
         start, stop = query_start_loc[i], query_start_loc[i + 1]
         q_len = stop - start
-        if q_len <= 0 or n <= 0:
+        if q_len <= 0 or n <= 0 or i in done:
             continue
         key = gather_sequence(key_cache, block_table[i], n)
         value = gather_sequence(value_cache, block_table[i], n)
@@ -112,3 +123,52 @@ def paged_selfextend_attention(
         )
         out[start:stop] = result[0].transpose(0, 1).to(out.dtype)
     return out
+
+
+def _decode_rows_together(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    config_for: Callable[[int], SelfExtendConfig | None],
+    inv_freq: torch.Tensor,
+    scale: float,
+    pretrained_context: int,
+    layout: Layout,
+    out: torch.Tensor,
+) -> set[int]:
+    """On CUDA, every one-token row of one grouping in a single split-K Triton launch (each row's length
+    read from a tensor, as for a static cache) instead of a launch per row; returns the rows it did."""
+    from ..rope import log_scale
+    from . import triton as triton_kernels
+
+    dim = query.shape[-1]
+    if not (triton_kernels.available(query.device) and triton_kernels.supports(dim, 2 * inv_freq.shape[-1], layout,
+                                                                               query.dtype)):  # fmt: skip
+        return set()
+    rows = [i for i, n in enumerate(seq_lens) if n > 0 and query_start_loc[i + 1] - query_start_loc[i] == 1]
+    configs = {config_for(seq_lens[i]) for i in rows}
+    if len(rows) < 2 or len(configs) != 1 or None in configs:
+        return set()
+    (cfg,) = configs
+    block_size = key_cache.shape[2]
+    lengths = torch.tensor([seq_lens[i] for i in rows], device=query.device, dtype=torch.int32)
+    width = (max(seq_lens[i] for i in rows) + block_size - 1) // block_size
+    ids = block_table[rows, :width].long()  # past a row's own blocks: padding ids, never read (lengths)
+
+    def gathered(cache: torch.Tensor) -> torch.Tensor:  # (rows, kv_heads, width * block_size, d)
+        picked = cache[ids]  # (rows, width, kv_heads, block_size, d)
+        return picked.transpose(1, 2).reshape(len(rows), cache.shape[1], -1, cache.shape[-1])
+
+    q = query[[query_start_loc[i] for i in rows]].unsqueeze(2)  # (rows, heads, 1, d)
+    positions = (lengths.long() - 1)[:, None]
+    q = log_scale(q, positions, pretrained_context if cfg.log_scale else None)
+    result = triton_kernels.decode(
+        q, gathered(key_cache), gathered(value_cache), offsets=torch.zeros_like(lengths),
+        group_size=cfg.group_size, neighbor_window=cfg.neighbor_window, inv_freq=inv_freq, scale=scale,
+        lengths=lengths,
+    )  # fmt: skip
+    out[[query_start_loc[i] for i in rows]] = result[:, :, 0].to(out.dtype)
+    return set(rows)

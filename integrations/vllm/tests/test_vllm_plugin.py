@@ -107,16 +107,25 @@ def test_pass_key_past_the_window_found_where_plain_vllm_misses_it(folder, promp
     assert key not in plain["batches"][0]["outputs"][0]["text"]
 
 
-def test_greedy_tokens_equal_the_load_path(prompts, plugin_run):
-    """fp32, first 16 tokens: the plugin and selfextend_llm.load(target_context=...) on the same token ids."""
+def _load_like_the_engine(folder: str):
+    """selfextend_llm.load with the grouping the engine runs (one setting for every request)."""
     import selfextend_llm
 
-    model = selfextend_llm.load(target_context=WINDOW, device="cpu")
+    settings = Settings(**vllm_selfextend.engine_args(folder, target_context=WINDOW)["hf_overrides"]["selfextend"])
+    assert not settings.log_scale  # load(group_size=...) has no log-scaling switch; this target needs none
+    return selfextend_llm.load(
+        group_size=settings.group_size, neighbor_window=settings.neighbor_window, target_context=WINDOW, device="cpu"
+    )
+
+
+def test_greedy_tokens_equal_the_load_path(folder, prompts, plugin_run):
+    """fp32, first 16 tokens: the plugin and selfextend_llm.load (same G and W) on the same token ids."""
+    model = _load_like_the_engine(folder)
     outputs = plugin_run["batches"][1]["outputs"]
     for (_, ids), out in zip([prompts[0], prompts[3], prompts[-1]], outputs, strict=True):
         text = model.tokenizer.decode(ids)
+        assert model.encode(text) == ids
         ours = model.complete(text, max_new_tokens=16)
-        assert ours.prompt_tokens == len(ids)
         assert out["text"] == ours.text, (len(ids), out["text"], ours.text)
 
 
@@ -185,15 +194,16 @@ def test_engine_args_plan_like_load_and_carry_the_settings(folder):
     settings = Settings(**args["hf_overrides"]["selfextend"])
     assert args["hf_overrides"]["max_position_embeddings"] == WINDOW
     assert settings.pretrained_context == 8192 and settings.model_name == "SmolLM2-135M-Instruct"
+    assert settings.source == "tuned table"
     import selfextend_llm
 
     model = selfextend_llm.load(target_context=WINDOW, device="cpu")
-    for n in (1_000, 9_000, 16_000):  # the same grouping as load() picks for that many tokens
-        assert settings.config_for(n) == model.plan.config_for(n)
-    fixed = Settings(
-        **vllm_selfextend.engine_args(folder, group_size=4, neighbor_window=512)["hf_overrides"]["selfextend"]
-    )
+    # the setting load() plans for a call of the whole window, for every request
+    assert settings.config_for(1_000) == settings.config_for(16_000) == model.plan.config_for(WINDOW)
+    fixed_args = vllm_selfextend.engine_args(folder, group_size=4, neighbor_window=512)
+    fixed = Settings(**fixed_args["hf_overrides"]["selfextend"])
     assert fixed.config_for(100).group_size == 4 and fixed.context_window == (8192 - 512) * 4 + 512
+    assert fixed.source == "fixed by the caller"
     flags = vllm_selfextend.serve_flags(args)
     assert flags[0] == folder and json.loads(flags[flags.index("--hf-overrides") + 1]) == args["hf_overrides"]
 

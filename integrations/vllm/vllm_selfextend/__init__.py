@@ -47,9 +47,10 @@ def engine_args(
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM(**...)`` serving ``model`` (a transformers folder) with SelfExtend.
 
-    G and W come from the project's own tuning, as ``selfextend_llm.load`` chooses them: fixed when
-    ``group_size`` is given, else per request by its length (the measured table for the embedded
-    default, plain inside the trained window and the rule of thumb beyond).  ``max_model_len`` is the
+    G and W come from the project's own tuning, as ``selfextend_llm.load`` chooses them for a call of
+    ``target_context`` tokens (the measured table for the embedded default, else the rule of thumb), or
+    are fixed by ``group_size``/``neighbor_window``; every request runs that one setting
+    (:class:`~vllm_selfextend.settings.Settings` says why).  ``max_model_len`` is the
     planned window (``target_context``, default 4x the trained one); the model config's
     ``max_position_embeddings`` is raised to it (vLLM sizes its rotary tables by it) and the settings
     travel in ``hf_overrides``.  ``enforce_eager`` defaults to True: the backend walks the batch's

@@ -27,29 +27,26 @@ MARKER = "selfextend.json"
 
 @dataclass(frozen=True)
 class Settings:
-    """SelfExtend for one served model.
+    """SelfExtend for one served model: one grouping for every request.
 
-    ``group_size``/``neighbor_window`` fixed (every sequence uses them), or ``adaptive``: each sequence
-    takes the project's setting for its own length (``tuning.choose_config``: the measured table of
-    ``model_name`` where there is one, plain inside the trained window and the rule of thumb beyond).
+    Inside vLLM a request's attention sees its length *so far*, never its final length, and a grouping
+    must hold for a request's whole life (the keys of its early tokens feed every later layer), so the
+    engine runs the one setting planned for ``context_window``: what ``selfextend_llm.load`` plans for
+    a call of that length (the measured table where the model has one, else the rule of thumb).
+    ``load`` in-process re-plans per call, by the call's own length.
     """
 
     model_name: str
     pretrained_context: int
     context_window: int
-    adaptive: bool
     group_size: int
     neighbor_window: int
     log_scale: bool = False
-    fixed_window: int | None = None  # an explicit neighbor_window every adaptive choice keeps
+    source: str = "rule of thumb"
 
-    def config_for(self, n_tokens: int) -> SelfExtendConfig | None:
-        """The grouping of a sequence of ``n_tokens`` (None: exactly plain attention)."""
-        if not self.adaptive:
-            return SelfExtendConfig(self.group_size, self.neighbor_window, log_scale=self.log_scale)
-        return tuning.choose_config(
-            self.model_name, self.pretrained_context, n_tokens, neighbor_window=self.fixed_window
-        )
+    def config_for(self, n_tokens: int) -> SelfExtendConfig:
+        """The grouping of a request of ``n_tokens`` (the same for all: see the class doc)."""
+        return SelfExtendConfig(self.group_size, self.neighbor_window, log_scale=self.log_scale)
 
     def to_override(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,15 +137,20 @@ def plan(
         name, trained, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window
     )
     cfg = chosen.config
+    if group_size is not None:
+        source = "fixed by the caller"
+    elif name in tuning.TUNED:
+        source = "tuned table"
+    else:
+        source = "rule of thumb"
     return Settings(
         model_name=name,
         pretrained_context=trained,
         context_window=chosen.context_window,
-        adaptive=chosen.adaptive,
         group_size=cfg.group_size,
         neighbor_window=cfg.neighbor_window,
         log_scale=cfg.log_scale,
-        fixed_window=chosen.neighbor_window,
+        source=source,
     )
 
 
