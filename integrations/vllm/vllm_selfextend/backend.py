@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -39,6 +40,7 @@ from selfextend_llm.kernels.paged import paged_selfextend_attention, write_kv
 from .settings import Settings, inv_freq
 
 NAME = "SELFEXTEND"
+logger = init_logger(__name__)
 
 
 class SelfExtendBackend(AttentionBackend):
@@ -153,6 +155,11 @@ class SelfExtendImpl(AttentionImpl[SelfExtendMetadata]):
         freqs, _ = inv_freq(model_config.hf_text_config, head_size)
         self._inv_freq = freqs.float()
         self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+        st = self.settings
+        logger.info_once(
+            f"SelfExtend attention: G={st.group_size}, W={st.neighbor_window}, log-scaled queries {st.log_scale} "
+            f"({st.source}); trained {st.pretrained_context} -> max_model_len {st.context_window}"
+        )
 
     def _freqs(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq_on:
