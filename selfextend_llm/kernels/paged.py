@@ -7,10 +7,12 @@ post-RoPE at their true positions, as in transformers, so each sequence is the s
 of the project solves: queries at positions ``n - q .. n - 1`` over keys ``0 .. n - 1``, whatever part
 of them was computed earlier (chunked prefill, prefix-cache hits).
 
-This first version gathers each sequence's blocks into contiguous keys and hands them to
-:func:`selfextend_llm.attention.selfextend_attention` (so every exact path, CPU block algorithm or GPU
-Triton kernels, is reused as tested).  The gather is a copy of the sequence's K/V per layer and step;
-``benchmarks/paged_attention.py`` measures what it costs next to the attention itself.
+Decode rows (one query each) of one grouping run on CUDA in one split-K Triton launch that reads keys
+and values in place through the block table, rotating grouped keys in registers
+(:func:`selfextend_llm.kernels.triton.decode` with ``block_table=``).  Prefill chunks, and everything on
+the CPU, gather the sequence's blocks into contiguous keys and hand them to
+:func:`selfextend_llm.attention.selfextend_attention` (every exact path reused as tested); the gather
+is a copy of the sequence's K/V per layer and step, measured in ``benchmarks/paged_attention.py``.
 
 Cache layout (vLLM's ``LBHNC``, one layer): ``(num_blocks, num_kv_heads, block_size, head_size +
 head_size_v)``, keys in the first ``head_size`` channels and values in the rest.
@@ -139,8 +141,8 @@ def _decode_rows_together(
     layout: Layout,
     out: torch.Tensor,
 ) -> set[int]:
-    """On CUDA, every one-token row of one grouping in a single split-K Triton launch (each row's length
-    read from a tensor, as for a static cache) instead of a launch per row; returns the rows it did."""
+    """On CUDA, every one-token row of one grouping in a single split-K Triton launch that reads the keys in
+    place through the block table (each row's length from a tensor); returns the rows it did."""
     from ..rope import log_scale
     from . import triton as triton_kernels
 
@@ -153,22 +155,15 @@ def _decode_rows_together(
     if len(rows) < 2 or len(configs) != 1 or None in configs:
         return set()
     (cfg,) = configs
-    block_size = key_cache.shape[2]
     lengths = torch.tensor([seq_lens[i] for i in rows], device=query.device, dtype=torch.int32)
-    width = (max(seq_lens[i] for i in rows) + block_size - 1) // block_size
-    ids = block_table[rows, :width].long()  # past a row's own blocks: padding ids, never read (lengths)
-
-    def gathered(cache: torch.Tensor) -> torch.Tensor:  # (rows, kv_heads, width * block_size, d)
-        picked = cache[ids]  # (rows, width, kv_heads, block_size, d)
-        return picked.transpose(1, 2).reshape(len(rows), cache.shape[1], -1, cache.shape[-1])
-
     q = query[[query_start_loc[i] for i in rows]].unsqueeze(2)  # (rows, heads, 1, d)
     positions = (lengths.long() - 1)[:, None]
     q = log_scale(q, positions, pretrained_context if cfg.log_scale else None)
+    # the kernel reads each row's keys in place through its block-table row: no gathered copy
     result = triton_kernels.decode(
-        q, gathered(key_cache), gathered(value_cache), offsets=torch.zeros_like(lengths),
-        group_size=cfg.group_size, neighbor_window=cfg.neighbor_window, inv_freq=inv_freq, scale=scale,
-        lengths=lengths,
+        q, key_cache, value_cache, offsets=torch.zeros_like(lengths), group_size=cfg.group_size,
+        neighbor_window=cfg.neighbor_window, inv_freq=inv_freq, scale=scale, lengths=lengths,
+        block_table=block_table[rows], max_length=max(seq_lens[i] for i in rows),
     )  # fmt: skip
     out[[query_start_loc[i] for i in rows]] = result[:, :, 0].to(out.dtype)
     return set(rows)

@@ -46,6 +46,11 @@ def _decode_kernel(
     OFF,
     VALID,
     LENGTHS,
+    BT,
+    stride_btb,
+    PAGE,
+    stride_kblk,
+    stride_vblk,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -70,6 +75,7 @@ def _decode_kernel(
     HAS_LENGTHS: tl.constexpr,
     PREC: tl.constexpr,
     FAST: tl.constexpr,
+    PAGED: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)
     split = tl.program_id(1)
@@ -94,6 +100,7 @@ def _decode_kernel(
     k_off = K + b * stride_kb + kvh * stride_kh
     v_off = V + b * stride_vb + kvh * stride_vh
     valid_off = VALID + b * stride_valid_b
+    bt_off = BT + b * stride_btb  # PAGED: this row's block table (K/V then point at the whole cache)
 
     lo = split * split_len
     hi = tl.minimum(lo + split_len, n_keys)
@@ -104,7 +111,8 @@ def _decode_kernel(
     acc, m_i, l_i = attn_fwd_inner(
         acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, k_off, v_off, valid_off, inv, off_b,
         lo, edge_start, diag_start, diag_start, hi, stride_kn, stride_kn, stride_vn, G, W, qk_scale,
-        HALF, BLOCK_N, GROUPED, BOTH, SKIP, CAUSAL, HAS_VALID, PREC, True, FAST,
+        bt_off, PAGE, stride_kblk, stride_vblk,
+        HALF, BLOCK_N, GROUPED, BOTH, SKIP, CAUSAL, HAS_VALID, PREC, True, FAST, PAGED,
     )  # fmt: skip
     part = (b * n_kv_heads * HEADS_PER_KV + h) * n_splits + split
     tl.store(M_PART + part, m_i, mask=row_ok)
@@ -151,6 +159,8 @@ def decode(
     blocks_per_split: int = 4,
     fast_trig: bool | None = None,
     lengths: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    max_length: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence (``b, h, 1, d``) against the whole cache: split-K SelfExtend decoding.
 
@@ -165,12 +175,19 @@ def decode(
     the step 3x slower than plain decoding on an H100, these bring it to ~1.1x at 64k tokens.
     The launch knobs default to the best of a sweep on an H100
     (``benchmarks/triton_blocks.py --kernel decode``).
+
+    Paged (a serving engine's KV cache, read in place): ``key``/``value`` are the caches ``(blocks, kv_h,
+    block_size, d)``, ``block_table`` (``b, max_blocks``, int) lists each row's blocks, ``lengths`` its keys
+    and ``max_length`` the longest row (host int, sizes the splits).  No copy of the keys is made.
     """
     check_inputs(query, key, value)
     bsz, heads, q_len, dim = query.shape
     if q_len != 1:
         raise ValueError("decode() takes one query per sequence; use prefill() for more")
-    kv_heads, n_keys = key.shape[1], key.shape[2]
+    paged = block_table is not None
+    if paged and (lengths is None or max_length is None):
+        raise ValueError("a paged decode needs lengths (a tensor) and max_length (an int)")
+    kv_heads, n_keys = key.shape[1], (max_length if paged else key.shape[2])
     per_kv = heads // kv_heads
     interpret = interpreted()
     bn = block_n or (16 if interpret else 64)
@@ -186,15 +203,23 @@ def decode(
     valid, valid_stride, has_valid = valid_arg(key_valid, query)
     inv, off = rope_args(inv_freq, offsets, query.device)
     lens = off if lengths is None else lengths.to(device=query.device, dtype=torch.int32).contiguous()
+    if paged:
+        table = block_table.to(device=query.device, dtype=torch.int32).contiguous()
+        page_args = (table, table.stride(0), key.shape[2], key.stride(0), value.stride(0))
+        k_strides, v_strides = (0, key.stride(1), key.stride(2)), (0, value.stride(1), value.stride(2))
+    else:
+        page_args = (off, 0, 1, 0, 0)
+        k_strides, v_strides = (key.stride(0), key.stride(1), key.stride(2)), value.stride()[:3]
     _decode_kernel[(bsz * kv_heads, splits)](
-        query, key, value, o_part, m_part, l_part, inv, off, valid, lens,
+        query, key, value, o_part, m_part, l_part, inv, off, valid, lens, *page_args,
         query.stride(0), query.stride(1),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
+        *k_strides,
+        *v_strides,
         valid_stride, kv_heads, n_keys, split_len, splits, group_size, neighbor_window, scale * LOG2E.value,
         HEADS_PER_KV=per_kv, ROWS=max(16, next_pow2(per_kv)), HALF=dim // 2, BLOCK_N=bn,
         HAS_VALID=has_valid, HAS_LENGTHS=lengths is not None, PREC=precision(query.dtype),
-        FAST=not interpret if fast_trig is None else fast_trig, num_warps=num_warps, num_stages=num_stages,
+        FAST=not interpret if fast_trig is None else fast_trig, PAGED=paged, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty((bsz, heads, 1, dim), device=query.device, dtype=query.dtype)
     _decode_merge_kernel[(bsz * heads,)](

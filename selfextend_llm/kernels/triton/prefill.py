@@ -104,7 +104,7 @@ def _prefill_kernel(
     acc, m_i, l_i = attn_fwd_inner(
         acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, k_off, kg_off, v_off, valid_off, inv, off_b,
         0, edge_start, mid_start, diag_start, end, stride_kn, stride_kgn, stride_vn, G, W, qk_scale,
-        HALF, BLOCK_N, GROUPED, BOTH, PLAIN, DIAG, HAS_VALID, PREC, False, False,
+        k_off, 1, 0, 0, HALF, BLOCK_N, GROUPED, BOTH, PLAIN, DIAG, HAS_VALID, PREC, False, False, False,
     )  # fmt: skip
     seen = m_i > HIDDEN / 2
     out = acc / tl.where(seen, l_i, 1.0)[:, None]

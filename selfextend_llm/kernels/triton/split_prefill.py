@@ -108,7 +108,7 @@ def _neighbor_kernel(
     acc, m_i, l_i = attn_fwd_inner(
         acc, m_i, l_i, q1, q2, q1, q2, rows, k_off, k_off, v_off, k_off, no_inv, 0,
         lo, lo, mid_start, diag_start, end, stride_kn, stride_kn, stride_vn, 1, W, qk_scale,
-        HALF, BLOCK_N, SKIP, NEAR, PLAIN, NEAR, False, PREC, False, False,
+        k_off, 1, 0, 0, HALF, BLOCK_N, SKIP, NEAR, PLAIN, NEAR, False, PREC, False, False, False,
     )  # fmt: skip
     g_ok = row_ok & (rows >= g_start)
     g_rows = rows - g_start

@@ -117,20 +117,29 @@ def band_ranges(first, last, W, BLOCK_N: tl.constexpr):
 @triton.jit
 def _key_block(
     acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, K_ptr, KG_ptr, V_ptr, VALID_ptr, inv, off_b, n0, n_end,
-    stride_kn, stride_kgn, stride_vn, G, W, qk_scale,
+    stride_kn, stride_kgn, stride_vn, G, W, qk_scale, BT_ptr, PAGE, stride_kblk, stride_vblk,
     HALF: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr,
-    PREC: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
+    PREC: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr, PAGED: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax, scored as ``MODE`` says.
 
     ROTATE: grouped keys are made from the cached keys in registers (decoding: each key is met
     once per step) instead of read from ``KG_ptr`` (prefill: each key block is met by every query tile).
+    PAGED: key ``j`` lives in cache block ``BT_ptr[j // PAGE]`` at row ``j % PAGE`` (a serving engine's
+    paged KV cache, read in place through the sequence's block-table row) instead of at row ``j``.
     """
     j = n0 + tl.arange(0, BLOCK_N)
     in_range = j < n_end
     d = tl.arange(0, HALF)
+    if PAGED:
+        blk = tl.load(BT_ptr + j // PAGE, mask=in_range, other=0).to(tl.int64)
+        k_rows = blk * stride_kblk + (j % PAGE) * stride_kn
+        v_rows = blk * stride_vblk + (j % PAGE) * stride_vn
+    else:
+        k_rows = j * stride_kn
+        v_rows = j * stride_vn
     if ROTATE or MODE != GROUPED:
-        kp = K_ptr + j[None, :] * stride_kn + d[:, None]
+        kp = K_ptr + k_rows[None, :] + d[:, None]
         k1 = tl.load(kp, mask=in_range[None, :], other=0.0)
         k2 = tl.load(kp + HALF, mask=in_range[None, :], other=0.0)
     if MODE == GROUPED or MODE == BOTH:
@@ -169,7 +178,7 @@ def _key_block(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V_ptr + j[:, None] * stride_vn + tl.arange(0, 2 * HALF)[None, :], mask=in_range[:, None], other=0.0)
+    v = tl.load(V_ptr + v_rows[:, None] + tl.arange(0, 2 * HALF)[None, :], mask=in_range[:, None], other=0.0)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, m_new, l_i
@@ -179,40 +188,46 @@ def _key_block(
 def attn_fwd_inner(
     acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, K_ptr, KG_ptr, V_ptr, VALID_ptr, inv, off_b,
     start, edge_start, mid_start, diag_start, end, stride_kn, stride_kgn, stride_vn, G, W, qk_scale,
+    BT_ptr, PAGE, stride_kblk, stride_vblk,
     HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     FAR: tl.constexpr, EDGE: tl.constexpr, MID: tl.constexpr, DIAG: tl.constexpr,
-    HAS_VALID: tl.constexpr, PREC: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
+    HAS_VALID: tl.constexpr, PREC: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr, PAGED: tl.constexpr,
 ):  # fmt: skip
     """The key loop of every kernel: keys ``[start, end)`` in four ranges, each scored by its mode.
 
     ``[start, edge_start)`` as ``FAR``, ``[edge_start, mid_start)`` as ``EDGE``, ``[mid_start,
     diag_start)`` as ``MID``, ``[diag_start, end)`` as ``DIAG``; a range whose mode is ``SKIP`` is
     not compiled.  ``q1, q2`` are the query tile's halves at true positions, ``qg1, qg2`` at
-    grouped ones; ``i_idx`` the rows' key indices (for distances and the causal mask).
+    grouped ones; ``i_idx`` the rows' key indices (for distances and the causal mask).  ``PAGED``: keys and
+    values are read through a block-table row (``BT_ptr``, blocks of ``PAGE`` rows; see ``_key_block``).
     """
     if FAR != SKIP:
         for n0 in range(start, edge_start, BLOCK_N):
             acc, m_i, l_i = _key_block(
                 acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, K_ptr, KG_ptr, V_ptr, VALID_ptr, inv, off_b, n0, end,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, FAR, HAS_VALID, PREC, ROTATE, FAST,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, BT_ptr, PAGE, stride_kblk, stride_vblk,
+                HALF, BLOCK_N, FAR, HAS_VALID, PREC, ROTATE, FAST, PAGED,
             )  # fmt: skip
     if EDGE != SKIP:
         for n0 in range(edge_start, mid_start, BLOCK_N):
             acc, m_i, l_i = _key_block(
                 acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, K_ptr, KG_ptr, V_ptr, VALID_ptr, inv, off_b, n0, end,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, EDGE, HAS_VALID, PREC, ROTATE, FAST,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, BT_ptr, PAGE, stride_kblk, stride_vblk,
+                HALF, BLOCK_N, EDGE, HAS_VALID, PREC, ROTATE, FAST, PAGED,
             )  # fmt: skip
     if MID != SKIP:
         for n0 in range(mid_start, diag_start, BLOCK_N):
             acc, m_i, l_i = _key_block(
                 acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, K_ptr, KG_ptr, V_ptr, VALID_ptr, inv, off_b, n0, end,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, MID, HAS_VALID, PREC, ROTATE, FAST,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, BT_ptr, PAGE, stride_kblk, stride_vblk,
+                HALF, BLOCK_N, MID, HAS_VALID, PREC, ROTATE, FAST, PAGED,
             )  # fmt: skip
     if DIAG != SKIP:
         for n0 in range(diag_start, end, BLOCK_N):
             acc, m_i, l_i = _key_block(
                 acc, m_i, l_i, q1, q2, qg1, qg2, i_idx, K_ptr, KG_ptr, V_ptr, VALID_ptr, inv, off_b, n0, end,
-                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, HALF, BLOCK_N, DIAG, HAS_VALID, PREC, ROTATE, FAST,
+                stride_kn, stride_kgn, stride_vn, G, W, qk_scale, BT_ptr, PAGE, stride_kblk, stride_vblk,
+                HALF, BLOCK_N, DIAG, HAS_VALID, PREC, ROTATE, FAST, PAGED,
             )  # fmt: skip
     return acc, m_i, l_i
 
