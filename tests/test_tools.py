@@ -198,16 +198,16 @@ def test_a_tool_round_trip_renders_history_the_model_can_read(default_model):
 def test_a_tokenizer_response_parser_is_asked_first(default_model, monkeypatch):
     """Templates with their own call format: transformers' parse_response (the model's schema) wins."""
     tok = default_model.tokenizer
-    monkeypatch.setattr(type(tok), "response_template", {"x": "schema"}, raising=False)
+    monkeypatch.setattr(tok, "response_template", {"x": "schema"}, raising=False)
     answer = {"content": "Looking.", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
               "arguments": {"city": "Oslo", "days": 2}}}, {"function": {"name": "", "arguments": "{}"}}]}  # fmt: skip
-    monkeypatch.setattr(type(tok), "parse_response", lambda self, text, prefix=None: answer, raising=False)
+    monkeypatch.setattr(tok, "parse_response", lambda text, prefix=None: answer, raising=False)
     content, calls = default_model.parse_tool_calls("[TOOL_CALLS] get_weather ...")
     assert (
         content == "Looking." and calls[0].name == "get_weather" and calls[0].arguments == {"city": "Oslo", "days": 2}
     )
     assert calls[1].error is not None  # a call without a name is reported, not dropped
     # nothing found by the model's parser: <tool_call> blocks as usual
-    monkeypatch.setattr(type(tok), "parse_response", lambda self, text, prefix=None: {"content": text}, raising=False)
+    monkeypatch.setattr(tok, "parse_response", lambda text, prefix=None: {"content": text}, raising=False)
     _, (call,) = default_model.parse_tool_calls('<tool_call>{"name": "f", "arguments": {}}</tool_call>')
     assert call.name == "f"
