@@ -38,7 +38,8 @@ def llm_calls(engine_llm, run) -> int:
 
 def test_metadata_reports_extended_window(llm):
     meta = llm.metadata
-    assert meta.context_window == 32768 and meta.is_chat_model and not meta.is_function_calling_model
+    # a FunctionCallingLLM on every chat model: the default calls tools in the prompted format
+    assert meta.context_window == 32768 and meta.is_chat_model and meta.is_function_calling_model
     assert meta.model_name == "SmolLM2-135M-Instruct"
     assert llm.tokenizer("hello world") == llm.selfextend_model.tokenizer("hello world")["input_ids"]
 
