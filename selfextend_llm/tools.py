@@ -248,6 +248,13 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     return rest.strip(), calls
 
 
+def keep_unparsed(content: str, calls: list[ToolCall]) -> str:
+    """``content`` with the text of every unparseable call put back: a broken call is shown, never lost
+    (for clients whose message has content and valid calls only: the server, LlamaIndex)."""
+    broken = [f"{OPEN}{c.raw}{CLOSE}" for c in calls if c.error is not None]
+    return "\n".join([content, *broken]).strip()
+
+
 def openai_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
     """Valid calls in OpenAI's ``message.tool_calls`` shape (arguments as a JSON string)."""
     return [

@@ -211,3 +211,11 @@ def test_a_tokenizer_response_parser_is_asked_first(default_model, monkeypatch):
     monkeypatch.setattr(tok, "parse_response", lambda text, prefix=None: {"content": text}, raising=False)
     _, (call,) = default_model.parse_tool_calls('<tool_call>{"name": "f", "arguments": {}}</tool_call>')
     assert call.name == "f"
+
+
+def test_keep_unparsed_puts_broken_calls_back_into_the_content():
+    content, calls = tools.parse_tool_calls(
+        'Hi <tool_call>{"name": "f", "arguments": {}}</tool_call> <tool_call>{x</tool_call>'
+    )
+    assert tools.keep_unparsed(content, calls) == "Hi\n<tool_call>{x</tool_call>"
+    assert tools.keep_unparsed("plain", []) == "plain"

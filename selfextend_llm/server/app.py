@@ -25,7 +25,7 @@ from ..batching import ContinuousBatcher, QueueFullError, RequestHandle, Request
 from ..model import ContextWindowExceededError, SelfExtendModel, StreamChunk
 from ..streaming import iterate_in_thread
 from ..structured import json_instruction
-from ..tools import check_tools, openai_tool_calls, resolve_choice
+from ..tools import check_tools, keep_unparsed, openai_tool_calls, resolve_choice
 from ..validation import missing_extra
 from .metrics import ServerMetrics
 from .protocol import (
@@ -152,8 +152,7 @@ def _message(m: Message) -> dict[str, Any]:
 def _tool_calls(model: SelfExtendModel, text: str) -> tuple[str, list[dict[str, Any]]]:
     """Content and OpenAI ``tool_calls`` of an answer; unparseable calls stay in the content, not lost."""
     content, calls = model.parse_tool_calls(text)
-    broken = [f"<tool_call>{c.raw}</tool_call>" for c in calls if c.error is not None]
-    return "\n".join([content, *broken]).strip(), openai_tool_calls(calls)
+    return keep_unparsed(content, calls), openai_tool_calls(calls)
 
 
 def _content(content: str | list[dict[str, Any]] | None) -> str:

@@ -39,7 +39,6 @@ from selfextend_llm.kernels.paged import paged_selfextend_attention, write_kv
 
 from .settings import Settings, inv_freq
 
-NAME = "SELFEXTEND"
 logger = init_logger(__name__)
 
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from selfextend_llm import SelfExtendModel, load_shared
 from selfextend_llm.streaming import iterate_in_thread
 from selfextend_llm.structured import json_instruction
-from selfextend_llm.tools import closed_schema
+from selfextend_llm.tools import closed_schema, keep_unparsed
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -62,8 +62,7 @@ def _answer_message(text: str, model: SelfExtendModel | None) -> ChatMessage:
     if model is None:
         return ChatMessage(role=MessageRole.ASSISTANT, content=text)
     content, calls = model.parse_tool_calls(text)
-    broken = [f"<tool_call>{c.raw}</tool_call>" for c in calls if c.error is not None]
-    content = "\n".join([content, *broken]).strip()
+    content = keep_unparsed(content, calls)
     blocks: list[Any] = [TextBlock(text=content)] if content else []
     valid = [c for c in calls if c.error is None]
     blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in valid]
