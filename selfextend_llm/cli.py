@@ -10,11 +10,13 @@ from pathlib import Path
 from .config import SelfExtendConfig
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, **overrides):
     import selfextend_llm
 
+    kwargs = {"tuned_table": args.tuned_table, "dtype": args.dtype, **overrides}
     return selfextend_llm.load(
         args.model,
+        **kwargs,
         gguf_file=args.gguf_file,
         target_context=args.target_context,
         group_size=args.group_size,
@@ -127,58 +129,59 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(methods: list[str] | None) -> list[SelfExtendConfig | None] | None:
+    """``--candidates`` as settings: ``plain`` or ``se:G,W[+log]`` (the grid commands' spelling)."""
+    from .evaluation import Method
+
+    if methods is None:
+        return None
+    out: list[SelfExtendConfig | None] = []
+    for text in methods:
+        method = Method.parse(text)
+        if method.name != "plain" and method.config is None:
+            raise ValueError(f"--candidates takes plain or se:G,W[+log], not {text!r}")
+        out.append(method.config)
+    return out
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
-    """Search G and W (optionally with log-scaled queries) on several synthetic tasks at once.
+    """Search G and W length by length on pass key and needle at once, and save the model's table.
 
     Tuning on the pass key alone picked, for the embedded model, a G that fails multi-key needles
     (twelve digits share a position); scoring the mean over tasks avoids settings that only know one trick.
+    ``load()`` finds the saved table again for this model (``<cache>/tuned/<name>.json``), or takes
+    the path as ``tuned_table=``.
     """
-    from .evaluation import Method, default_depths, save, task_grid
+    from .search import report, tune
+    from .tuning import TableError, tuned_path
 
-    model = _load(args)
-    windows = [w for w in args.windows if w < model.pretrained_context]
-    suffixes = ["", "+log"] if args.with_log else [""]
-    methods = [
-        Method.parse(f"se:{g},{w}{suffix}")
-        for g in args.groups
-        for w in windows
-        for suffix in suffixes
-        if SelfExtendConfig(g, w).max_context(model.pretrained_context) >= args.target
-    ]
-    if not methods:
-        print("error: no G/W pair reaches the target; add larger --groups", file=sys.stderr)
+    model = _load(args, tuned_table=False)  # a broken saved table must not stop its own re-tuning
+    trained = model.pretrained_context
+    lengths = args.lengths or [trained // 2, trained, 2 * trained, 4 * trained]
+    bad = [n for n in lengths if n < 16]
+    if bad:
+        print(f"error: lengths must be token counts of at least 16, got {bad}", file=sys.stderr)
         return 2
-    grids = {
-        task: task_grid(
-            model,
-            task,
-            [args.target],
-            default_depths(args.depths),
-            methods,
-            args.prompts,
-            seed=args.seed,
-            batch_size=args.batch_size,
-        )
-        for task in args.tasks
-    }
-    per_task = {m.name: {task: grid.mean(m.name, args.target) for task, grid in grids.items()} for m in methods}
-    score = {name: sum(scores.values()) / len(scores) for name, scores in per_task.items()}
-    ranked = sorted(methods, key=lambda m: (-score[m.name], m.config.group_size))
-    best = ranked[0].config
-    summary = {
-        "target": args.target,
-        "tasks": list(args.tasks),
-        "group_size": best.group_size,
-        "neighbor_window": best.neighbor_window,
-        "log_scale": best.log_scale,
-        "accuracy": score[ranked[0].name],
-        "all": {m.name: {"mean": score[m.name], **per_task[m.name]} for m in ranked},
-    }
-    if args.save:
-        for task, grid in grids.items():
-            save(grid, Path(args.save).with_suffix(f".{task}.json"))
-        Path(args.save).write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=None if args.json else 2))
+    save = None if args.no_save else Path(args.save) if args.save else tuned_path(model.model_name)
+    out_dir = Path(args.out_dir) if args.out_dir else (save.with_suffix("") if save else None)
+    try:
+        table, results = tune(
+            model, lengths, tasks=args.tasks, depths=args.depths, prompts=args.prompts, screen=args.screen,
+            keep=args.keep, log=args.log, baselines=args.baselines, seed=args.seed, batch_size=args.batch_size,
+            out_dir=out_dir, settings=_settings(args.candidates),
+        )  # fmt: skip
+    except (ValueError, TableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if save is not None:
+        table.save(save)
+    if args.json:
+        saved = {"saved": str(save) if save else None, "per_length": str(out_dir) if out_dir else None}
+        print(json.dumps({"table": table.to_json(), **saved}))
+    else:
+        print(report(results))
+        if save is not None:
+            print(f"table: {save} (load() uses it for {model.model_name}; per-length results: {out_dir})")
     return 0
 
 
@@ -232,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--group-size", type=int, help="fix the group size G")
     common.add_argument("--neighbor-window", type=int, help="fix the neighbor window W")
     common.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    common.add_argument("--dtype", help="weights dtype, e.g. float32 or bfloat16 (default: bf16 on a GPU, else fp32)")
+    common.add_argument("--tuned-table", help="a table from selfextend-llm tune (default: the model's own, if saved)")
     common.add_argument(
         "--fast-generation",
         action=argparse.BooleanOptionalAction,
@@ -269,17 +274,31 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--out-dir", default="results/perplexity")
     ppl.set_defaults(func=cmd_perplexity)
     tune = sub.add_parser(
-        "tune", parents=[common, grid], help="search G and W for a target length on the synthetic tasks"
+        "tune", parents=[common, grid], help="search G and W per length on pass key and needle; save the model's table"
     )
-    tune.add_argument("--target", type=int, required=True, help="context length to tune for")
-    tune.add_argument("--groups", type=int, nargs="+", default=[4, 6, 8, 12, 16])
-    tune.add_argument("--windows", type=int, nargs="+", default=[512, 1024, 2048])
+    tune.add_argument(
+        "--lengths", type=int, nargs="+",
+        help="prompt lengths to tune (default: 0.5x, 1x, 2x and 4x the trained window); each becomes a table entry",
+    )  # fmt: skip
     tune.add_argument(
         "--tasks", nargs="+", choices=["passkey", "needle"], default=["passkey", "needle"],
         help="tasks to score on (mean accuracy over them)",
     )  # fmt: skip
-    tune.add_argument("--with-log", action="store_true", help="also try log-scaled queries (+log)")
-    tune.add_argument("--save", help="write the best setting (JSON) here")
+    tune.add_argument(
+        "--log", choices=["on", "off", "both"], default="on", help="log-scaled queries past the window (default: on)"
+    )
+    tune.add_argument(
+        "--candidates", nargs="+", help="search these (plain or se:G,W[+log]) instead of the generated candidates"
+    )
+    tune.add_argument("--screen", type=int, default=1, help="prompts per depth for the first stage (all candidates)")
+    tune.add_argument("--keep", type=int, default=3, help="candidates re-measured on all --prompts per depth")
+    tune.add_argument(
+        "--baselines", nargs="*", default=["plain", "dynamic-ntk", "yarn"],
+        help="methods measured beside the search (plain only inside the window)",
+    )  # fmt: skip
+    tune.add_argument("--save", help="table file to write (default: <cache>/tuned/<model name>.json, found by load())")
+    tune.add_argument("--no-save", action="store_true", help="print the table only")
+    tune.add_argument("--out-dir", help="per-length results (default: beside the table); a cut-off run resumes")
     tune.set_defaults(func=cmd_tune)
     srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (chat and completions)")
     srv.add_argument("--host", default="127.0.0.1")

@@ -55,8 +55,15 @@ def _rotary(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Modu
 
 @contextlib.contextmanager
 def using(se: SelfExtendModel, method: Method, length: int, factor: float = 4.0) -> Iterator[None]:
-    """Run ``se.model`` as ``method`` inside the block, for prompts of about ``length`` tokens."""
+    """Run ``se.model`` as ``method`` inside the block, for prompts of about ``length`` tokens.
+
+    The RoPE-scaling baselines get ``factor``; YaRN's is raised to ``length / trained`` when that is
+    larger: YaRN at a fixed x4 past 4x the window is not what anyone would run, and a baseline set up
+    to lose would flatter SelfExtend.  (Dynamic NTK already scales its base with the length.)
+    """
     lm, trained = se.model, se.pretrained_context
+    if method.name == "yarn":
+        factor = max(factor, length / trained)
     previous = hf_apply.settings_of(lm).config if hf_apply.is_applied(lm) else None
     hf_apply.remove(lm)
     swapped = None
@@ -78,7 +85,9 @@ def using(se: SelfExtendModel, method: Method, length: int, factor: float = 4.0)
             setattr(parent, attr, new)
             swapped = (parent, attr, rotary)
         elif method.name == "selfextend":
-            chosen = choose_config(se.model_name, trained, length)
+            chosen = (
+                se.plan.config_for(length) if se.plan is not None else choose_config(se.model_name, trained, length)
+            )
             if chosen is not None:
                 hf_apply.apply(lm, chosen)
         elif method.config is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -114,6 +115,7 @@ class SelfExtendModel:
         adaptive: bool = False,
         fast_generation: bool | None = None,
         neighbor_window: int | None = None,
+        plan: tuning.Plan | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -127,8 +129,12 @@ class SelfExtendModel:
         self.plan = (
             None
             if config is None
-            else tuning.Plan(config, context_window, adaptive, name, self.pretrained_context, neighbor_window)
-        )
+            else plan
+            or tuning.Plan(
+                config, context_window, adaptive, name, self.pretrained_context, neighbor_window,
+                tuning.find_table(name, self.pretrained_context) if adaptive else None,
+            )
+        )  # fmt: skip
         if fast_generation is None:
             # Measured faster on both (BENCHMARKS.md): on a GPU the static cache with compiled steps
             # (10-13x), on the CPU the static cache alone (1.3-1.6x: no per-step copy of the cache;
@@ -281,6 +287,11 @@ class SelfExtendModel:
             "formula_reach": cfg.max_context(self.pretrained_context) if cfg else self.pretrained_context,
             "context_window": self.context_window,
             "adaptive": self.adaptive,
+            "settings_source": self.plan.source if self.plan is not None else "plain model (SelfExtend off)",
+            "table": [
+                (f"<= {e.upto:,}: " + ("plain" if e.config is None else _setting(e.config)))
+                for e in (self.plan.table.entries if self.plan is not None and self.plan.table else [])
+            ],
             "device": str(self.device),
             "fast_generation": self.fast.describe(),
         }
@@ -697,6 +708,10 @@ def load_shared(**kwargs: Any) -> SelfExtendModel:
         return _SHARED[key]
 
 
+def _setting(config: SelfExtendConfig) -> str:
+    return f"G{config.group_size} W{config.neighbor_window}" + (" +log" if config.log_scale else "")
+
+
 def load(
     model: str | None = None,
     *,
@@ -711,6 +726,7 @@ def load(
     tp_plan: str | None = None,
     backend: Backend = "auto",
     fast_generation: bool | None = None,
+    tuned_table: str | os.PathLike | bool | None = None,
 ) -> SelfExtendModel:
     """Load a model (the embedded SmolLM2 default when ``model`` is None) with SelfExtend applied.
 
@@ -723,6 +739,10 @@ def load(
     * ``backend``: which attention kernels (see :func:`selfextend_llm.apply`); ``"auto"`` by default.
     * ``fast_generation``: decode over a static cache sized in buckets (on a GPU with compiled
       steps and CUDA graphs); on by default.  ``False`` keeps the dynamic-cache path.
+    * ``tuned_table``: the table of measured settings per length, from ``selfextend-llm tune``.
+      Default: the model's own file in ``<cache>/tuned/`` if one was saved, else the table shipped
+      for it (the embedded default has one), else the rule of thumb.  ``False``: rule of thumb only.
+      ``describe()["settings_source"]`` says which one is in use.
     """
     check_backend(backend)  # before the (slow) load
     validation.optional_integer("target_context", target_context, minimum=1)
@@ -743,12 +763,13 @@ def load(
             )
         return SelfExtendModel(lm, tok, config=None, context_window=trained, name=name, fast_generation=fast_generation)
     plan = tuning.plan(
-        name, trained, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window
-    )
+        name, trained, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window,
+        tuned_table=tuned_table,
+    )  # fmt: skip
     hf_apply.apply(lm, plan.config, backend=backend)
     return SelfExtendModel(
         lm, tok, config=plan.config, context_window=plan.context_window, name=name, adaptive=plan.adaptive,
-        fast_generation=fast_generation, neighbor_window=plan.neighbor_window,
+        fast_generation=fast_generation, neighbor_window=plan.neighbor_window, plan=plan,
     )  # fmt: skip
 
 

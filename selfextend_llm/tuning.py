@@ -1,30 +1,210 @@
 """The G/W policy, in one place: which grouping a model runs with, and how far it may be asked to read.
 
 SelfExtend's quality depends on G and W; the best pair changes with the prompt length.  With no
-fixed setting, each call takes the setting for its own length: the measured setting where one is
-shipped, else plain attention inside the trained window (exactly the plain model) and the rule of
-thumb beyond it.  :func:`plan` turns what a caller asked for (``load``'s or ``apply``'s arguments)
-into a :class:`Plan`; :meth:`Plan.config_for` gives the grouping of each call.
+fixed setting, each call takes the setting for its own length from the model's *table*: a tuned
+file (``selfextend-llm tune`` writes one per model, or the caller passes a path), else the table
+shipped for that model, else plain attention inside the trained window and the rule of thumb
+beyond it.  :func:`plan` turns what a caller asked for (``load``'s or ``apply``'s arguments) into a
+:class:`Plan`; :meth:`Plan.config_for` gives the grouping of each call and :meth:`Plan.source_for`
+says where it came from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from .config import SelfExtendConfig, check_reach
 
-#: Measured settings for the embedded default (SmolLM2-135M-Instruct, trained on 8,192 tokens):
-#: First match wins.  See BENCHMARKS.md for the grids behind them.
-TUNED: dict[str, list[tuple[int, int, int, bool]]] = {
-    # (longest total tokens, G, W, log-scaled queries)
-    "SmolLM2-135M-Instruct": [
-        # Inside the trained window: pass key 1.00 at 4k and 8k, multi-key needle 0.75 / 0.50 at 4k / 8k
-        # (G12 W1024: 0.50 / 0.40; plain: 0.75 / 0.50). Prompts under 2,048 tokens are exactly plain.
-        (8_192, 8, 2048, True),
-        (25_600, 12, 1024, False),  # pass key 1.00 at 16k and 24k; 0.00 at 32k
-        (1 << 62, 8, 2048, True),  # pass key 0.85 at 32k, 0.40 at 64k
-    ],
-}
+#: Tables shipped with the package, one JSON file per model name (same format ``tune`` writes).
+SHIPPED_DIR = Path(__file__).with_name("tables")
+#: Format version of table files; a file of another version is refused with what to do.
+TABLE_VERSION = 1
+
+SOURCE_FIXED = "fixed by the caller"
+SOURCE_SHIPPED = "shipped table"
+SOURCE_RULE = "rule of thumb"
+SOURCE_PLAIN = "plain (inside the trained window)"
+
+
+class TableError(ValueError):
+    """A tuned-table file that cannot be used (unreadable, another model, an entry that cannot reach)."""
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    """The setting for calls of up to ``upto`` tokens (from the previous entry's ``upto``); None is plain."""
+
+    upto: int
+    config: SelfExtendConfig | None
+    #: What the search measured at ``upto`` (task -> accuracy); informative, not used to choose.
+    accuracy: dict[str, float] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        cfg = self.config
+        setting = (
+            {"plain": True}
+            if cfg is None
+            else {"group_size": cfg.group_size, "neighbor_window": cfg.neighbor_window, "log_scale": cfg.log_scale}
+        )
+        return {"upto": self.upto, **setting, **({"accuracy": self.accuracy} if self.accuracy else {})}
+
+
+@dataclass
+class TunedTable:
+    """A model's measured settings by length; entries sorted by ``upto``, each reaching its whole range."""
+
+    model: str
+    pretrained_context: int
+    entries: list[TableEntry]
+    measured: dict[str, Any] = field(default_factory=dict)
+    #: Where it was read from (``"shipped table"`` or ``"tuned file <path>"``); set by :func:`find_table`.
+    source: str = "tuned"
+
+    def __post_init__(self) -> None:
+        self.entries = sorted(self.entries, key=lambda e: e.upto)
+        self.check()
+
+    def check(self) -> None:
+        """Refuse entries that cannot reach their range: a hole would silently fall back to the rule of thumb."""
+        for entry in self.entries:
+            if entry.upto < 1:
+                raise TableError(f"{self.model}: table entry upto={entry.upto} must be a positive token count")
+            if entry.config is None:
+                if entry.upto > self.pretrained_context:
+                    raise TableError(
+                        f"{self.model}: a plain entry up to {entry.upto} tokens is past the trained window "
+                        f"({self.pretrained_context}); plain attention cannot read that far"
+                    )
+                continue
+            try:
+                reach = entry.config.max_context(self.pretrained_context)
+            except ValueError as err:
+                raise TableError(f"{self.model}: table entry up to {entry.upto} tokens: {err}") from err
+            if reach < entry.upto:
+                raise TableError(
+                    f"{self.model}: G={entry.config.group_size}, W={entry.config.neighbor_window} reaches {reach} "
+                    f"tokens, short of its entry's {entry.upto}; raise G or lower upto (re-run selfextend-llm tune)"
+                )
+
+    @property
+    def longest(self) -> int:
+        return self.entries[-1].upto if self.entries else 0
+
+    def lookup(self, total_tokens: int, neighbor_window: int | None = None) -> TableEntry | None:
+        """The entry for a call of ``total_tokens``; None when the table does not cover it."""
+        for entry in self.entries:
+            if total_tokens > entry.upto:
+                continue
+            if entry.config is None or neighbor_window in (None, entry.config.neighbor_window):
+                return entry
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": TABLE_VERSION,
+            "model": self.model,
+            "pretrained_context": self.pretrained_context,
+            "entries": [e.to_json() for e in self.entries],
+            "measured": self.measured,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "tuned") -> TunedTable:
+        if not isinstance(data, dict) or data.get("version") != TABLE_VERSION:
+            raise TableError(
+                f"{source}: not a version-{TABLE_VERSION} SelfExtend table; re-create it with selfextend-llm tune"
+            )
+        try:
+            entries = [
+                TableEntry(
+                    int(e["upto"]),
+                    None
+                    if e.get("plain")
+                    else SelfExtendConfig(int(e["group_size"]), int(e["neighbor_window"]), bool(e["log_scale"])),
+                    dict(e.get("accuracy", {})),
+                )
+                for e in data["entries"]
+            ]
+            return cls(
+                str(data["model"]), int(data["pretrained_context"]), entries, dict(data.get("measured", {})), source
+            )
+        except (KeyError, TypeError) as err:
+            raise TableError(f"{source}: malformed table ({err!r}); re-create it with selfextend-llm tune") from err
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+
+def _file_key(model_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_") or "model"
+
+
+def tuned_dir() -> Path:
+    """Where ``selfextend-llm tune`` saves tables by default: ``<cache>/tuned`` (``$SELFEXTEND_LLM_CACHE``)."""
+    root = os.environ.get("SELFEXTEND_LLM_CACHE", Path.home() / ".cache" / "selfextend-llm")
+    return Path(root) / "tuned"
+
+
+def tuned_path(model_name: str) -> Path:
+    """The per-model file that :func:`find_table` looks for: ``<cache>/tuned/<model name>.json``."""
+    return tuned_dir() / f"{_file_key(model_name)}.json"
+
+
+def read_table(path: str | Path, model_name: str | None, pretrained_context: int) -> TunedTable:
+    """A table file, refused when it was tuned for another model or another trained window."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TableError(
+            f"tuned table {str(path)!r} does not exist; pass the JSON that selfextend-llm tune --save wrote"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TableError(f"tuned table {str(path)!r} is not readable JSON ({err}); re-create it with tune") from err
+    table = TunedTable.from_json(data, f"tuned file {path}")
+    if table.pretrained_context != pretrained_context:
+        raise TableError(
+            f"tuned table {str(path)!r} was made for a model trained on {table.pretrained_context} tokens, but "
+            f"this one is trained on {pretrained_context}; tune this model (selfextend-llm tune --model ...)"
+        )
+    if model_name is not None and _file_key(table.model) != _file_key(model_name):
+        raise TableError(
+            f"tuned table {str(path)!r} was made for {table.model!r}, not {model_name!r}; tune this model "
+            "(selfextend-llm tune --model ...) or pass its own table"
+        )
+    return table
+
+
+def shipped_table(model_name: str | None) -> TunedTable | None:
+    """The table shipped in the package for ``model_name``, if any."""
+    if model_name is None:
+        return None
+    path = SHIPPED_DIR / f"{_file_key(model_name)}.json"
+    if not path.is_file():
+        return None
+    return TunedTable.from_json(json.loads(path.read_text()), SOURCE_SHIPPED)
+
+
+def find_table(model_name: str | None, pretrained_context: int, path: str | Path | None = None) -> TunedTable | None:
+    """The table a model runs with: ``path`` if given, else its tuned file in the cache, else the shipped one."""
+    if path is not None:
+        return read_table(path, None, pretrained_context)
+    if model_name is not None:
+        own = tuned_path(model_name)
+        if own.is_file():
+            return read_table(own, model_name, pretrained_context)
+    table = shipped_table(model_name)
+    if table is not None and table.pretrained_context != pretrained_context:
+        return None  # a model of the same name with another window: the shipped numbers do not apply
+    return table
 
 
 def choose_config(
@@ -33,21 +213,34 @@ def choose_config(
     total_tokens: int,
     *,
     neighbor_window: int | None = None,
+    table: TunedTable | None | bool = True,
 ) -> SelfExtendConfig | None:
     """The grouping for a call of ``total_tokens`` (prompt plus new tokens); None means plain attention.
 
-    A model with measured settings uses them at every length (on the embedded default, grouping beats
-    the plain model inside its own window too: 1.00 vs 0.40 pass-key accuracy at 8k).  Other
-    models run plain inside their trained window and use the rule of thumb beyond it.
+    ``table``: a :class:`TunedTable`, True to look one up for ``model_name`` (:func:`find_table`),
+    or None/False for none.  A covered length takes the table's entry (on the embedded default,
+    grouping beats the plain model inside its own window too).  Otherwise: plain inside the trained
+    window and the rule of thumb beyond it.
     """
-    for upto, group, window, log in TUNED.get(model_name, []):
-        if total_tokens <= upto and neighbor_window in (None, window):
-            tuned = SelfExtendConfig(group, window, log_scale=log)
-            if tuned.max_context(pretrained_context) >= total_tokens:  # else it cannot reach: use the rule
-                return tuned
+    return _choose(model_name, pretrained_context, total_tokens, neighbor_window, table)[0]
+
+
+def _choose(
+    model_name: str | None,
+    pretrained_context: int,
+    total_tokens: int,
+    neighbor_window: int | None,
+    table: TunedTable | None | bool,
+) -> tuple[SelfExtendConfig | None, str]:
+    if table is True:
+        table = find_table(model_name, pretrained_context)
+    if isinstance(table, TunedTable):
+        entry = table.lookup(total_tokens, neighbor_window)
+        if entry is not None:
+            return entry.config, table.source
     if total_tokens <= pretrained_context:
-        return None
-    return SelfExtendConfig.for_target(pretrained_context, total_tokens, neighbor_window=neighbor_window)
+        return None, SOURCE_PLAIN
+    return SelfExtendConfig.for_target(pretrained_context, total_tokens, neighbor_window=neighbor_window), SOURCE_RULE
 
 
 @dataclass(frozen=True)
@@ -56,7 +249,8 @@ class Plan:
 
     ``config`` is the grouping set up front; ``context_window`` the longest prompt plus answer
     that callers are promised; ``adaptive`` whether each call re-chooses its grouping for its own
-    length (:meth:`config_for`), keeping an explicit ``neighbor_window`` as given.
+    length (:meth:`config_for`), keeping an explicit ``neighbor_window`` as given; ``table`` the
+    measured settings it chooses from (None: rule of thumb only).
     """
 
     config: SelfExtendConfig
@@ -65,14 +259,31 @@ class Plan:
     model_name: str | None
     pretrained_context: int
     neighbor_window: int | None = None
+    table: TunedTable | None = None
 
     def config_for(self, total_tokens: int) -> SelfExtendConfig | None:
         """The grouping for a call of ``total_tokens`` (prompt plus new tokens); None: exactly plain."""
         if not self.adaptive:
             return self.config
-        return choose_config(
-            self.model_name, self.pretrained_context, total_tokens, neighbor_window=self.neighbor_window
+        return _choose(self.model_name, self.pretrained_context, total_tokens, self.neighbor_window, self.table)[0]
+
+    def source_for(self, total_tokens: int) -> str:
+        """Where the grouping of such a call comes from: a tuned file, the shipped table, the rule of thumb..."""
+        if not self.adaptive:
+            return SOURCE_FIXED
+        return _choose(self.model_name, self.pretrained_context, total_tokens, self.neighbor_window, self.table)[1]
+
+    @property
+    def source(self) -> str:
+        """Where the settings come from overall (``info`` prints it)."""
+        if not self.adaptive:
+            return SOURCE_FIXED
+        if self.table is None:
+            return SOURCE_RULE
+        beyond = (
+            f", {SOURCE_RULE} past {self.table.longest:,} tokens" if self.context_window > self.table.longest else ""
         )
+        return self.table.source + beyond
 
 
 def plan(
@@ -84,6 +295,7 @@ def plan(
     neighbor_window: int | None = None,
     config: SelfExtendConfig | None = None,
     adaptive: bool = True,
+    tuned_table: str | Path | TunedTable | bool | None = None,
 ) -> Plan:
     """Turn a caller's request into a :class:`Plan`, refusing what cannot be reached.
 
@@ -91,13 +303,13 @@ def plan(
       is given); the window is ``target_context``, else the setting's reach ``(L - W) * G + W``.
     * Otherwise the target (default: four times the trained window) is checked against the
       largest group size accepted; ``adaptive=True`` (``load``) then lets each call take the
-      measured setting for its length, ``adaptive=False`` (``apply``) fixes the rule of thumb for
-      the target.
+      table's setting for its length, ``adaptive=False`` (``apply``) fixes the rule of thumb.
+    * ``tuned_table``: a table file (or table) to use instead of the one found for ``model_name``;
+      False for none (rule of thumb only).
     """
     trained = pretrained_context
-    target = target_context or 4 * trained
     if config is None and group_size is not None:
-        window = neighbor_window or SelfExtendConfig.for_target(trained, target).neighbor_window
+        window = neighbor_window or SelfExtendConfig.for_target(trained, target_context or 4 * trained).neighbor_window
         config = SelfExtendConfig(group_size, window)
     if config is not None:
         reach = config.max_context(trained)
@@ -108,11 +320,19 @@ def plan(
                 "grouping out to let SelfExtend choose"
             )
         return Plan(config, target_context or reach, False, model_name, trained, config.neighbor_window)
-    check_reach(trained, target, neighbor_window)
     if not adaptive:
+        target = target_context or 4 * trained
+        check_reach(trained, target, neighbor_window)
         config = SelfExtendConfig.for_target(trained, target, neighbor_window=neighbor_window)
         return Plan(config, target, False, model_name, trained, neighbor_window)
-    config = choose_config(model_name, trained, target, neighbor_window=neighbor_window) or SelfExtendConfig(
-        1, neighbor_window or min(trained // 2, 1024)
-    )
-    return Plan(config, max(target, trained), True, model_name, trained, neighbor_window)
+    target = target_context or 4 * trained
+    check_reach(trained, target, neighbor_window)
+    if tuned_table is False:
+        table = None
+    elif isinstance(tuned_table, TunedTable):
+        table = tuned_table
+    else:
+        table = find_table(model_name, trained, tuned_table)
+    chosen, _ = _choose(model_name, trained, target, neighbor_window, table)
+    config = chosen or SelfExtendConfig(1, neighbor_window or min(trained // 2, 1024))
+    return Plan(config, max(target, trained), True, model_name, trained, neighbor_window, table)

@@ -195,7 +195,7 @@ def test_engine_args_plan_like_load_and_carry_the_settings(folder):
     settings = Settings(**args["hf_overrides"]["selfextend"])
     assert args["hf_overrides"]["max_position_embeddings"] == WINDOW
     assert settings.pretrained_context == 8192 and settings.model_name == "SmolLM2-135M-Instruct"
-    assert settings.source == "tuned table"
+    assert settings.source == "shipped table"
     import selfextend_llm
 
     model = selfextend_llm.load(target_context=WINDOW, device="cpu")

@@ -137,12 +137,7 @@ def plan(
         name, trained, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window
     )
     cfg = chosen.config
-    if group_size is not None:
-        source = "fixed by the caller"
-    elif name in tuning.TUNED:
-        source = "tuned table"
-    else:
-        source = "rule of thumb"
+    source = tuning.SOURCE_FIXED if group_size is not None else chosen.source_for(chosen.context_window)
     return Settings(
         model_name=name,
         pretrained_context=trained,

@@ -1,0 +1,123 @@
+"""The embedded default's shipped table, rebuilt from the saved tuning runs, with its grid and heatmaps.
+
+The runs themselves (GPU, 20 prompts a cell for every finalist and baseline)::
+
+    selfextend-llm tune --model SmolLM2-135M-Instruct.Q4_1.gguf --lengths 4096 8192 16384 32768 65536 \\
+        --prompts 4 --depths 5 --out-dir results/tune/lengths
+    selfextend-llm tune ... --lengths 131072 --tasks passkey --keep 2 --baselines dynamic-ntk
+    selfextend-llm tune ... --lengths 16384 --screen 4 --baselines --candidates se:12,1024 se:9,1024 ...
+
+This script merges every JSON under ``results/tune/`` length by length (where two runs measured the
+same setting, the one on more prompts counts), chooses each length's setting by the search's own
+rule (:meth:`LengthResult.choose`), and writes:
+
+* ``selfextend_llm/tables/SmolLM2-135M-Instruct.json`` (``--write-table``): what ``load()`` ships;
+* ``results/tune/summary.md``: the chosen setting against plain, dynamic NTK and YaRN per length;
+* ``results/tune/heatmap.png``: every measured setting x length, one panel per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from selfextend_llm.evaluation import Method, _pyplot
+from selfextend_llm.search import LengthResult, build_table
+
+MODEL, TRAINED = "SmolLM2-135M-Instruct", 8192
+BASELINES = ["plain", "dynamic-ntk", "yarn"]
+
+
+def merged_results(folder: Path) -> list[LengthResult]:
+    by_length: dict[int, LengthResult] = {}
+    for path in sorted(folder.rglob("*.json")):
+        data = json.loads(path.read_text())
+        if "accuracy" not in data or "length" not in data:
+            continue  # a table file, not a per-length result
+        result = LengthResult.from_json(data)
+        result.best = ""
+        by_length[result.length] = by_length[result.length].merged(result) if result.length in by_length else result
+    return [by_length[n] for n in sorted(by_length)]
+
+
+def summary(results: list[LengthResult]) -> str:
+    tasks = ["passkey", "needle"]
+    head = "| length | chosen setting | " + " | ".join(f"chosen {t}" for t in tasks)
+    head += " | " + " | ".join(f"{b} {t}" for b in BASELINES[1:] for t in tasks) + " | plain passkey | plain needle |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for result in results:
+        best = result.choose(max(sum(p.values()) // len(p) for p in result.prompts.values()))
+
+        def cell(method: str, task: str, result: LengthResult = result) -> str:
+            value = result.accuracy.get(method, {}).get(task)
+            return "" if value is None else f"{value:.2f}"
+
+        setting = best.replace("se:", "G").replace(",", " W").replace("+log", " +log")
+        chosen = [f"**{cell(best, t)}**" if cell(best, t) else "" for t in tasks]
+        row = f"| {result.length:,} | {setting} | " + " | ".join(chosen)
+        row += " | " + " | ".join(cell(b, t) for b in BASELINES[1:] for t in tasks)
+        row += " | " + " | ".join(cell("plain", t) for t in tasks) + " |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(results: list[LengthResult], path: Path) -> Path:
+    plt = _pyplot()
+    tasks = ["passkey", "needle"]
+
+    def order(method: str) -> tuple:
+        cfg = Method.parse(method).config
+        return (0, method, 0, 0) if cfg is None else (1, cfg.neighbor_window, cfg.group_size, cfg.log_scale)
+
+    methods = sorted({m for r in results for m in r.accuracy}, key=order)
+    lengths = [r.length for r in results]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 0.32 * len(methods) + 2), squeeze=False)
+    for ax, task in zip(axes.flat, tasks, strict=True):
+        grid = [[r.accuracy.get(m, {}).get(task, float("nan")) for r in results] for m in methods]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, m in enumerate(methods):
+            for j, r in enumerate(results):
+                value = grid[i][j]
+                if value == value:  # not NaN
+                    chosen = m == r.choose(max(sum(p.values()) // len(p) for p in r.prompts.values()))
+                    weight = "bold" if chosen else "normal"
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, fontweight=weight)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths], fontsize=8)
+        ax.set_yticks(range(len(methods)), methods, fontsize=7)
+        title = f"{task}: bold = the table's choice, blank = not run\n(screened-out cells: 5 prompts)"
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default="results/tune")
+    ap.add_argument("--write-table", action="store_true", help="update the shipped table in the package")
+    args = ap.parse_args()
+    folder = Path(args.results)
+    results = merged_results(folder)
+    measured = {
+        "tasks": ["passkey", "needle"],
+        "prompts_per_cell": 20,
+        "device": "NVIDIA H200",
+        "dtype": "bfloat16",
+        "note": "131,072: pass key only; see BENCHMARKS.md (issue 17) and benchmarks/tune_table.py",
+    }
+    table = build_table(MODEL, TRAINED, results, measured)
+    text = summary(results)
+    (folder / "summary.md").write_text(text)
+    png = heatmap(results, folder / "heatmap.png")
+    print(text)
+    print(f"summary: {folder / 'summary.md'}  heatmap: {png}")
+    if args.write_table:
+        out = table.save(Path(__file__).resolve().parents[1] / "selfextend_llm" / "tables" / f"{MODEL}.json")
+        print(f"table: {out}")
+
+
+if __name__ == "__main__":
+    main()

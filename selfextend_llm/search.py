@@ -1,0 +1,317 @@
+"""Tuning G and W for any model: a joint search on pass key and multi-key needle, length by length.
+
+The best grouping changes with the prompt length, and a setting tuned on one task alone picks
+what only knows that task (on the embedded default, a G that is perfect on pass keys fails
+multi-key needles).  So each length is searched on both tasks at once, in two stages, like
+successive halving: every candidate on a few prompts (one per depth), then the best few on the
+full set of prompts, the prompts of the first stage included (same seeds, not re-run).  Baselines
+(plain, dynamic NTK, YaRN) run on the full set beside them, so every table comes with what it beat.
+
+The result is a :class:`~selfextend_llm.tuning.TunedTable`: one entry per length, each covering
+the lengths from the previous one up to its own, and each checked to reach its whole range.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import MAX_MEASURED_GROUP, SelfExtendConfig
+from .evaluation import TASKS, Method, default_depths, generate_raw, using
+from .model import SelfExtendModel
+from .tuning import TableEntry, TunedTable, shipped_table
+
+#: New tokens a call may add beyond the measured prompt length; a candidate must reach both.
+ANSWER_MARGIN = 16
+
+
+def method_name(config: SelfExtendConfig | None) -> str:
+    """The :class:`~selfextend_llm.evaluation.Method` spelling of a setting (``plain`` for None)."""
+    if config is None:
+        return "plain"
+    return f"se:{config.group_size},{config.neighbor_window}" + ("+log" if config.log_scale else "")
+
+
+def candidates(trained: int, length: int, *, log: str = "on") -> list[SelfExtendConfig | None]:
+    """Settings worth trying at ``length`` tokens on a model trained on ``trained``.
+
+    Inside the window: plain and a few groupings with a wide neighbor window (grouping there can
+    help a model that is weak at its own edge, as the embedded default is).  Beyond it: windows of
+    an eighth, a quarter and half of the trained window, each with the smallest group size that
+    reaches the length and 1.5x, 2x and 3x that (the embedded default's best at 32k and 64k sat at
+    1.3x-1.5x the smallest; larger G keeps grouped positions farther from the window's edge).
+    ``log``: "on" (log-scaled queries beyond the window), "off" or "both".
+    """
+    if log not in ("on", "off", "both"):
+        raise ValueError(f"log must be 'on', 'off' or 'both', got {log!r}")
+    need = length + ANSWER_MARGIN
+    windows = sorted({w for w in (trained // 8, trained // 4, trained // 2) if w >= 16})
+    out: list[SelfExtendConfig | None] = []
+    if length <= trained:  # the prompt fits: plain can run it (the answer's few tokens past the edge included)
+        out.append(None)
+        for group, window in ((2, trained // 2), (4, trained // 2), (4, trained // 4), (8, trained // 4)):
+            if 16 <= window < need:  # a window holding the whole call is exactly plain
+                out.append(SelfExtendConfig(group, window))
+        return list(dict.fromkeys(out))
+    logs = {"on": [True], "off": [False], "both": [False, True]}[log]
+    for window in windows:
+        smallest = math.ceil((need - window) / (trained - window))
+        for group in sorted({smallest, math.ceil(1.5 * smallest), 2 * smallest, 3 * smallest}):
+            if group > MAX_MEASURED_GROUP:
+                continue
+            for flag in logs:
+                cfg = SelfExtendConfig(group, window, log_scale=flag)
+                if cfg.max_context(trained) >= need:
+                    out.append(cfg)
+    return out
+
+
+@dataclass
+class LengthResult:
+    """Accuracy per method and task at one length; ``prompts[method][task]`` how many prompts ran."""
+
+    length: int
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    prompts: dict[str, dict[str, int]] = field(default_factory=dict)
+    best: str = ""
+    seconds: float = 0.0
+
+    def score(self, method: str) -> float:
+        """Mean accuracy over the tasks (the search's objective), rounded so that ties are ties."""
+        values = self.accuracy[method].values()
+        return round(sum(values) / len(values), 6)
+
+    def rank_key(self, method: str) -> tuple:
+        """Sort key, best first: the mean; then the worse task (a setting must not know one trick only);
+        then plain, the wider window, the smaller G."""
+        worst = min(self.accuracy[method].values())
+        return (-self.score(method), -worst, _preference(Method.parse(method).config))
+
+    def choose(self, full: int) -> str:
+        """The best SelfExtend setting (or plain) among those measured on ``full`` prompts per task."""
+        finalists = [
+            m for m in self.accuracy if (m == "plain" or m.startswith("se:")) and min(self.prompts[m].values()) >= full
+        ]
+        if not finalists:
+            raise ValueError(f"no setting was measured on {full} prompts at {self.length} tokens")
+        return min(finalists, key=self.rank_key)
+
+    def merged(self, other: LengthResult) -> LengthResult:
+        """Both runs' measurements at this length; where both measured a method, the one on more prompts."""
+        if other.length != self.length:
+            raise ValueError(f"cannot merge results at {self.length} and {other.length} tokens")
+        out = LengthResult(self.length, dict(self.accuracy), dict(self.prompts), "", self.seconds + other.seconds)
+        for method, accuracy in other.accuracy.items():
+            if method not in out.prompts or sum(other.prompts[method].values()) > sum(out.prompts[method].values()):
+                out.accuracy[method], out.prompts[method] = accuracy, other.prompts[method]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> LengthResult:
+        return cls(int(data["length"]), data["accuracy"], data["prompts"], data.get("best", ""), data["seconds"])
+
+    def to_json(self) -> dict:
+        return {
+            "length": self.length,
+            "best": self.best,
+            "accuracy": self.accuracy,
+            "prompts": self.prompts,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+class _Runner:
+    """Runs (method, task, depth, prompt index) cells once each and remembers the outcome."""
+
+    def __init__(self, se: SelfExtendModel, depths: Sequence[float], seed: int, batch_size: int, bar) -> None:
+        self.se, self.depths, self.seed, self.batch_size, self.bar = se, list(depths), seed, batch_size, bar
+        self.done: dict[tuple[str, str, int, int, int], bool] = {}
+
+    def run(self, method: Method, task: str, length: int, per_depth: int) -> float:
+        """Accuracy of ``method`` on the first ``per_depth`` prompts of every depth (seeds as :func:`task_grid`)."""
+        make = TASKS[task]
+        todo = [
+            (di, i)
+            for di in range(len(self.depths))
+            for i in range(per_depth)
+            if (method.name, task, length, di, i) not in self.done
+        ]
+        if todo:
+            with using(self.se, method, length + ANSWER_MARGIN):
+                for b0 in range(0, len(todo), self.batch_size):
+                    batch = todo[b0 : b0 + self.batch_size]
+                    items = [
+                        make(length, self.depths[di], self.seed + 1000 * di + i, self.se.count_tokens)
+                        for di, i in batch
+                    ]
+                    answers = generate_raw(self.se, [text for text, _ in items], 12)
+                    for (di, i), (_, expected), answer in zip(batch, items, answers, strict=True):
+                        self.done[(method.name, task, length, di, i)] = expected in answer
+                    self.bar.update(len(batch))
+        hits = [
+            self.done[(method.name, task, length, di, i)] for di in range(len(self.depths)) for i in range(per_depth)
+        ]
+        return sum(hits) / len(hits)
+
+
+def _preference(config: SelfExtendConfig | None) -> tuple:
+    """Among equal scores: plain first (exactly the model), then the wider window, then the smaller G."""
+    if config is None:
+        return (0, 0, 0)
+    return (1, -config.neighbor_window, config.group_size)
+
+
+def search_length(
+    runner: _Runner,
+    length: int,
+    settings: Sequence[SelfExtendConfig | None],
+    *,
+    tasks: Sequence[str],
+    prompts: int,
+    screen: int,
+    keep: int,
+    baselines: Sequence[str],
+) -> LengthResult:
+    """Two-stage search at one length.
+
+    All ``settings`` on ``screen`` prompts a depth, then the best ``keep`` on ``prompts`` a depth.
+    """
+    start = time.perf_counter()
+    result = LengthResult(length)
+    by_name = {method_name(c): c for c in settings}
+
+    def measure(name: str, per_depth: int) -> None:
+        method = Method.parse(name) if name != "plain" or by_name.get("plain", 0) is None else Method(name)
+        result.accuracy[name] = {task: runner.run(method, task, length, per_depth) for task in tasks}
+        result.prompts[name] = {task: per_depth * len(runner.depths) for task in tasks}
+
+    for name in by_name:
+        measure(name, min(screen, prompts))
+    for name in sorted(by_name, key=result.rank_key)[:keep]:
+        measure(name, prompts)
+    result.best = result.choose(prompts * len(runner.depths))
+    for name in baselines:
+        if name == "plain" and length + ANSWER_MARGIN > runner.se.pretrained_context:
+            continue  # the plain model past its window is known to fail; not worth the time
+        measure(name, prompts)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def tune(
+    se: SelfExtendModel,
+    lengths: Sequence[int],
+    *,
+    tasks: Sequence[str] = ("passkey", "needle"),
+    depths: int = 5,
+    prompts: int = 4,
+    screen: int = 1,
+    keep: int = 3,
+    log: str = "on",
+    baselines: Sequence[str] = (),
+    settings: Sequence[SelfExtendConfig | None] | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    on_length: Callable[[LengthResult], None] | None = None,
+) -> tuple[TunedTable, list[LengthResult]]:
+    """Search every length and build the model's table; ``out_dir`` keeps one JSON per length as it finishes.
+
+    A length whose JSON is already in ``out_dir`` is read back, not re-run, so a search that was
+    cut off resumes where it stopped.  ``settings`` replaces the generated candidates (each length
+    keeps those that reach it; None stands for plain and is kept inside the window only).
+    """
+    from tqdm.auto import tqdm
+
+    if not lengths:
+        raise ValueError("give at least one length to tune for")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}: use {sorted(TASKS)}")
+    trained = se.pretrained_context
+    depth_list = default_depths(depths)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if settings is None:
+        plan = {n: candidates(trained, n, log=log) for n in sorted(set(lengths))}
+    else:
+        plan = {
+            n: [
+                c
+                for c in dict.fromkeys(settings)
+                if (n <= trained if c is None else c.max_context(trained) >= n + ANSWER_MARGIN)
+            ]
+            for n in sorted(set(lengths))
+        }
+    shipped = shipped_table(se.model_name)
+    for n, found in plan.items():  # what the shipped table runs today is always a candidate: never tune worse
+        entry = shipped.lookup(n + ANSWER_MARGIN) if shipped is not None and settings is None else None
+        if entry is not None and entry.config not in found:
+            found.append(entry.config)
+    for n, found in plan.items():
+        if not found:
+            raise ValueError(
+                f"no setting reaches {n} tokens on a model trained on {trained} (group sizes above "
+                f"{MAX_MEASURED_GROUP} are not searched): drop that length"
+            )
+    per_prompt = len(tasks) * len(depth_list)
+    total = sum(
+        per_prompt * (len(found) * min(screen, prompts) + min(keep, len(found)) * max(0, prompts - screen))
+        + per_prompt * prompts * sum(b != "plain" or n + ANSWER_MARGIN <= trained for b in baselines)
+        for n, found in plan.items()
+    )
+    bar = tqdm(total=total, desc="tune", disable=not progress)
+    runner = _Runner(se, depth_list, seed, batch_size, bar)
+    results: list[LengthResult] = []
+    for n, found in plan.items():
+        path = out / f"{n}.json" if out is not None else None
+        if path is not None and path.is_file():
+            result = LengthResult.from_json(json.loads(path.read_text()))
+        else:
+            result = search_length(
+                runner, n, found, tasks=tasks, prompts=prompts, screen=screen, keep=keep, baselines=baselines
+            )
+            if path is not None:
+                path.write_text(json.dumps(result.to_json(), indent=1))
+        results.append(result)
+        bar.set_postfix_str(f"{n}: {result.best} {result.score(result.best):.2f}")
+        if on_length is not None:
+            on_length(result)
+    bar.close()
+    measured = {
+        "tasks": list(tasks),
+        "prompts_per_cell": prompts * len(depth_list),
+        "device": str(se.device),
+        "dtype": str(next(se.model.parameters()).dtype).replace("torch.", ""),
+    }
+    return build_table(se.model_name, trained, results, measured), results
+
+
+def build_table(model: str, trained: int, results: Sequence[LengthResult], measured: dict | None = None) -> TunedTable:
+    """One entry per length: its chosen setting, covering the lengths up to it (checked to reach them)."""
+    entries = []
+    for result in sorted(results, key=lambda r: r.length):
+        best = result.best or result.choose(max(sum(p.values()) // len(p) for p in result.prompts.values()))
+        config = Method.parse(best).config
+        entries.append(TableEntry(result.length, config, dict(result.accuracy[best])))
+    return TunedTable(model, trained, entries, measured=dict(measured or {}))
+
+
+def report(results: Sequence[LengthResult]) -> str:
+    """A markdown table: per length, the chosen setting and every baseline, each as pass key / needle."""
+    lines = ["| length | chosen | accuracy (per task) | baselines |", "|---|---|---|---|"]
+    for r in results:
+        chosen = ", ".join(f"{t} {a:.2f}" for t, a in r.accuracy[r.best].items())
+        base = "; ".join(
+            f"{m}: " + ", ".join(f"{a:.2f}" for a in r.accuracy[m].values())
+            for m in r.accuracy
+            if not m.startswith("se:") and m != r.best
+        )
+        lines.append(f"| {r.length:,} | {r.best} | {chosen} | {base} |")
+    return "\n".join(lines)
