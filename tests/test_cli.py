@@ -11,6 +11,7 @@ def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["pretrained_context"] == 8192 and info["context_window"] == 32768
+    assert info["settings_source"] == "shipped table" and info["table"][0] == "<= 4,096: plain"
 
 
 def test_ask_streams_an_answer(tmp_path, capsys):
@@ -52,37 +53,21 @@ def test_passkey_grid_writes_table_json_and_heatmap(tmp_path, capsys):
     assert (tmp_path / "passkey_heatmap.png").stat().st_size > 1000
 
 
-def test_tune_picks_a_setting(tmp_path, capsys):
-    save = tmp_path / "best.json"
-    args = [
-        "tune",
-        "--target",
-        "700",
-        "--groups",
-        "2",
-        "3",
-        "--windows",
-        "256",
-        "--depths",
-        "1",
-        "--prompts",
-        "1",
-        "--with-log",
-        "--save",
-        str(save),
-        "--json",
-    ]
-    assert main(args) == 0
-    best = json.loads(save.read_text())
-    assert best["group_size"] in (2, 3) and best["neighbor_window"] == 256 and 0 <= best["accuracy"] <= 1
-    # scored on both tasks by default; every candidate (also the log-scaled ones) reported per task
-    assert best["tasks"] == ["passkey", "needle"]
-    assert set(best["all"]) == {"se:2,256", "se:3,256", "se:2,256+log", "se:3,256+log"}
-    for scores in best["all"].values():
-        assert scores["mean"] == (scores["passkey"] + scores["needle"]) / 2
-    top = best["all"][next(iter(best["all"]))]
-    assert best["accuracy"] == top["mean"] == max(s["mean"] for s in best["all"].values())
-    assert save.with_suffix(".needle.json").is_file() and save.with_suffix(".passkey.json").is_file()
+def test_tune_saves_a_table_that_load_and_info_take(tmp_path, capsys):
+    """The embedded default tuned at one short length on chosen candidates; the saved table is used when passed."""
+    save = tmp_path / "table.json"
+    args = ["tune", "--lengths", "700", "--depths", "1", "--prompts", "1", "--baselines", "yarn", "--save", str(save)]
+    assert main([*args, "--candidates", "plain", "se:2,256", "se:3,256+log"]) == 0
+    out = capsys.readouterr().out
+    assert "| 700 |" in out and "yarn:" in out and str(save) in out
+    table = json.loads(save.read_text())
+    assert table["model"] == "SmolLM2-135M-Instruct" and [e["upto"] for e in table["entries"]] == [700]
+    result = json.loads((tmp_path / "table" / "700.json").read_text())
+    assert set(result["accuracy"]) == {"plain", "se:2,256", "se:3,256+log", "yarn"}
+    assert result["accuracy"]["plain"] == {"passkey": 1.0, "needle": 1.0}  # in the window the model finds both
+    assert main(["info", "--json", "--tuned-table", str(save)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["settings_source"].startswith(f"tuned file {save}") and len(info["table"]) == 1
 
 
 def test_needle_grid(tmp_path, capsys):

@@ -32,10 +32,10 @@ def test_plan_fixed_grouping_window_is_its_reach_or_the_target():
 
 def test_plan_adaptive_keeps_an_explicit_window_at_every_length():
     """An explicit ``neighbor_window`` is never replaced, also not by the tuned table per call."""
-    from selfextend_llm.tuning import TUNED, plan
+    from selfextend_llm.tuning import plan, shipped_table
 
     name = "SmolLM2-135M-Instruct"
-    tuned_windows = {w for _, _, w, _ in TUNED[name]}
+    tuned_windows = {e.config.neighbor_window for e in shipped_table(name).entries if e.config is not None}
     chosen = plan(name, 8192, neighbor_window=512)
     assert chosen.adaptive and chosen.context_window == 4 * 8192
     for total in (4_000, 9_000, 20_000, 32_768):
@@ -55,3 +55,92 @@ def test_plan_refuses_unreachable_targets_and_apply_uses_the_rule_of_thumb():
         plan("m", 8192, target_context=10_000_000)
     fixed = plan(None, 8192, target_context=65_536, adaptive=False)
     assert fixed.config == SelfExtendConfig.for_target(8192, 65_536) and not fixed.adaptive
+
+
+def test_every_shipped_table_reaches_its_whole_range():
+    """No hole: each entry's setting reaches every length it covers, the default's table to 128k."""
+    from selfextend_llm.tuning import SHIPPED_DIR, shipped_table
+
+    files = sorted(SHIPPED_DIR.glob("*.json"))
+    assert files, "the embedded default ships a table"
+    for path in files:
+        table = shipped_table(path.stem)
+        assert table is not None and table.entries
+        low = 1
+        for entry in table.entries:
+            for total in range(low, entry.upto + 1, max(1, (entry.upto - low) // 50)):
+                assert table.lookup(total) is entry
+            if entry.config is None:
+                assert entry.upto <= table.pretrained_context
+            else:
+                assert entry.config.max_context(table.pretrained_context) >= entry.upto, (path.name, entry)
+            low = entry.upto + 1
+    default = shipped_table("SmolLM2-135M-Instruct")
+    assert default.longest >= 131_072
+    for total in (100, 4_096, 8_000, 8_192, 8_193, 20_000, 40_000, 65_536, 100_000, 131_072):
+        cfg = default.lookup(total).config
+        assert cfg is None or cfg.max_context(8192) >= total
+
+
+def test_table_refuses_entries_that_cannot_reach_and_bad_files(tmp_path):
+    from selfextend_llm.config import SelfExtendConfig
+    from selfextend_llm.tuning import TableEntry, TableError, TunedTable, read_table
+
+    with pytest.raises(TableError, match="reaches 51200 tokens, short of its entry's 65536"):
+        TunedTable("m", 8192, [TableEntry(65_536, SelfExtendConfig(8, 2048))])
+    with pytest.raises(TableError, match="past the trained window"):
+        TunedTable("m", 8192, [TableEntry(9_000, None)])
+    table = TunedTable("m", 8192, [TableEntry(4_096, None), TableEntry(28_000, SelfExtendConfig(6, 4096, True))])
+    path = table.save(tmp_path / "m.json")
+    again = read_table(path, "m", 8192)
+    assert again.entries == table.entries and again.source == f"tuned file {path}"
+    with pytest.raises(TableError, match="trained on 8192 tokens, but this one is trained on 4096"):
+        read_table(path, "m", 4096)
+    with pytest.raises(TableError, match="made for 'm', not 'other'"):
+        read_table(path, "other", 8192)
+    with pytest.raises(TableError, match="does not exist"):
+        read_table(tmp_path / "missing.json", "m", 8192)
+    (tmp_path / "old.json").write_text('{"entries": []}')
+    with pytest.raises(TableError, match="not a version-1 SelfExtend table"):
+        read_table(tmp_path / "old.json", "m", 8192)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(TableError, match="not readable JSON"):
+        read_table(tmp_path / "broken.json", "m", 8192)
+
+
+def test_sources_tuned_file_beats_shipped_table_beats_rule_of_thumb(tmp_path, monkeypatch):
+    """``load()``'s lookup order, and each call's source: own tuned file, shipped table, rule of thumb."""
+    from selfextend_llm.config import SelfExtendConfig
+    from selfextend_llm.tuning import (
+        SOURCE_FIXED,
+        SOURCE_PLAIN,
+        SOURCE_RULE,
+        SOURCE_SHIPPED,
+        TableEntry,
+        TunedTable,
+        plan,
+        tuned_path,
+    )
+
+    monkeypatch.setenv("SELFEXTEND_LLM_CACHE", str(tmp_path))
+    name = "SmolLM2-135M-Instruct"
+    shipped = plan(name, 8192)
+    assert shipped.source == SOURCE_SHIPPED and shipped.source_for(20_000) == SOURCE_SHIPPED
+    far = plan(name, 8192, target_context=200_000)  # past the table's 128k: the rule of thumb, said so
+    assert far.source == f"{SOURCE_SHIPPED}, {SOURCE_RULE} past 131,072 tokens"
+    assert far.source_for(150_000) == SOURCE_RULE and far.config_for(150_000).max_context(8192) >= 150_000
+    other = plan("some-other-model", 8192)
+    assert other.source == SOURCE_RULE and other.source_for(4_000) == SOURCE_PLAIN
+    assert plan(name, 8192, group_size=4).source == SOURCE_FIXED
+    assert plan(name, 8192, tuned_table=False).source == SOURCE_RULE
+
+    own = TunedTable(name, 8192, [TableEntry(40_000, SelfExtendConfig(10, 1024, True))])
+    path = own.save(tuned_path(name))
+    found = plan(name, 8192)
+    assert found.source == f"tuned file {path}"
+    assert found.config_for(9_000) == SelfExtendConfig(10, 1024, True)
+    explicit = plan("any-name", 8192, tuned_table=path)  # a path passed in is used for that model
+    assert explicit.config_for(30_000) == SelfExtendConfig(10, 1024, True)
+    path.write_text("{")  # a broken own file is an error that says what to do, not a silent fallback
+    with pytest.raises(ValueError, match="re-create it with tune"):
+        plan(name, 8192)

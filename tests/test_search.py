@@ -1,0 +1,146 @@
+"""``selfextend-llm tune``: candidates, the choice rule, merging runs, and the whole loop on a model that is
+not the embedded default (a tiny random Llama saved as a folder), found again by ``load()``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from selfextend_llm.config import MAX_MEASURED_GROUP, SelfExtendConfig
+from selfextend_llm.search import ANSWER_MARGIN, LengthResult, build_table, candidates, method_name
+
+
+@pytest.mark.parametrize("trained", [128, 2048, 8192, 32768])
+@pytest.mark.parametrize("factor", [0.5, 1.0, 1.5, 4.0, 16.0])
+def test_candidates_reach_their_length_and_stay_in_measured_range(trained, factor):
+    n = int(trained * factor)
+    found = candidates(trained, n)
+    assert found
+    assert (None in found) == (n <= trained)  # plain only where the prompt fits
+    for cfg in found:
+        if cfg is None:
+            continue
+        assert cfg.max_context(trained) >= n + ANSWER_MARGIN
+        assert cfg.group_size <= MAX_MEASURED_GROUP and cfg.neighbor_window < trained
+        assert cfg.neighbor_window < n + ANSWER_MARGIN  # else it would be exactly plain, run twice
+        assert cfg.log_scale == (n > trained)  # log on past the window by default
+    both = candidates(trained, 4 * trained, log="both")
+    assert {c.log_scale for c in both} == {False, True}
+    with pytest.raises(ValueError, match="log must be"):
+        candidates(trained, n, log="yes")
+
+
+def test_choice_is_the_mean_then_the_worse_task_then_plain_and_wider_windows():
+    r = LengthResult(
+        16384,
+        accuracy={
+            "se:9,1024": {"passkey": 1.0, "needle": 0.4},  # mean 0.70, worst 0.40
+            "se:6,4096": {"passkey": 0.75, "needle": 0.65},  # mean 0.70, worst 0.65: chosen
+            "se:6,4096+log": {"passkey": 0.85, "needle": 0.55},  # mean 0.70, worst 0.55
+            "se:3,1024": {"passkey": 1.0, "needle": 1.0},  # best, but only screened
+            "dynamic-ntk": {"passkey": 1.0, "needle": 0.5},  # a baseline is never chosen
+        },
+        prompts={m: {"passkey": 20, "needle": 20} for m in ("se:9,1024", "se:6,4096", "se:6,4096+log", "dynamic-ntk")}
+        | {"se:3,1024": {"passkey": 5, "needle": 5}},
+    )
+    assert r.choose(20) == "se:6,4096"
+    tie = LengthResult(
+        4096,
+        accuracy={"plain": {"passkey": 1.0}, "se:2,2048": {"passkey": 1.0}, "se:2,1024": {"passkey": 1.0}},
+        prompts={m: {"passkey": 20} for m in ("plain", "se:2,2048", "se:2,1024")},
+    )
+    assert tie.choose(20) == "plain"
+    del tie.accuracy["plain"]
+    assert tie.choose(20) == "se:2,2048"
+    with pytest.raises(ValueError, match="no setting was measured on 40 prompts"):
+        tie.choose(40)
+
+
+def test_merging_keeps_the_measurement_on_more_prompts_and_builds_a_reaching_table():
+    screened = LengthResult(8192, {"se:2,4096": {"passkey": 1.0}}, {"se:2,4096": {"passkey": 5}})
+    full = LengthResult(
+        8192,
+        {"se:2,4096": {"passkey": 0.9}, "plain": {"passkey": 0.4}},
+        {"se:2,4096": {"passkey": 20}, "plain": {"passkey": 20}},
+    )
+    merged = screened.merged(full)
+    assert merged.accuracy["se:2,4096"] == {"passkey": 0.9} and merged.prompts["plain"] == {"passkey": 20}
+    assert full.merged(screened).accuracy["se:2,4096"] == {"passkey": 0.9}
+    with pytest.raises(ValueError, match="cannot merge"):
+        screened.merged(LengthResult(4096))
+    far = LengthResult(65536, {"se:32,4096+log": {"passkey": 0.6}}, {"se:32,4096+log": {"passkey": 20}})
+    table = build_table("m", 8192, [far, merged])
+    assert [e.upto for e in table.entries] == [8192, 65536]
+    assert table.entries[1].config == SelfExtendConfig(32, 4096, True) and table.entries[1].accuracy == {"passkey": 0.6}
+    assert method_name(table.entries[0].config) == "se:2,4096" and method_name(None) == "plain"
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, default_model):
+    """A random Llama nominally trained on 128 tokens, with the default's tokenizer, saved as a model folder."""
+    torch.manual_seed(0)
+    tok = default_model.tokenizer
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    folder = tmp_path / "tiny-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_tune_any_model_saves_a_table_that_load_and_info_use(tiny_folder, tmp_path, monkeypatch, capsys):
+    import selfextend_llm
+    from selfextend_llm import search
+    from selfextend_llm.cli import main
+
+    monkeypatch.setenv("SELFEXTEND_LLM_CACHE", str(tmp_path / "cache"))
+    args = ["tune", "--model", str(tiny_folder), "--lengths", "100", "300", "--depths", "1", "--prompts", "2"]
+    args += ["--keep", "1", "--baselines", "yarn", "plain", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    saved = tmp_path / "cache" / "tuned" / "tiny-llama.json"
+    assert out["saved"] == str(saved) and saved.is_file()
+    table = json.loads(saved.read_text())
+    assert table["model"] == "tiny-llama" and table["pretrained_context"] == 128
+    assert [e["upto"] for e in table["entries"]] == [100, 300]
+    far = table["entries"][1]
+    assert (far["neighbor_window"] - 1) + 0 < 300 and (128 - far["neighbor_window"]) * far["group_size"] + far[
+        "neighbor_window"
+    ] >= 300 + ANSWER_MARGIN
+    per_length = json.loads((tmp_path / "cache" / "tuned" / "tiny-llama" / "300.json").read_text())
+    assert "yarn" in per_length["accuracy"] and "plain" not in per_length["accuracy"]  # plain only in-window
+    assert per_length["prompts"][per_length["best"]] == {"passkey": 2, "needle": 2}
+
+    se = selfextend_llm.load(str(tiny_folder), device="cpu")
+    info = se.describe()
+    assert info["settings_source"].startswith(f"tuned file {saved}")
+    assert se.plan.config_for(250) == SelfExtendConfig(far["group_size"], far["neighbor_window"], far["log_scale"])
+    assert info["table"][1].startswith("<= 300: G")
+    assert main(["info", "--model", str(tiny_folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings_source"] == info["settings_source"]
+
+    # a second run reads the per-length results back instead of generating again
+    def no_generation(*a, **k):
+        raise AssertionError("a finished length was run again")
+
+    monkeypatch.setattr(search, "generate_raw", no_generation)
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["table"] == table
+
+
+def test_tune_refuses_bad_candidates_and_lengths(tiny_folder, tmp_path, monkeypatch, capsys):
+    from selfextend_llm.cli import main
+
+    monkeypatch.setenv("SELFEXTEND_LLM_CACHE", str(tmp_path / "cache"))
+    base = ["tune", "--model", str(tiny_folder), "--no-save", "--depths", "1", "--prompts", "1"]
+    assert main([*base, "--lengths", "8"]) == 2
+    assert "at least 16" in capsys.readouterr().err
+    assert main([*base, "--lengths", "300", "--candidates", "selfextend"]) == 2
+    assert "takes plain or se:G,W" in capsys.readouterr().err
+    assert main([*base, "--lengths", "300", "--candidates", "se:2,32"]) == 2  # reach 224 < 300: nothing left
+    assert "no setting reaches 300 tokens" in capsys.readouterr().err
