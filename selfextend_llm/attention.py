@@ -167,7 +167,7 @@ def selfextend_attention(
     full_mask: torch.Tensor | None = None,
     softcap: float | None = None,
     log_scale_base: int | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     key_cache: GroupedKeyCache | None = None,
     backend: Backend = "auto",
     grouped_buffer: torch.Tensor | None = None,

@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from ..attention import DEFAULT_BLOCK_SIZE, Backend, GroupedKeyCache, selfextend_attention
+from ..attention import Backend, GroupedKeyCache, selfextend_attention
 from ..config import SelfExtendConfig
 from ..kernels import static_decode
 from ..kernels.blocks import row_offsets
@@ -46,7 +46,8 @@ class RuntimeSettings:
 
     config: SelfExtendConfig
     pretrained_context: int
-    block_size: int = DEFAULT_BLOCK_SIZE
+    #: Query rows per block of the CPU block path; None: its own default per path.
+    block_size: int | None = None
     backend: Backend = "auto"
     #: When True, layers run plain SDPA (used for prompts that fit the trained window with G=1).
     bypass: bool = False

@@ -25,11 +25,22 @@ from dataclasses import dataclass
 import torch
 
 from ..rope import Layout, grouped_key_position, rotate
-from .lse import NEG_INF, Kernel, attention_with_lse, merge_partials
+from .lse import (
+    NEG_INF,
+    Kernel,
+    attention_with_lse,
+    causal_block_with_lse,
+    merge_partials,
+    two_score_attention,
+)
 
 #: Query rows per block. Small blocks keep the masked (window-edge) work small: on CPU at 8k tokens,
 #: 128 rows cost 1.28x plain SDPA against 1.51x for 1024 (see BENCHMARKS.md).
 DEFAULT_BLOCK_SIZE = 128
+#: Query rows per block where nothing but the window is masked (:func:`_grouped_at_once`): every part
+#: is then a fused call without a mask tensor, and large calls run the CPU flash kernel at its best
+#: rate (1,024 rows: 1.13x plain SDPA for one layer at 8k against 1.20x for 256; BENCHMARKS.md).
+UNMASKED_BLOCK_SIZE = 1024
 
 
 @dataclass
@@ -194,7 +205,7 @@ def block_attention(
     key_valid: torch.Tensor | None = None,
     full_mask: torch.Tensor | None = None,
     softcap: float | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     kernel: Kernel = "auto",
 ) -> torch.Tensor:
     """SelfExtend attention by query blocks, each over its three key ranges (see the module doc).
@@ -206,6 +217,12 @@ def block_attention(
     W = neighbor_window
     grouped_needed = max(0, min(n_keys, query_start + q_len - W))
     kg = grouped_key
+    if key_valid is None and full_mask is None and softcap is None and W >= 2 and grouped_needed > 0:
+        rows = min(block_size or UNMASKED_BLOCK_SIZE, W - 1)
+        return _grouped_at_once(
+            query, key, value, grouped_query, kg, query_start, W, scale, rows, kernel, grouped_needed
+        )
+    block_size = block_size or DEFAULT_BLOCK_SIZE
     outputs = []
     for t0 in range(0, q_len, block_size):
         t1 = min(q_len, t0 + block_size)
@@ -214,46 +231,143 @@ def block_attention(
         rows = torch.arange(i0, i1, device=query.device)
         fm_blk = None if full_mask is None else full_mask[:, :, t0:t1]
 
-        parts = []
+        def part(q, keys, k0, k1, band, rows=rows, fm_blk=fm_blk):
+            mask = region_mask(rows, k0, k1, band, W, key_valid, fm_blk)
+            return attention_with_lse(q, keys[:, :, k0:k1], value[:, :, k0:k1], mask, scale, softcap, kernel)
+
+        # Key ranges of this block (cache indices), each seen the same way by every row but the edge:
+        #   [0, bulk)       grouped for every row: no mask
+        #   [bulk, edge)    the window's edge (B - 1 keys): grouped for some rows, plain for the others
+        #   [edge, i0)      plain for every row: no mask
+        #   [i0, i1)        the diagonal block: plain, causal (the fused kernel's own causal mode)
+        # Only the two edge parts and the diagonal carry a mask, each at most B x B.  (A window narrower
+        # than the block makes the edge overlap the diagonal: then the plain keys are one masked band.)
         bulk_end = max(0, min(n_keys, i0 - W + 1))
         edge_end = max(bulk_end, min(grouped_needed, i1 - W))
-        near_start, near_end = bulk_end, min(n_keys, i1)
-        if edge_end > 0:
-            qg = grouped_query[:, :, t0:t1]
-            if bulk_end > 0:
-                parts.append(
-                    attention_with_lse(
-                        qg,
-                        kg[:, :, :bulk_end],
-                        value[:, :, :bulk_end],
-                        region_mask(rows, 0, bulk_end, "bulk", W, key_valid, fm_blk),
-                        scale,
-                        softcap,
-                        kernel,
-                    )
-                )
+        parts = []
+        if bulk_end > 0:
+            parts.append(part(grouped_query[:, :, t0:t1], kg, 0, bulk_end, "bulk"))
+        d1 = min(i1, n_keys)
+        if edge_end > i0:  # a window narrower than the block: the edge reaches into the diagonal, one band
+            parts.append(part(grouped_query[:, :, t0:t1], kg, bulk_end, edge_end, "edge"))
+            parts.append(part(q_blk, key, bulk_end, d1, "near"))
+        else:
             if edge_end > bulk_end:
+                dist = rows[:, None] - torch.arange(bulk_end, edge_end, device=rows.device)[None, :]
+                visible = region_mask(rows, bulk_end, edge_end, "bulk", W, key_valid, fm_blk)
                 parts.append(
-                    attention_with_lse(
-                        qg,
+                    two_score_attention(
+                        grouped_query[:, :, t0:t1],
                         kg[:, :, bulk_end:edge_end],
+                        q_blk,
+                        key[:, :, bulk_end:edge_end],
                         value[:, :, bulk_end:edge_end],
-                        region_mask(rows, bulk_end, edge_end, "edge", W, key_valid, fm_blk),
+                        (dist >= W)[None, None],
+                        visible,
                         scale,
                         softcap,
-                        kernel,
-                    )
+                    )  # fmt: skip
                 )
-        parts.append(
-            attention_with_lse(
-                q_blk,
-                key[:, :, near_start:near_end],
-                value[:, :, near_start:near_end],
-                region_mask(rows, near_start, near_end, "near", W, key_valid, fm_blk),
-                scale,
-                softcap,
-                kernel,
+            if i0 > edge_end:
+                parts.append(part(q_blk, key, edge_end, min(i0, n_keys), "bulk"))
+        if d1 > i0 >= edge_end:
+            extra = region_mask(rows, i0, d1, "bulk", W, key_valid, fm_blk)
+            parts.append(
+                causal_block_with_lse(q_blk, key[:, :, i0:d1], value[:, :, i0:d1], extra, scale, softcap, kernel)
             )
-        )
         outputs.append(merge_partials(parts, query.dtype))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def _grouped_at_once(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    grouped_query: torch.Tensor,
+    grouped_key: torch.Tensor,
+    query_start: int,
+    W: int,
+    scale: float,
+    block_size: int,
+    kernel: Kernel,
+    grouped_needed: int,
+) -> torch.Tensor:
+    """The block path without padding or custom masks: the grouped part in two large fused calls.
+
+    Query ``i`` sees keys ``j <= i - W`` grouped: for the rows from ``r0 = max(query_start, W)`` that
+    is keys ``[0, r0 - W]`` for every row (no mask) and then a square causal band, which is the
+    fused kernel's own causal mode shifted by ``W``.  Large calls run the CPU flash kernel at its
+    best rate per score (~1.8 ns against ~2.2 ns for 256-row blocks here); only the plain part,
+    a band of width ``W``, goes block by block.
+    """
+    q_len = query.shape[2]
+    r0 = max(query_start, W)
+    t_first = r0 - query_start  # first local row with any grouped key
+    qg = grouped_query[:, :, t_first:]
+    full_end = r0 - W + 1  # keys every such row sees grouped
+    band = grouped_needed - full_end  # == end - r0 - 1: the causal band's keys beyond the full part
+    grouped_parts = []
+    if full_end > 0:
+        grouped_parts.append(
+            attention_with_lse(qg, grouped_key[:, :, :full_end], value[:, :, :full_end], None, scale, None, kernel)
+        )
+    if band > 0:
+        # rows r0+1.. see band keys full_end..: row r0+1+t sees keys full_end..full_end+t (square, causal)
+        out_b, lse_b = causal_block_with_lse(
+            qg[:, :, 1:], grouped_key[:, :, full_end:grouped_needed], value[:, :, full_end:grouped_needed],
+            None, scale, None, kernel,
+        )  # fmt: skip
+        pad_o = out_b.new_zeros(out_b.shape[0], out_b.shape[1], 1, out_b.shape[3])
+        pad_l = lse_b.new_full((lse_b.shape[0], lse_b.shape[1], 1), NEG_INF)
+        grouped_parts.append((torch.cat((pad_o, out_b), dim=2), torch.cat((pad_l, lse_b), dim=2)))
+    g_out, g_lse = (
+        grouped_parts[0]
+        if len(grouped_parts) == 1
+        else (merge_partials(grouped_parts, torch.float32), _lse_sum(grouped_parts))
+    )
+    outputs = []
+    for t0 in range(0, q_len, block_size):
+        t1 = min(q_len, t0 + block_size)
+        i0, i1 = query_start + t0, query_start + t1
+        q_blk = query[:, :, t0:t1]
+        rows = torch.arange(i0, i1, device=query.device)
+        near_start = max(0, i0 - W + 1)  # the farthest key some row of the block sees plainly
+        edge_end = max(near_start, i1 - W)  # keys before it are plain for some rows only
+        parts = []
+        if i1 - 1 >= r0:  # rows of the block with grouped keys: the slice of the grouped output
+            a = max(t0, t_first)
+            o = g_out[:, :, a - t_first : t1 - t_first]
+            lse = g_lse[:, :, a - t_first : t1 - t_first]
+            if a > t0:
+                o = torch.cat((o.new_zeros(*o.shape[:2], a - t0, o.shape[3]), o), dim=2)
+                lse = torch.cat((lse.new_full((*lse.shape[:2], a - t0), NEG_INF), lse), dim=2)
+            parts.append((o, lse))
+        if edge_end > near_start and i0 - W + 1 >= 0 and edge_end - near_start == t1 - t0 - 1 and edge_end < i0:
+            # The window's edge is a triangle: row t sees edge key s when s >= t.  Reversed, rows and
+            # keys make that the fused kernel's own causal mode (keys [near_start, edge_end] with
+            # the first plain-for-all key, so the block is square).
+            k0, k1 = near_start, edge_end + 1
+            out_e, lse_e = causal_block_with_lse(
+                q_blk.flip(2), key[:, :, k0:k1].flip(2), value[:, :, k0:k1].flip(2), None, scale, None, kernel
+            )
+            parts.append((out_e.flip(2), lse_e.flip(2)))
+            edge_end = k1
+        elif edge_end > near_start:
+            mask = region_mask(rows, near_start, edge_end, "near", W, None, None)
+            parts.append(
+                attention_with_lse(
+                    q_blk, key[:, :, near_start:edge_end], value[:, :, near_start:edge_end], mask, scale, None, kernel
+                )
+            )
+        if i0 > edge_end:
+            parts.append(
+                attention_with_lse(q_blk, key[:, :, edge_end:i0], value[:, :, edge_end:i0], None, scale, None, kernel)
+            )
+        parts.append(causal_block_with_lse(q_blk, key[:, :, i0:i1], value[:, :, i0:i1], None, scale, None, kernel))
+        outputs.append(merge_partials(parts, query.dtype))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def _lse_sum(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The LSE of the union of disjoint key sets: logsumexp of the parts' LSEs."""
+    return torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)

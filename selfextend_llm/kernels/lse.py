@@ -201,6 +201,65 @@ def attention_with_lse(
     raise ValueError(f"unknown attention kernel {kernel!r}")
 
 
+def two_score_attention(
+    q_far: torch.Tensor,
+    k_far: torch.Tensor,
+    q_near: torch.Tensor,
+    k_near: torch.Tensor,
+    v: torch.Tensor,
+    use_far: torch.Tensor,
+    visible: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit scores over one small key range seen two ways: ``far`` scores where ``use_far``, else ``near``.
+
+    For the window's edge of a query block (at most ``B x B``), where each row switches from
+    grouped to plain scores at its own key: one pass with both score matrices and one softmax,
+    instead of two masked fused calls over the same keys.  ``visible`` (padding, custom masks)
+    is True where a key may be seen.  Returns the output and the row LSE, float32.
+    """
+    n_rep = q_far.shape[1] // k_far.shape[1]
+    k_far, k_near, v = repeat_kv(k_far, n_rep), repeat_kv(k_near, n_rep), repeat_kv(v, n_rep)
+    far = torch.matmul(q_far.float(), k_far.float().transpose(-1, -2))
+    near = torch.matmul(q_near.float(), k_near.float().transpose(-1, -2))
+    scores = torch.where(use_far, far, near) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if visible is not None:
+        scores = scores.masked_fill(~visible, NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = torch.matmul(torch.exp(scores - safe[..., None]), v.float())
+    return _finish(out, lse, visible)
+
+
+def causal_block_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
+    kernel: Kernel = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A square diagonal block (query ``t`` sees keys ``0..t``) with its row LSE.
+
+    On the CPU with nothing else to mask, this is the fused flash kernel's own causal mode: no
+    mask tensor is built and the kernel skips the upper triangle.  Otherwise the causal mask is
+    combined with ``mask`` (padding, custom masks) and the block goes through :func:`attention_with_lse`.
+    """
+    n = q.shape[2]
+    fused = kernel in ("auto", "cpu_flash") and q.device.type == "cpu" and softcap is None and not q.requires_grad
+    if mask is None and fused and k.shape[2] == n:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        return out, lse.float()
+    causal = (torch.arange(k.shape[2], device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None])[
+        None, None
+    ]
+    return attention_with_lse(q, k, v, causal if mask is None else mask & causal, scale, softcap, kernel)
+
+
 def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
     """Combine attention over disjoint key sets into attention over their union.
 
