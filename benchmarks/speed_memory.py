@@ -1,9 +1,16 @@
-"""End to end on a real model: prefill and decode speed and peak memory, plain vs SelfExtend.
+"""End to end on a real model: prefill, decode and peak memory, plain vs SelfExtend, eager vs fast path.
 
-Both are measured in the same run on the same prompt (pass-key filler) at each length; ratios
-are SelfExtend / plain. Writes results/speed_memory_<device>.json and prints a table.
+Four settings per length, each in a fresh process so that its peak memory is its own:
+``plain/eager``, ``selfextend/eager`` (``generate`` over transformers' dynamic cache) and
+``plain/fast``, ``selfextend/fast`` (the shipped path: :class:`selfextend_llm.generation.FastGeneration`,
+a static cache sized in buckets, compiled steps on a GPU).  SelfExtend runs the setting the model's
+table gives that length.  One greedy ``generate`` per setting: a logits processor stamps the time
+of every step, so prefill is the time to the first step and decode the time between the first and
+the last.  Ratios are SelfExtend / plain of the same path in the same run; the greedy tokens of
+every setting are compared with ``plain/eager`` (inside the window) and ``selfextend/eager``.
+Writes results/speed_memory_<device>.json and prints a table.
 
-    python benchmarks/speed_memory.py --lengths 4096 8192 16384          # CPU, embedded default
+    python benchmarks/speed_memory.py --lengths 8192 16384 32768          # CPU, embedded default
     python benchmarks/speed_memory.py --gguf-file model.gguf --lengths 8192 32768   # GPU
 """
 
@@ -23,6 +30,8 @@ import torch
 import selfextend_llm
 from selfextend_llm.tasks.passkey import passkey_prompt
 
+SETTINGS = ("plain/eager", "selfextend/eager", "plain/fast", "selfextend/fast")
+
 
 def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
@@ -37,39 +46,64 @@ def _peak(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark, MiB
 
 
-def run_one(model, ids: torch.Tensor, decode_tokens: int) -> dict:
+class _Stamps:
+    """A logits processor that records when each decoding step reaches it (after its forward pass)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def run_one(se, ids: torch.Tensor, new_tokens: int) -> dict:
+    """One greedy generate of ``new_tokens`` forced tokens: prefill s, decode tok/s, peak MiB, the tokens."""
+    from transformers import LogitsProcessorList
+
     device = ids.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    stamps = _Stamps(device)
+    extra = se.fast.generate_kwargs(1, ids.shape[1] + new_tokens)
+    base = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=se.tokenizer.pad_token_id)
     _peak_reset(device)
     with torch.inference_mode():
-        sync()
         start = time.perf_counter()
-        out = model(ids, use_cache=True)
-        sync()
-        prefill = time.perf_counter() - start
-        cache = out.past_key_values
-        token = out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(decode_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-        sync()
-        decode = time.perf_counter() - start
-    return {"prefill_tok_s": ids.shape[1] / prefill, "decode_tok_s": decode_tokens / decode, "peak_mib": _peak(device)}
+        out = se.model.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            logits_processor=LogitsProcessorList([stamps]), **base, **extra,
+        )  # fmt: skip
+    prefill = stamps.times[0] - start
+    decode = (new_tokens - 1) / max(stamps.times[-1] - stamps.times[0], 1e-9)
+    return {
+        "prefill_s": prefill,
+        "prefill_tok_s": ids.shape[1] / prefill,
+        "decode_tok_s": decode,
+        "peak_mib": _peak(device),
+        "tokens": out[0, ids.shape[1] :].tolist(),
+    }
 
 
-def measure(args, n: int, method: str) -> dict:
-    """One setting in this process: load, (warm up on GPU,) time prefill and decode."""
-    se = selfextend_llm.load(args.model, gguf_file=args.gguf_file, dtype=args.dtype, target_context=max(args.lengths))
+def measure(args, n: int, setting: str) -> dict:
+    """One setting in this process: load, (warm up on GPU,) time one generate."""
+    method, path = setting.split("/")
+    se = selfextend_llm.load(
+        args.model, gguf_file=args.gguf_file, dtype=args.dtype, target_context=max(131_072, max(args.lengths) * 2)
+    )
     lm, device = se.model, se.device
-    text = passkey_prompt(n, 0.5, 0, se.count_tokens).text
+    text = passkey_prompt(n + 64, 0.5, 0, se.count_tokens).text
     ids = torch.tensor([se.encode(text)[:n]], device=device)
+    config = se.plan.config_for(n + args.decode_tokens)
     selfextend_llm.remove(lm)
-    if method == "selfextend":
-        selfextend_llm.apply(lm, selfextend_llm.SelfExtendConfig.for_target(se.pretrained_context, n))
+    if method == "selfextend" and config is not None:
+        selfextend_llm.apply(lm, config)
+    se.fast.enabled, se.fast.failed = path == "fast", None
     if device.type == "cuda":  # warm-up: kernel selection and compilation are not what we time
-        run_one(lm, ids, 2)
-    row = run_one(lm, ids, args.decode_tokens)
+        run_one(se, ids, 4)
+    row = run_one(se, ids, args.decode_tokens)
+    row["setting"] = "plain" if method == "plain" or config is None else _name(config)
+    row["fallback"] = se.fast.failed
     row["device"] = (
         torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     )
@@ -77,67 +111,68 @@ def measure(args, n: int, method: str) -> dict:
     return row
 
 
+def _name(config) -> str:
+    return f"G{config.group_size} W{config.neighbor_window}" + (" +log" if config.log_scale else "")
+
+
+def _same(a: list[int], b: list[int]) -> float:
+    """Fraction of greedy tokens equal up to the first difference (1.0 = identical)."""
+    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return first / max(len(a), 1)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
     ap.add_argument("--gguf-file")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--child", nargs=2, metavar=("LENGTH", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=2, metavar=("LENGTH", "SETTING"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(measure(args, int(args.child[0]), args.child[1])), flush=True)
         return
     rows, name, model = [], "?", "?"
     print(
-        f"{'tokens':>7} {'plain prefill':>14} {'SE prefill':>11} {'ratio':>6} {'plain decode':>13} {'SE decode':>10} "
-        f"{'ratio':>6} {'plain MiB':>10} {'SE MiB':>8}"
+        f"{'tokens':>7} {'setting':>17} {'grouping':>15} {'prefill':>9} {'prefill x':>9} {'decode':>11} "
+        f"{'decode x':>8} {'peak MiB':>9} {'same tokens':>11}",
+        flush=True,
     )
     for n in args.lengths:
         got = {}
-        for method in ("plain", "selfextend"):
-            # each setting in a fresh process, so that peak memory is its own
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                str(n),
-                method,
-                "--lengths",
-                *map(str, args.lengths),
-                "--decode-tokens",
-                str(args.decode_tokens),
-            ]
+        for setting in args.settings:
+            cmd = [sys.executable, __file__, "--child", str(n), setting, "--lengths", *map(str, args.lengths)]
+            cmd += ["--decode-tokens", str(args.decode_tokens)]
             for flag in ("model", "gguf_file", "dtype"):
                 if getattr(args, flag):
                     cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            got[method] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-        plain, ext = got["plain"], got["selfextend"]
-        name, model = plain["device"], plain["model"]
-        row = {
-            "tokens": n,
-            "plain": plain,
-            "selfextend": ext,
-            "prefill_ratio": plain["prefill_tok_s"] / ext["prefill_tok_s"],
-            "decode_ratio": plain["decode_tok_s"] / ext["decode_tok_s"],
-            "memory_ratio": ext["peak_mib"] / plain["peak_mib"],
-        }
-        rows.append(row)
-        print(
-            f"{n:>7} {plain['prefill_tok_s']:>10.0f} t/s {ext['prefill_tok_s']:>7.0f} t/s {row['prefill_ratio']:>6.2f} "
-            f"{plain['decode_tok_s']:>9.1f} t/s {ext['decode_tok_s']:>6.1f} t/s {row['decode_ratio']:>6.2f} "
-            f"{plain['peak_mib']:>10.0f} {ext['peak_mib']:>8.0f}",
-            flush=True,
-        )
+            got[setting] = r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+            name, model = r["device"], r["model"]
+            method, path = setting.split("/")
+            twin = got.get(f"plain/{path}") if method == "selfextend" else None
+            ref = got.get(f"{method}/eager")
+            r["same_tokens_as_eager"] = None if ref is None or ref is r else _same(r["tokens"], ref["tokens"])
+            r["prefill_ratio"] = None if twin is None else r["prefill_s"] / twin["prefill_s"]
+            r["decode_ratio"] = None if twin is None else twin["decode_tok_s"] / r["decode_tok_s"]
+            same = "" if r["same_tokens_as_eager"] is None else f"{r['same_tokens_as_eager']:.2f}"
+            px = "" if twin is None else f"{r['prefill_ratio']:.2f}x"
+            dx = "" if twin is None else f"{r['decode_ratio']:.2f}x"
+            print(
+                f"{n:>7} {setting:>17} {r['setting']:>15} {r['prefill_s']:>7.1f} s {px:>9} "
+                f"{r['decode_tok_s']:>7.1f} t/s {dx:>8} {r['peak_mib']:>9.0f} {same:>11}",
+                flush=True,
+            )
+        rows.append({"tokens": n, "settings": got})
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out or f"results/speed_memory_{kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"device": name, "model": model, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2)
-    )
+    meta = {"device": name, "model": model, "date": time.strftime("%Y-%m-%d"), "decode_tokens": args.decode_tokens}
+    out.write_text(json.dumps({**meta, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -130,8 +131,9 @@ def test_static_cache_gives_the_dynamic_tokens_past_the_trained_window(default_m
     """A fixed G=4, W=512 makes a 2.5k-token prompt group; fp32 tokens are the dynamic cache's."""
     prompt = passkey_prompt(2_500, depth=0.3, seed=4, count_tokens=default_model.count_tokens).text
     settings = selfextend_llm.hf.apply.settings_of(default_model.model)
-    adaptive, default_model.adaptive = default_model.adaptive, False
-    config, default_model.config = default_model.config, selfextend_llm.SelfExtendConfig(4, 512)
+    fixed = selfextend_llm.SelfExtendConfig(4, 512)
+    plan, default_model.plan = default_model.plan, dataclasses.replace(default_model.plan, config=fixed, adaptive=False)
+    config = settings.config
     try:
         fast = [c.text for c in default_model.complete_batch([prompt, prompt[:3000]], max_new_tokens=12)]
         streamed = "".join(default_model.stream(prompt, max_new_tokens=12))
@@ -139,7 +141,7 @@ def test_static_cache_gives_the_dynamic_tokens_past_the_trained_window(default_m
         default_model.fast.enabled = False
         slow = [c.text for c in default_model.complete_batch([prompt, prompt[:3000]], max_new_tokens=12)]
     finally:
-        default_model.adaptive, default_model.config = adaptive, config
+        default_model.plan = plan
         settings.config = config
     assert fast == slow and streamed == slow[0]
     assert settings.calls > 0
