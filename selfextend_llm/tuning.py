@@ -148,7 +148,11 @@ def _file_key(model_name: str) -> str:
 
 
 def tuned_dir() -> Path:
-    """Where ``selfextend-llm tune`` saves tables by default: ``<cache>/tuned`` (``$SELFEXTEND_LLM_CACHE``)."""
+    """Where ``selfextend-llm tune`` saves tables by default: ``<cache>/tuned`` (``$SELFEXTEND_LLM_CACHE``).
+
+    The same root as :func:`selfextend_llm.loading.cache_root`, read here so that this module stays
+    free of torch (the CLI and the vLLM plugin plan before any model loads).
+    """
     root = os.environ.get("SELFEXTEND_LLM_CACHE", Path.home() / ".cache" / "selfextend-llm")
     return Path(root) / "tuned"
 
@@ -327,6 +331,13 @@ def plan(
         return Plan(config, target, False, model_name, trained, neighbor_window)
     target = target_context or 4 * trained
     check_reach(trained, target, neighbor_window)
+    if tuned_table is not None and not isinstance(tuned_table, (bool, str, os.PathLike, TunedTable)):
+        raise TypeError(
+            f"tuned_table must be a path to a table from selfextend-llm tune, True (look it up), False (none) or "
+            f"None, got {type(tuned_table).__name__}"
+        )
+    if tuned_table is True:
+        tuned_table = None
     if tuned_table is False:
         table = None
     elif isinstance(tuned_table, TunedTable):

@@ -141,6 +141,9 @@ def test_sources_tuned_file_beats_shipped_table_beats_rule_of_thumb(tmp_path, mo
     assert found.config_for(9_000) == SelfExtendConfig(10, 1024, True)
     explicit = plan("any-name", 8192, tuned_table=path)  # a path passed in is used for that model
     assert explicit.config_for(30_000) == SelfExtendConfig(10, 1024, True)
+    assert plan(name, 8192, tuned_table=True).source == f"tuned file {path}"  # True: look it up, as None
+    with pytest.raises(TypeError, match="tuned_table must be a path"):
+        plan(name, 8192, tuned_table=3)
     path.write_text("{")  # a broken own file is an error that says what to do, not a silent fallback
     with pytest.raises(ValueError, match="re-create it with tune"):
         plan(name, 8192)
