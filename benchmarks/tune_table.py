@@ -26,6 +26,12 @@ from selfextend_llm.evaluation import Method, _pyplot
 from selfextend_llm.search import LengthResult, build_table
 
 MODEL, TRAINED = "SmolLM2-135M-Instruct", 8192
+#: Entries set by hand over the search's choice, each with why.  (8,192, 16,384]: the search's G9 W1024
+#: (pass key 1.00, needle 0.40 at 16k) and the needle-leaning G6 W4096 (0.75 / 0.65) both miss the pass key
+#: of the LangChain agent example (chat template, ~10k tokens, tests/.../test_whole_document.py), which
+#: G12 W1024, shipped before for this range, finds (1.00 / 0.25 at 16k).  Calls between 8k and 16k are
+#: mostly 9k-12k documents, shorter than the 16k the grid measured; a 12k row would settle it.
+OVERRIDES = {16_384: "se:12,1024"}
 BASELINES = ["plain", "dynamic-ntk", "yarn"]
 
 
@@ -47,13 +53,15 @@ def summary(results: list[LengthResult]) -> str:
     head += " | " + " | ".join(f"{b} {t}" for b in BASELINES[1:] for t in tasks) + " | plain passkey | plain needle |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for result in results:
-        best = result.choose(max(sum(p.values()) // len(p) for p in result.prompts.values()))
+        best = result.best or result.choose(max(sum(p.values()) // len(p) for p in result.prompts.values()))
 
         def cell(method: str, task: str, result: LengthResult = result) -> str:
             value = result.accuracy.get(method, {}).get(task)
             return "" if value is None else f"{value:.2f}"
 
         setting = best.replace("se:", "G").replace(",", " W").replace("+log", " +log")
+        if result.length in OVERRIDES:
+            setting += " (by hand, see OVERRIDES)"
         chosen = [f"**{cell(best, t)}**" if cell(best, t) else "" for t in tasks]
         row = f"| {result.length:,} | {setting} | " + " | ".join(chosen)
         row += " | " + " | ".join(cell(b, t) for b in BASELINES[1:] for t in tasks)
@@ -80,7 +88,7 @@ def heatmap(results: list[LengthResult], path: Path) -> Path:
             for j, r in enumerate(results):
                 value = grid[i][j]
                 if value == value:  # not NaN
-                    chosen = m == r.choose(max(sum(p.values()) // len(p) for p in r.prompts.values()))
+                    chosen = m == (r.best or r.choose(max(sum(p.values()) // len(p) for p in r.prompts.values())))
                     weight = "bold" if chosen else "normal"
                     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, fontweight=weight)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths], fontsize=8)
@@ -108,6 +116,10 @@ def main() -> None:
         "dtype": "bfloat16",
         "note": "131,072: pass key only; see BENCHMARKS.md (issue 17) and benchmarks/tune_table.py",
     }
+    for result in results:
+        if result.length in OVERRIDES:
+            result.best = OVERRIDES[result.length]
+    measured["overrides"] = {str(n): m for n, m in OVERRIDES.items()}
     table = build_table(MODEL, TRAINED, results, measured)
     text = summary(results)
     (folder / "summary.md").write_text(text)

@@ -33,19 +33,23 @@ def test_candidates_reach_their_length_and_stay_in_measured_range(trained, facto
         candidates(trained, n, log="yes")
 
 
-def test_choice_is_the_mean_then_the_worse_task_then_plain_and_wider_windows():
+def test_choice_is_the_mean_then_the_first_task_then_plain_and_wider_windows():
     r = LengthResult(
         16384,
         accuracy={
-            "se:9,1024": {"passkey": 1.0, "needle": 0.4},  # mean 0.70, worst 0.40
-            "se:6,4096": {"passkey": 0.75, "needle": 0.65},  # mean 0.70, worst 0.65: chosen
-            "se:6,4096+log": {"passkey": 0.85, "needle": 0.55},  # mean 0.70, worst 0.55
+            "se:9,1024": {"passkey": 1.0, "needle": 0.4},  # mean 0.70, pass key 1.00: chosen
+            "se:6,4096": {"passkey": 0.75, "needle": 0.65},  # mean 0.70, worst 0.65
+            "se:6,4096+log": {"passkey": 0.85, "needle": 0.55},  # mean 0.70
             "se:3,1024": {"passkey": 1.0, "needle": 1.0},  # best, but only screened
             "dynamic-ntk": {"passkey": 1.0, "needle": 0.5},  # a baseline is never chosen
         },
         prompts={m: {"passkey": 20, "needle": 20} for m in ("se:9,1024", "se:6,4096", "se:6,4096+log", "dynamic-ntk")}
         | {"se:3,1024": {"passkey": 5, "needle": 5}},
     )
+    assert r.choose(20) == "se:9,1024"
+    del r.accuracy["se:9,1024"]
+    assert r.choose(20) == "se:6,4096+log"
+    r.accuracy["se:6,4096"] = {"passkey": 0.85, "needle": 0.6}  # same pass key: the weaker task decides
     assert r.choose(20) == "se:6,4096"
     tie = LengthResult(
         4096,
