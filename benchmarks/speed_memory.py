@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from generation_speed import _agreement  # the same token comparison as the generation benchmark
 
 import selfextend_llm
 from selfextend_llm.tasks.passkey import passkey_prompt
@@ -115,12 +116,6 @@ def _name(config) -> str:
     return f"G{config.group_size} W{config.neighbor_window}" + (" +log" if config.log_scale else "")
 
 
-def _same(a: list[int], b: list[int]) -> float:
-    """Fraction of greedy tokens equal up to the first difference (1.0 = identical)."""
-    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    return first / max(len(a), 1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
@@ -155,7 +150,7 @@ def main() -> None:
             method, path = setting.split("/")
             twin = got.get(f"plain/{path}") if method == "selfextend" else None
             ref = got.get(f"{method}/eager")
-            r["same_tokens_as_eager"] = None if ref is None or ref is r else _same(r["tokens"], ref["tokens"])
+            r["same_tokens_as_eager"] = None if ref is None or ref is r else _agreement(r["tokens"], ref["tokens"])
             r["prefill_ratio"] = None if twin is None else r["prefill_s"] / twin["prefill_s"]
             r["decode_ratio"] = None if twin is None else twin["decode_tok_s"] / r["decode_tok_s"]
             same = "" if r["same_tokens_as_eager"] is None else f"{r['same_tokens_as_eager']:.2f}"

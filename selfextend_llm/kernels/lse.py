@@ -50,15 +50,26 @@ def math_attention(
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    return _explicit_softmax(scores, v, mask, softcap)
+
+
+def _explicit_softmax(
+    scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled float32 scores to (output, row LSE): softcap, mask, one softmax, values (already repeated)."""
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(scores - safe[..., None])
-    out = torch.matmul(probs, v.float())
+    out = torch.matmul(torch.exp(scores - safe[..., None]), v.float())
     return _finish(out, lse, mask)
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """``(1, 1, q_len, k_len)`` boolean: query ``t`` sees keys ``0..t`` (top-left aligned)."""
+    return (torch.arange(k_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None])[None, None]
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -150,8 +161,7 @@ def causal_attention_lse(
             f"no fused causal attention kernel for {q.dtype} head dim {q.shape[-1]} on {q.device}, and "
             f"{q.shape[2]}x{n} explicit scores per head are too large"
         )
-    mask = (torch.arange(n, device=q.device)[None, :] <= torch.arange(q.shape[2], device=q.device)[:, None])[None, None]
-    out, lse = math_attention(q, k, v, mask, scale)
+    out, lse = math_attention(q, k, v, causal_mask(q.shape[2], n, q.device), scale)
     return out.to(q.dtype), lse
 
 
@@ -223,15 +233,7 @@ def two_score_attention(
     k_far, k_near, v = repeat_kv(k_far, n_rep), repeat_kv(k_near, n_rep), repeat_kv(v, n_rep)
     far = torch.matmul(q_far.float(), k_far.float().transpose(-1, -2))
     near = torch.matmul(q_near.float(), k_near.float().transpose(-1, -2))
-    scores = torch.where(use_far, far, near) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if visible is not None:
-        scores = scores.masked_fill(~visible, NEG_INF)
-    lse = torch.logsumexp(scores, dim=-1)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    out = torch.matmul(torch.exp(scores - safe[..., None]), v.float())
-    return _finish(out, lse, visible)
+    return _explicit_softmax(torch.where(use_far, far, near) * scale, v, visible, softcap)
 
 
 def causal_block_with_lse(
@@ -254,9 +256,7 @@ def causal_block_with_lse(
     if mask is None and fused and k.shape[2] == n:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
         return out, lse.float()
-    causal = (torch.arange(k.shape[2], device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None])[
-        None, None
-    ]
+    causal = causal_mask(n, k.shape[2], q.device)
     return attention_with_lse(q, k, v, causal if mask is None else mask & causal, scale, softcap, kernel)
 
 
