@@ -1,9 +1,11 @@
 """End to end on a real model: prefill, decode and peak memory, plain vs SelfExtend, eager vs fast path.
 
-Four settings per length, each in a fresh process so that its peak memory is its own:
-``plain/eager``, ``selfextend/eager`` (``generate`` over transformers' dynamic cache) and
-``plain/fast``, ``selfextend/fast`` (the shipped path: :class:`selfextend_llm.generation.FastGeneration`,
-a static cache sized in buckets, compiled steps on a GPU).  SelfExtend runs the setting the model's
+Six settings per length, each in a fresh process so that its peak memory is its own:
+``plain/eager``, ``selfextend/eager`` (``generate`` over transformers' dynamic cache),
+``plain/fast``, ``selfextend/fast`` (:class:`selfextend_llm.generation.FastGeneration`, a static cache
+sized in buckets, compiled steps on a GPU; fp32 weights) and ``plain/quantized``,
+``selfextend/quantized`` (the shipped CPU path for a GGUF file: the fast path over the file's own
+4-/8-bit blocks, :mod:`selfextend_llm.hf.quantized`).  SelfExtend runs the setting the model's
 table gives that length.  One greedy ``generate`` per setting: a logits processor stamps the time
 of every step, so prefill is the time to the first step and decode the time between the first and
 the last.  Ratios are SelfExtend / plain of the same path in the same run; the greedy tokens of
@@ -31,7 +33,9 @@ from generation_speed import _agreement  # the same token comparison as the gene
 import selfextend_llm
 from selfextend_llm.tasks.passkey import passkey_prompt
 
-SETTINGS = ("plain/eager", "selfextend/eager", "plain/fast", "selfextend/fast")
+SETTINGS = (
+    "plain/eager", "selfextend/eager", "plain/fast", "selfextend/fast", "plain/quantized", "selfextend/quantized"
+)  # fmt: skip
 
 
 def _peak_reset(device: torch.device) -> None:
@@ -90,8 +94,9 @@ def measure(args, n: int, setting: str) -> dict:
     """One setting in this process: load, (warm up on GPU,) time one generate."""
     method, path = setting.split("/")
     se = selfextend_llm.load(
-        args.model, gguf_file=args.gguf_file, dtype=args.dtype, target_context=max(131_072, max(args.lengths) * 2)
-    )
+        args.model, gguf_file=args.gguf_file, dtype=args.dtype, target_context=max(131_072, max(args.lengths) * 2),
+        quantized_weights=path == "quantized",
+    )  # fmt: skip
     lm, device = se.model, se.device
     text = passkey_prompt(n + 64, 0.5, 0, se.count_tokens).text
     ids = torch.tensor([se.encode(text)[:n]], device=device)
@@ -99,7 +104,7 @@ def measure(args, n: int, setting: str) -> dict:
     selfextend_llm.remove(lm)
     if method == "selfextend" and config is not None:
         selfextend_llm.apply(lm, config)
-    se.fast.enabled, se.fast.failed = path == "fast", None
+    se.fast.enabled, se.fast.failed = path != "eager", None
     if device.type == "cuda":  # warm-up: kernel selection and compilation are not what we time
         run_one(se, ids, 4)
     row = run_one(se, ids, args.decode_tokens)
@@ -109,6 +114,7 @@ def measure(args, n: int, setting: str) -> dict:
         torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     )
     row["model"] = se.model_name
+    row["quantized_weights"] = se.describe()["quantized_weights"]
     return row
 
 
@@ -133,7 +139,7 @@ def main() -> None:
     rows, name, model = [], "?", "?"
     print(
         f"{'tokens':>7} {'setting':>17} {'grouping':>15} {'prefill':>9} {'prefill x':>9} {'decode':>11} "
-        f"{'decode x':>8} {'peak MiB':>9} {'same tokens':>11}",
+        f"{'decode x':>8} {'vs plain eager':>14} {'peak MiB':>9} {'same tokens':>11}",
         flush=True,
     )
     for n in args.lengths:
@@ -153,12 +159,15 @@ def main() -> None:
             r["same_tokens_as_eager"] = None if ref is None or ref is r else _agreement(r["tokens"], ref["tokens"])
             r["prefill_ratio"] = None if twin is None else r["prefill_s"] / twin["prefill_s"]
             r["decode_ratio"] = None if twin is None else twin["decode_tok_s"] / r["decode_tok_s"]
+            base = got.get("plain/eager")
+            r["decode_vs_plain_eager"] = None if base is None else r["decode_tok_s"] / base["decode_tok_s"]
             same = "" if r["same_tokens_as_eager"] is None else f"{r['same_tokens_as_eager']:.2f}"
             px = "" if twin is None else f"{r['prefill_ratio']:.2f}x"
             dx = "" if twin is None else f"{r['decode_ratio']:.2f}x"
+            vx = "" if r["decode_vs_plain_eager"] is None else f"{r['decode_vs_plain_eager']:.2f}x"
             print(
                 f"{n:>7} {setting:>17} {r['setting']:>15} {r['prefill_s']:>7.1f} s {px:>9} "
-                f"{r['decode_tok_s']:>7.1f} t/s {dx:>8} {r['peak_mib']:>9.0f} {same:>11}",
+                f"{r['decode_tok_s']:>7.1f} t/s {dx:>8} {vx:>14} {r['peak_mib']:>9.0f} {same:>11}",
                 flush=True,
             )
         rows.append({"tokens": n, "settings": got})

@@ -23,6 +23,7 @@ def _load(args: argparse.Namespace, **overrides):
         neighbor_window=args.neighbor_window,
         device=args.device,
         fast_generation=args.fast_generation,
+        quantized_weights=args.quantized_weights,
     )
 
 
@@ -242,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="decode over a static cache, compiled on a GPU (default: on)",
+    )
+    common.add_argument(
+        "--quantized-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep a GGUF file's 4-/8-bit blocks for the linear layers (default: on for GGUF on the CPU in fp32)",
     )
     common.add_argument("--json", action="store_true", help="print JSON")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -98,15 +98,24 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
     tp_plan: str | None = None,
+    quantized_weights: bool | None = None,
 ):
     """Load ``(model, tokenizer, display name)`` from an id, a folder or a GGUF file, offline-first.
 
     ``device_map`` (accelerate, e.g. ``"auto"``: layers spread over the GPUs) and ``tp_plan``
     (transformers tensor parallelism, ``"auto"`` under ``torchrun``: heads split per rank) are
     passed to ``from_pretrained``; SelfExtend works per attention call, so it follows either.
+
+    ``quantized_weights``: keep a GGUF file's 4-/8-bit blocks for the linear layers instead of
+    fp32 copies (:mod:`selfextend_llm.hf.quantized`; CPU decode reads ~4x fewer bytes).  None
+    (default): on for a GGUF file loaded on the CPU in float32; True: required (an error says
+    why it cannot be); False: fp32 weights.  What was swapped is in
+    ``model.selfextend_weights`` (an :class:`~selfextend_llm.hf.quantized.Attached`, or None).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if quantized_weights is not None and not isinstance(quantized_weights, bool):
+        raise TypeError(f"quantized_weights must be True, False or None (automatic), got {quantized_weights!r}")
     source, gguf, name = _resolve(model, gguf_file)
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,6 +125,7 @@ def load_pretrained(
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     placement = {k: v for k, v in (("device_map", device_map), ("tp_plan", tp_plan)) if v is not None}
+    quantize = _wants_quantized(quantized_weights, gguf is not None, device, dtype, placement)
     try:
         if gguf is not None:
             folder = _dequantised_folder(Path(source) / gguf)
@@ -130,9 +140,43 @@ def load_pretrained(
             f"cache ({err.__class__.__name__}: {str(err).splitlines()[0]})"
         ) from err
     lm = (lm if placement else lm.to(device)).eval()
+    lm.selfextend_weights = None
+    if quantize:
+        from .hf.quantized import attach
+
+        gguf_path = Path(source) / gguf
+        blocks = _gguf_cache_dir(gguf_path).with_name(_gguf_cache_dir(gguf_path).name + ".blocks.safetensors")
+        lm.selfextend_weights = attach(lm, gguf_path, cache=blocks)
+        if quantized_weights and not lm.selfextend_weights.swapped:
+            reasons = sorted(set(lm.selfextend_weights.kept.values()))
+            raise ValueError(
+                f"quantized_weights=True, but no layer of {name} could keep its GGUF blocks ({'; '.join(reasons)}); "
+                "pass quantized_weights=None to load with fp32 weights where needed"
+            )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return lm, tok, name
+
+
+def _wants_quantized(
+    asked: bool | None, is_gguf: bool, device: torch.device, dtype: torch.dtype, placement: dict
+) -> bool:
+    """Whether to keep the GGUF blocks: automatic on the CPU in fp32, or as asked (an error says why not)."""
+    fits = is_gguf and device.type == "cpu" and dtype == torch.float32 and not placement
+    if asked is None or not asked:
+        return bool(asked is None and fits)
+    if not is_gguf:
+        raise ValueError(
+            "quantized_weights=True needs a GGUF file (its 4-/8-bit blocks are what is kept); this model is a "
+            "transformers folder or id. Pass a .gguf file, or leave quantized_weights unset"
+        )
+    if not fits:
+        raise ValueError(
+            f"quantized_weights=True runs on the CPU in float32 without device_map/tp_plan; asked for {dtype} on "
+            f"{device}{' with ' + ', '.join(placement) if placement else ''}. Use device='cpu', dtype='float32', "
+            "or leave quantized_weights unset"
+        )
+    return True
 
 
 def _dequantised_folder(gguf_path: Path) -> str:

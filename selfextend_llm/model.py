@@ -294,6 +294,7 @@ class SelfExtendModel:
             ],
             "device": str(self.device),
             "fast_generation": self.fast.describe(),
+            "quantized_weights": _weights(self.model),
         }
 
     def __repr__(self) -> str:
@@ -514,7 +515,7 @@ class SelfExtendModel:
 
         with self._batcher_lock:
             if self._grammars is None:
-                vocab = self.model.get_output_embeddings().weight.shape[0]
+                vocab = self.model.get_output_embeddings().out_features  # nn.Linear or QuantizedLinear
                 self._grammars = JSONGrammars(self.tokenizer, vocab)
         if must_call is not None:
             return self._grammars.tool_call(tools or [], must_call or None)
@@ -708,6 +709,12 @@ def load_shared(**kwargs: Any) -> SelfExtendModel:
         return _SHARED[key]
 
 
+def _weights(model: torch.nn.Module) -> dict[str, Any] | None:
+    """What :mod:`.hf.quantized` kept of the GGUF blocks (None: fp32 or not a GGUF load)."""
+    attached = getattr(model, "selfextend_weights", None)
+    return attached.describe() if attached is not None and attached.swapped else None
+
+
 def _setting(config: SelfExtendConfig) -> str:
     return f"G{config.group_size} W{config.neighbor_window}" + (" +log" if config.log_scale else "")
 
@@ -727,6 +734,7 @@ def load(
     backend: Backend = "auto",
     fast_generation: bool | None = None,
     tuned_table: str | os.PathLike | bool | None = None,
+    quantized_weights: bool | None = None,
 ) -> SelfExtendModel:
     """Load a model (the embedded SmolLM2 default when ``model`` is None) with SelfExtend applied.
 
@@ -743,6 +751,9 @@ def load(
       Default: the model's own file in ``<cache>/tuned/`` if one was saved, else the table shipped
       for it (the embedded default has one), else the rule of thumb.  ``False``: rule of thumb only.
       ``describe()["settings_source"]`` says which one is in use.
+    * ``quantized_weights``: keep a GGUF file's 4-/8-bit blocks for the linear layers (CPU decode
+      reads ~4x fewer bytes; prefill computes the same numbers as fp32).  Default: on for a GGUF
+      file on the CPU in float32.  ``False``: fp32 copies.  ``describe()["quantized_weights"]``.
     """
     check_backend(backend)  # before the (slow) load
     validation.optional_integer("target_context", target_context, minimum=1)
@@ -753,8 +764,9 @@ def load(
     if fast_generation is not None and not isinstance(fast_generation, bool):
         raise TypeError(f"fast_generation must be True, False or None (automatic), got {fast_generation!r}")
     lm, tok, name = load_pretrained(
-        model, gguf_file=gguf_file, device=device, dtype=dtype, device_map=device_map, tp_plan=tp_plan
-    )
+        model, gguf_file=gguf_file, device=device, dtype=dtype, device_map=device_map, tp_plan=tp_plan,
+        quantized_weights=quantized_weights,
+    )  # fmt: skip
     trained = hf_apply.pretrained_context(lm)
     if not self_extend:
         if target_context is not None and target_context > trained:
