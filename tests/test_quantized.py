@@ -208,3 +208,29 @@ def test_misuse_says_what_to_change(default_model, tmp_path):
     bf16 = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     with pytest.raises(ValueError, match="quantized_weights=False"):
         hq.attach(bf16, default_gguf_path())
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_single_row_kernel_matches_the_generic_path_and_is_kept_per_shape(fmt):
+    raw, weight = _raw(fmt, rows=40, seed=3)
+    packed = q.unpack(raw, fmt)
+    layer = q.QuantizedLinear(packed)
+    layer.prepare()
+    assert layer.one_row is q.one_row_kernel(q.unpack(_raw(fmt, rows=40, seed=4)[0], fmt))  # same shape: reused
+    x = torch.randn(1, 1, weight.shape[1])
+    with torch.inference_mode():
+        got = layer(x)
+        generic = q.quantized_linear(x, packed)
+    torch.testing.assert_close(got, generic, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # views and other dtypes take the generic path, not the unguarded kernel
+        wide = torch.randn(1, 2 * weight.shape[1])
+        torch.testing.assert_close(layer(wide[:, weight.shape[1] :]), layer(wide[:, weight.shape[1] :].clone()))
+    layer.to(torch.float32)
+    assert layer.one_row is None  # moved or cast: back to the guarded path until prepared again
+
+
+def test_default_model_layers_are_prepared(default_model):
+    layers = [m for m in default_model.model.modules() if isinstance(m, q.QuantizedLinear)]
+    assert layers and all(m.one_row is not None for m in layers)
+    assert "notes" not in default_model.describe()["quantized_weights"]

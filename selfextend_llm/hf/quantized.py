@@ -44,6 +44,7 @@ class Attached:
     kept: dict[str, str] = field(default_factory=dict)  # module name -> why it stayed fp32
     fp32_bytes: int = 0
     quantized_bytes: int = 0
+    notes: list[str] = field(default_factory=list)  # what works, but slower than it could
 
     def describe(self) -> dict[str, Any]:
         formats: dict[str, int] = {}
@@ -54,6 +55,7 @@ class Attached:
             "formats": formats,
             "fp32_layers_kept": len(self.kept),
             "weight_mb": {"fp32": round(self.fp32_bytes / 2**20, 1), "kept": round(self.quantized_bytes / 2**20, 1)},
+            **({"notes": self.notes} if self.notes else {}),
         }
 
 
@@ -211,7 +213,14 @@ def attach(model: torch.nn.Module, gguf_path: str | Path, cache: str | Path | No
         parent, attr = modules[name]
         linear = getattr(parent, attr)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        setattr(parent, attr, q.QuantizedLinear(packed, bias))
+        layer = q.QuantizedLinear(packed, bias)
+        try:
+            layer.prepare()
+        except Exception as err:  # noqa: BLE001 - the generic compiled path still works
+            note = f"single-row kernel unavailable, generic path used ({type(err).__name__}: {err})"
+            if note not in result.notes:
+                result.notes.append(note)
+        setattr(parent, attr, layer)
         result.swapped[name] = packed.format
         result.fp32_bytes += linear.weight.numel() * 4
         result.quantized_bytes += packed.nbytes()
