@@ -16,9 +16,11 @@ Two paths, chosen by the number of rows (tokens) in the call:
   the dequantisation the loader did) and multiplied by ``F.linear``: the same numbers as the fp32
   model, and for long prompts the dequantisation is <1% of the call.
 
-Both kernels are ``torch.compile``d once with dynamic shapes (every matrix shape shares them).
-:func:`kernels_available` tries them on a tiny input first; where the compiler does not work the
-caller keeps the fp32 weights.
+Both kernels are ``torch.compile``d once with dynamic shapes (every matrix shape shares them);
+single-row calls, the common case in decoding, use :func:`one_row_kernel` instead: the same
+product compiled by Inductor per shape and called without ``torch.compile``'s guards.
+:func:`kernels_available` tries the compiled kernels on tiny inputs first; where the compiler does
+not work the caller keeps the fp32 weights.
 """
 
 from __future__ import annotations
@@ -195,7 +197,12 @@ def quantized_linear(
     if rows.shape[0] <= PRODUCT_ROWS:
         if rows.storage_offset() or not rows.is_contiguous():
             rows = rows.clone(memory_format=torch.contiguous_format)  # one graph for every view (a few KB)
-        if one_row is not None and rows.shape[0] == 1 and rows.dtype == torch.float32:
+        if (
+            one_row is not None
+            and rows.shape == (1, weight.codes.shape[1] * BLOCK)
+            and rows.dtype == torch.float32
+            and rows.device.type == "cpu"
+        ):  # exactly what the unguarded kernel was compiled for
             args = (rows, weight.codes, weight.scale) + (() if weight.offset is None else (weight.offset,))
             out = one_row(*args)
         elif weight.offset is None:
