@@ -53,6 +53,12 @@ def _gguf_cache_dir(path: Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
+def blocks_cache(path: Path) -> Path:
+    """Where the unpacked quantised blocks of a GGUF file are kept: beside its dequantised folder."""
+    folder = _gguf_cache_dir(path)
+    return folder.with_name(folder.name + ".blocks.safetensors")
+
+
 def _gguf_name(path: Path) -> str:
     """Model name of a GGUF file: its stem without the quantisation suffix (``X.Q4_1.gguf`` -> ``X``)."""
     return path.name.split(".")[0]
@@ -145,8 +151,7 @@ def load_pretrained(
         from .hf.quantized import attach
 
         gguf_path = Path(source) / gguf
-        blocks = _gguf_cache_dir(gguf_path).with_name(_gguf_cache_dir(gguf_path).name + ".blocks.safetensors")
-        lm.selfextend_weights = attach(lm, gguf_path, cache=blocks)
+        lm.selfextend_weights = attach(lm, gguf_path, cache=blocks_cache(gguf_path))
         if quantized_weights and not lm.selfextend_weights.swapped:
             reasons = sorted(set(lm.selfextend_weights.kept.values()))
             raise ValueError(
@@ -163,8 +168,10 @@ def _wants_quantized(
 ) -> bool:
     """Whether to keep the GGUF blocks: automatic on the CPU in fp32, or as asked (an error says why not)."""
     fits = is_gguf and device.type == "cpu" and dtype == torch.float32 and not placement
-    if asked is None or not asked:
-        return bool(asked is None and fits)
+    if asked is None:
+        return fits
+    if not asked:
+        return False
     if not is_gguf:
         raise ValueError(
             "quantized_weights=True needs a GGUF file (its 4-/8-bit blocks are what is kept); this model is a "

@@ -106,7 +106,7 @@ def fp32_twin():
 
 def test_default_model_keeps_its_blocks_and_generates_the_same_tokens(default_model, fp32_twin):
     info = default_model.describe()["quantized_weights"]
-    layers = default_model.pretrained_context and len(default_model.model.model.layers)
+    layers = len(default_model.model.model.layers)
     assert info["quantized_layers"] == 7 * layers + 1  # every projection and the (tied) lm head
     assert info["formats"] == {"Q4_1": 7 * layers, "Q8_0": 1} and info["fp32_layers_kept"] == 0
     assert info["weight_mb"]["kept"] < info["weight_mb"]["fp32"] / 3
@@ -142,10 +142,9 @@ def test_selfextend_past_a_small_window_is_unchanged_by_quantised_weights(defaul
 
 
 def test_block_cache_is_written_once_and_read_back(default_model, tmp_path, monkeypatch):
-    from selfextend_llm.loading import _gguf_cache_dir, default_gguf_path, load_pretrained
+    from selfextend_llm.loading import blocks_cache, default_gguf_path, load_pretrained
 
-    folder = _gguf_cache_dir(default_gguf_path())
-    assert (folder.parent / (folder.name + ".blocks.safetensors")).is_file()  # load() keeps one beside its folder
+    assert blocks_cache(default_gguf_path()).is_file()  # load() keeps one beside its dequantised folder
     lm, _, _ = load_pretrained(device="cpu", quantized_weights=False)
     cache = tmp_path / "blocks.safetensors"
     first = hq.attach(lm, default_gguf_path(), cache=cache)
@@ -234,3 +233,11 @@ def test_default_model_layers_are_prepared(default_model):
     layers = [m for m in default_model.model.modules() if isinstance(m, q.QuantizedLinear)]
     assert layers and all(m.one_row is not None for m in layers)
     assert "notes" not in default_model.describe()["quantized_weights"]
+
+
+def test_required_quantised_weights_that_cannot_be_kept_raise(monkeypatch):
+    import selfextend_llm
+
+    monkeypatch.setattr(q, "kernels_available", lambda: "InductorError: no C++ compiler")
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="no layer of .* could keep its GGUF blocks"):
+        selfextend_llm.load(quantized_weights=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,9 @@ class Attached:
     notes: list[str] = field(default_factory=list)  # what works, but slower than it could
 
     def describe(self) -> dict[str, Any]:
-        formats: dict[str, int] = {}
-        for fmt in self.swapped.values():
-            formats[fmt] = formats.get(fmt, 0) + 1
         return {
             "quantized_layers": len(self.swapped),
-            "formats": formats,
+            "formats": dict(Counter(self.swapped.values())),
             "fp32_layers_kept": len(self.kept),
             "weight_mb": {"fp32": round(self.fp32_bytes / 2**20, 1), "kept": round(self.quantized_bytes / 2**20, 1)},
             **({"notes": self.notes} if self.notes else {}),
