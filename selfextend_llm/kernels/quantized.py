@@ -34,6 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import native
+from .native import quantized as native_quantized
+
 #: Weights per block in every supported format.
 BLOCK = 32
 #: Calls with at most this many rows use the fused product; more rows dequantise and call
@@ -197,7 +200,10 @@ def quantized_linear(
     if rows.shape[0] <= PRODUCT_ROWS:
         if rows.storage_offset() or not rows.is_contiguous():
             rows = rows.clone(memory_format=torch.contiguous_format)  # one graph for every view (a few KB)
-        if (
+        native_out = native_quantized.product(rows, weight)
+        if native_out is not None:
+            out = native_out
+        elif (
             one_row is not None
             and rows.shape == (1, weight.codes.shape[1] * BLOCK)
             and rows.dtype == torch.float32
@@ -235,8 +241,13 @@ class QuantizedLinear(torch.nn.Module):
         self.one_row: Callable[..., torch.Tensor] | None = None
 
     def prepare(self) -> None:
-        """Compile (or reuse) the single-row kernel for this layer's shape, before any generation."""
-        if all(t is None or t.is_contiguous() for t in (self.codes, self.scale, self.offset)):
+        """Compile (or reuse) the single-row kernel for this layer's shape, before any generation.
+
+        Not needed where the C kernels run (:mod:`.native.quantized` takes those calls first).
+        """
+        if native.library() is None and all(
+            t is None or t.is_contiguous() for t in (self.codes, self.scale, self.offset)
+        ):
             self.one_row = one_row_kernel(self._weight())
 
     def _apply(self, fn, recurse=True):
@@ -273,7 +284,7 @@ def kernels_available() -> str | None:
         for mode in (torch.inference_mode, torch.no_grad):
             with mode():
                 for w in weights:
-                    for rows in (1, 2, PRODUCT_ROWS + 1):
+                    for rows in (PRODUCT_ROWS + 1,) if native.library() else (1, 2, PRODUCT_ROWS + 1):
                         quantized_linear(torch.ones(rows, 2 * BLOCK), w)
     except Exception as err:  # noqa: BLE001 - any compiler failure means "keep fp32"
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
