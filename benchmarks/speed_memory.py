@@ -1,15 +1,16 @@
 """End to end on a real model: prefill, decode and peak memory, plain vs SelfExtend, eager vs fast path.
 
-Six settings per length, each in a fresh process so that its peak memory is its own:
-``plain/eager``, ``selfextend/eager`` (``generate`` over transformers' dynamic cache),
-``plain/fast``, ``selfextend/fast`` (:class:`selfextend_llm.generation.FastGeneration`, a static cache
-sized in buckets, compiled steps on a GPU; fp32 weights) and ``plain/quantized``,
-``selfextend/quantized`` (the shipped CPU path for a GGUF file: the fast path over the file's own
-4-/8-bit blocks, :mod:`selfextend_llm.hf.quantized`).  SelfExtend runs the setting the model's
-table gives that length.  One greedy ``generate`` per setting: a logits processor stamps the time
-of every step, so prefill is the time to the first step and decode the time between the first and
-the last.  Ratios are SelfExtend / plain of the same path in the same run; the greedy tokens of
-every setting are compared with ``plain/eager`` (inside the window) and ``selfextend/eager``.
+Eight settings per length, each in a fresh process so that its peak memory is its own: ``plain/eager``,
+``selfextend/eager`` (``generate`` over transformers' dynamic cache), ``plain/fast``,
+``selfextend/fast`` (:class:`selfextend_llm.generation.FastGeneration`, a static cache sized in buckets,
+compiled steps on a GPU; fp32 weights), ``plain/quantized``, ``selfextend/quantized`` (the shipped CPU
+path for a GGUF file: the fast path over the file's own 4-/8-bit blocks,
+:mod:`selfextend_llm.hf.quantized`, with the C kernels of :mod:`selfextend_llm.kernels.native`) and
+``*/quantized-torch`` (the same with the C kernels off). SelfExtend runs the setting the model's table
+gives that length. One greedy ``generate`` per setting: a logits processor stamps the time of every
+step, so prefill is the time to the first step and decode the time between the first and the last.
+Ratios are SelfExtend / plain of the same path in the same run; the greedy tokens of every setting are
+compared with ``plain/eager`` (inside the window) and ``selfextend/eager``.
 Writes results/speed_memory_<device>.json and prints a table.
 
     python benchmarks/speed_memory.py --lengths 8192 16384 32768          # CPU, embedded default
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -31,11 +33,15 @@ import torch
 from generation_speed import _agreement  # the same token comparison as the generation benchmark
 
 import selfextend_llm
+from selfextend_llm.kernels import native
 from selfextend_llm.tasks.passkey import passkey_prompt
 
 SETTINGS = (
-    "plain/eager", "selfextend/eager", "plain/fast", "selfextend/fast", "plain/quantized", "selfextend/quantized"
+    "plain/eager", "selfextend/eager", "plain/fast", "selfextend/fast", "plain/quantized-torch",
+    "selfextend/quantized-torch", "plain/quantized", "selfextend/quantized",
 )  # fmt: skip
+#: ``*/quantized-torch``: the quantised path with the C kernels switched off (PyTorch and Inductor only).
+NO_C_KERNELS = {"SELFEXTEND_NATIVE_KERNELS": "0"}
 
 
 def _peak_reset(device: torch.device) -> None:
@@ -95,7 +101,7 @@ def measure(args, n: int, setting: str) -> dict:
     method, path = setting.split("/")
     se = selfextend_llm.load(
         args.model, gguf_file=args.gguf_file, dtype=args.dtype, target_context=max(131_072, max(args.lengths) * 2),
-        quantized_weights=path == "quantized",
+        quantized_weights=path.startswith("quantized"),
     )  # fmt: skip
     lm, device = se.model, se.device
     text = passkey_prompt(n + 64, 0.5, 0, se.count_tokens).text
@@ -115,7 +121,12 @@ def measure(args, n: int, setting: str) -> dict:
     )
     row["model"] = se.model_name
     row["quantized_weights"] = se.describe()["quantized_weights"]
+    row["native_kernels"] = native.describe()
     return row
+
+
+def path_of(setting: str) -> str:
+    return setting.split("/")[1]
 
 
 def _name(config) -> str:
@@ -150,7 +161,8 @@ def main() -> None:
             for flag in ("model", "gguf_file", "dtype"):
                 if getattr(args, flag):
                     cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            env = {**os.environ, **(NO_C_KERNELS if path_of(setting) == "quantized-torch" else {})}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             got[setting] = r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
             name, model = r["device"], r["model"]
             method, path = setting.split("/")

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,11 +47,36 @@ class Method:
 
 
 def _rotary(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Module]:
+    """The rotary embedding module: it holds ``inv_freq``, or ``<layer type>_inv_freq`` (Gemma 3)."""
     for parent in model.modules():
         for name, child in parent.named_children():
-            if any(n == "inv_freq" for n, _ in child.named_buffers(recurse=False)):
+            if any(n == "inv_freq" or n.endswith("_inv_freq") for n, _ in child.named_buffers(recurse=False)):
                 return parent, name, child
     raise ValueError("no rotary embedding module with inv_freq found")
+
+
+#: RoPE parameters that do not belong to a scaling type: kept when the type is replaced (Phi's partial rotary).
+SHARED_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
+
+
+def scaled_rope_parameters(rope_parameters: dict[str, Any], scaled: dict[str, Any]) -> dict[str, Any]:
+    """``rope_parameters`` with ``scaled`` (type, factor, ...) in place of the global layers' RoPE.
+
+    Models with one RoPE for all layers get ``scaled`` plus their own theta and partial rotary.  Models with a
+    RoPE per layer type (Gemma 3: ``sliding_attention`` and ``full_attention``) get it on the
+    ``full_attention`` layers only, each with its own theta: sliding layers see 512-1024 tokens,
+    inside their trained range, and SelfExtend leaves them alone too.
+    """
+
+    def keep(params: dict[str, Any]) -> dict[str, Any]:  # what the new type shares with the old one
+        kept = {k: v for k, v in params.items() if k in SHARED_ROPE_KEYS}
+        return {"rope_theta": 10000.0, **kept, **scaled}
+
+    if any(isinstance(v, dict) for v in rope_parameters.values()):
+        out = copy.deepcopy(rope_parameters)
+        out["full_attention"] = keep(out.get("full_attention") or {})
+        return out
+    return keep(rope_parameters)
 
 
 @contextlib.contextmanager
@@ -71,16 +97,11 @@ def using(se: SelfExtendModel, method: Method, length: int, factor: float = 4.0)
         if method.name in ("dynamic-ntk", "yarn"):
             parent, attr, rotary = _rotary(lm)
             cfg = copy.deepcopy(hf_apply.text_config(lm))
-            theta = cfg.rope_parameters.get("rope_theta", 10000.0)
             if method.name == "dynamic-ntk":
-                cfg.rope_parameters = {"rope_type": "dynamic", "factor": factor, "rope_theta": theta}
+                scaled = {"rope_type": "dynamic", "factor": factor}
             else:
-                cfg.rope_parameters = {
-                    "rope_type": "yarn",
-                    "factor": factor,
-                    "rope_theta": theta,
-                    "original_max_position_embeddings": trained,
-                }
+                scaled = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": trained}
+            cfg.rope_parameters = scaled_rope_parameters(cfg.rope_parameters, scaled)
             new = type(rotary)(config=cfg).to(next(lm.parameters()).device)
             setattr(parent, attr, new)
             swapped = (parent, attr, rotary)

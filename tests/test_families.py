@@ -143,3 +143,29 @@ def test_trained_window_reported():
     from selfextend_llm.hf.apply import pretrained_context
 
     assert pretrained_context(model) == TRAINED
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["dynamic-ntk", "yarn"])
+def test_rope_scaling_baselines_run_on_every_family_and_restore_it(family, method):
+    """The grids' baselines: past the window the global layers' RoPE is rescaled; afterwards it is the model's own.
+
+    Gemma 3 keeps one RoPE per layer type: only ``full_attention`` is rescaled, the sliding layers keep theirs."""
+    from types import SimpleNamespace
+
+    from selfextend_llm.evaluation import Method, _rotary, using
+
+    model = tiny_model(family)
+    ids = torch.randint(0, 97, (1, 3 * TRAINED))
+    with torch.no_grad():
+        before = model(ids).logits
+        with using(SimpleNamespace(model=model, pretrained_context=TRAINED), Method(method), 3 * TRAINED):
+            rotary = _rotary(model)[2]
+            kinds = rotary.rope_type if isinstance(rotary.rope_type, dict) else {"all": rotary.rope_type}
+            if family == "gemma3":
+                assert kinds == {"full_attention": kinds["full_attention"], "sliding_attention": "default"}
+            assert {"dynamic-ntk": "dynamic", "yarn": "yarn"}[method] in kinds.values()
+            scaled = model(ids).logits
+        after = model(ids).logits
+    assert not torch.allclose(scaled, before, atol=1e-4)  # past the window the baseline changes the answer
+    torch.testing.assert_close(after, before)
