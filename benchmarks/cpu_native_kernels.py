@@ -1,0 +1,105 @@
+"""CPU decode with the C kernels on and off, in one process, taking turns (issue 19).
+
+This 2-core machine drifts by 10-30% between processes, so ``speed_memory.py``'s one process per setting
+reads drift as differences.  Here one loaded model (the embedded default, quantised weights, the shipped
+table's setting for the length) decodes the same prompt with :mod:`selfextend_llm.kernels.native` on, then
+off (the Inductor kernels and PyTorch's matrix products, as shipped before), for several rounds, and the
+median step of each round is kept.  ``plain`` runs the same with SelfExtend removed (its attention is
+transformers' SDPA either way; only the linear layers change).  Prints one line per run and a summary, and
+writes ``results/cpu_native_kernels.json``.
+
+    python benchmarks/cpu_native_kernels.py --lengths 1920 7936 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessorList
+
+import selfextend_llm
+from selfextend_llm.kernels import native
+from selfextend_llm.kernels import quantized as q
+from selfextend_llm.tasks.passkey import passkey_prompt
+
+
+class _Stamps:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def decode_steps(se, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+    """Median seconds per decode step of one greedy generate, and its tokens."""
+    stamps = _Stamps()
+    base = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=se.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        out = se.model.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, logits_processor=LogitsProcessorList([stamps]),
+            **base, **se.fast.generate_kwargs(1, ids.shape[1] + new_tokens),
+        )  # fmt: skip
+    steps = [b - a for a, b in zip(stamps.times, stamps.times[1:], strict=False)]
+    return statistics.median(steps), out[0, ids.shape[1] :].tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1920, 7936])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--out", default="results/cpu_native_kernels.json")
+    args = ap.parse_args()
+    lib = native.library()
+    if lib is None:
+        raise SystemExit(f"the C kernels do not build here: {native.unavailable()}")
+    se = selfextend_llm.load(target_context=131_072)
+    for layer in se.model.modules():  # the 'off' state is the shipped path before the C kernels
+        if isinstance(layer, q.QuantizedLinear):
+            layer.one_row = q.one_row_kernel(layer._weight())
+    rows = []
+    for n in args.lengths:
+        ids = torch.tensor([se.encode(passkey_prompt(n + 64, 0.5, 0, se.count_tokens).text)[:n]])
+        config = se.plan.config_for(n + args.new_tokens)
+        for method in ("selfextend", "plain"):
+            selfextend_llm.remove(se.model)
+            if method == "selfextend" and config is not None:
+                selfextend_llm.apply(se.model, config)
+            tokens = {}
+            for rnd in range(args.rounds):
+                for kernels in ("c", "torch"):
+                    native._state["lib"] = lib if kernels == "c" else None
+                    step, tokens[kernels] = decode_steps(se, ids, args.new_tokens)
+                    row = {"tokens": n, "method": method, "kernels": kernels, "round": rnd, "step_ms": step * 1e3}
+                    rows.append(row)
+                    print(f"{n:>6} {method:>10} {kernels:>5} round {rnd}: {step * 1e3:6.1f} ms/step", flush=True)
+            native._state["lib"] = lib
+            for row in rows[-2 * args.rounds :]:
+                row["same_tokens"] = tokens["c"] == tokens["torch"]
+    print("\n| prompt | method | C kernels | PyTorch/Inductor | speed-up | same tokens |\n|---|---|---|---|---|---|")
+    summary = []
+    for n in args.lengths:
+        for method in ("selfextend", "plain"):
+            mine = [r for r in rows if r["tokens"] == n and r["method"] == method]
+            c = statistics.median(r["step_ms"] for r in mine if r["kernels"] == "c")
+            t = statistics.median(r["step_ms"] for r in mine if r["kernels"] == "torch")
+            same = all(r["same_tokens"] for r in mine)
+            summary.append({"tokens": n, "method": method, "c_ms": c, "torch_ms": t, "same_tokens": same})
+            print(f"| {n:,} | {method} | {c:.1f} ms ({1e3 / c:.1f} tok/s) | {t:.1f} ms ({1e3 / t:.1f} tok/s) "
+                  f"| {t / c:.2f}x | {same} |")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "native": native.describe()}
+    out.write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
