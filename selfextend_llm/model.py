@@ -26,6 +26,7 @@ from .attention import Backend, check_backend
 from .config import SelfExtendConfig
 from .generation import FastGeneration, compile_errors
 from .hf import apply as hf_apply
+from .kernels import native
 from .loading import DEFAULT_NAME, load_pretrained
 from .stopping import StopScan, find_stop, normalize_stops, visible_pieces
 
@@ -295,6 +296,8 @@ class SelfExtendModel:
             "device": str(self.device),
             "fast_generation": self.fast.describe(),
             "quantized_weights": _weights(self.model),
+            # the CPU decode step's C kernels: built, with which flags, or why not (PyTorch runs instead)
+            "cpu_kernels": native.describe() if self.device.type == "cpu" else None,
         }
 
     def __repr__(self) -> str:

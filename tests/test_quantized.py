@@ -236,6 +236,8 @@ def test_default_model_layers_are_prepared(default_model):
     # With the C kernels no per-shape Inductor kernel is compiled at load (they take the decode calls).
     compiled = native.library() is None
     assert layers and all((m.one_row is not None) == compiled for m in layers)
+    kernels = default_model.describe()["cpu_kernels"]
+    assert kernels["native_kernels"] is not compiled and (kernels["why_not"] is None) is not compiled
     assert "notes" not in default_model.describe()["quantized_weights"]
 
 

@@ -5,7 +5,9 @@
   grouped-key cache kept between decode steps, and the explicit-score decode step;
 * :mod:`.flex`: two block-sparse ``flex_attention`` passes;
 * :mod:`.static_decode`: a tensor-only decode step over a static cache (compiles, CUDA graphs);
-* :mod:`.triton`: the Triton kernels (one-pass and split prefill, split-K decode, re-rotation).
+* :mod:`.triton`: the Triton kernels (one-pass and split prefill, split-K decode, re-rotation);
+* :mod:`.quantized`: linear layers over a GGUF file's 4-/8-bit blocks (CPU);
+* :mod:`.native`: small C kernels for the CPU's decode step and quantised products, built at first use.
 
 :func:`selfextend_llm.attention.selfextend_attention` picks among them.
 """
