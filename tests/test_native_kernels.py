@@ -97,6 +97,7 @@ def test_decode_step_declines_what_it_cannot_take():
         assert nd.decode_attention(needs_grad, grouped_query, key, grouped, value, 0, None, 0.1) is None
     rows_apart = key.transpose(2, 3).contiguous().transpose(2, 3)  # rows not contiguous
     assert nd.decode_attention(query, grouped_query, rows_apart, grouped, value, 0, None, 0.1) is None
+    assert nd.decode_attention(query, grouped_query, key, grouped[:, :, :10], value, 300, None, 0.1) is None
 
 
 def _weight(fmt: str, rows: int, cols: int, seed: int = 0) -> tuple[q.QuantizedWeight, torch.Tensor]:

@@ -64,6 +64,8 @@ def decode_attention(
     heads, dim_v = query.shape[1], value.shape[-1]
     rows = heads // kv_heads
     boundary = max(0, min(boundary, n))
+    if boundary > grouped_key.shape[2] or grouped_key.shape[:2] != key.shape[:2]:
+        return None  # not the rows the kernel would read: let the PyTorch path raise its own error
     q = query.reshape(bsz, kv_heads, rows, dim).contiguous()
     gq = grouped_query.reshape(bsz, kv_heads, rows, dim).contiguous()
     threads = torch.get_num_threads()
