@@ -14,6 +14,7 @@ writes ``results/cpu_native_kernels.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -57,8 +58,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--out", default="results/cpu_native_kernels.json")
     args = ap.parse_args()
-    lib = native.library()
-    if lib is None:
+    if native.library() is None:
         raise SystemExit(f"the C kernels do not build here: {native.unavailable()}")
     se = selfextend_llm.load(target_context=131_072)
     for layer in se.model.modules():  # the 'off' state is the shipped path before the C kernels
@@ -75,12 +75,11 @@ def main() -> None:
             tokens = {}
             for rnd in range(args.rounds):
                 for kernels in ("c", "torch"):
-                    native._state["lib"] = lib if kernels == "c" else None
-                    step, tokens[kernels] = decode_steps(se, ids, args.new_tokens)
+                    with contextlib.nullcontext() if kernels == "c" else native.disabled():
+                        step, tokens[kernels] = decode_steps(se, ids, args.new_tokens)
                     row = {"tokens": n, "method": method, "kernels": kernels, "round": rnd, "step_ms": step * 1e3}
                     rows.append(row)
                     print(f"{n:>6} {method:>10} {kernels:>5} round {rnd}: {step * 1e3:6.1f} ms/step", flush=True)
-            native._state["lib"] = lib
             for row in rows[-2 * args.rounds :]:
                 row["same_tokens"] = tokens["c"] == tokens["torch"]
     print("\n| prompt | method | C kernels | PyTorch/Inductor | speed-up | same tokens |\n|---|---|---|---|---|---|")

@@ -17,6 +17,7 @@ replaces: the same results up to summation order, only slower.  :func:`unavailab
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 SOURCES = ("decode.c", "quantized.c")
@@ -132,6 +134,21 @@ def describe() -> dict[str, object]:
     """For ``describe()``: whether the kernels run, with which flags, or why not."""
     lib = library()
     return {"native_kernels": lib is not None, "flags": _state.get("flags"), "why_not": _state.get("why")}
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """The C kernels off inside the block (every caller takes its PyTorch path): to compare the two.
+
+    Process-wide, not per thread: meant for benchmarks and tests, not for a serving process.
+    """
+    library()  # built (or not) before, so that leaving the block restores the same state
+    saved = _state["lib"]
+    _state["lib"] = None
+    try:
+        yield
+    finally:
+        _state["lib"] = saved
 
 
 def reset() -> None:
