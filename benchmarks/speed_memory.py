@@ -125,10 +125,6 @@ def measure(args, n: int, setting: str) -> dict:
     return row
 
 
-def path_of(setting: str) -> str:
-    return setting.split("/")[1]
-
-
 def _name(config) -> str:
     return f"G{config.group_size} W{config.neighbor_window}" + (" +log" if config.log_scale else "")
 
@@ -156,16 +152,16 @@ def main() -> None:
     for n in args.lengths:
         got = {}
         for setting in args.settings:
+            method, path = setting.split("/")
             cmd = [sys.executable, __file__, "--child", str(n), setting, "--lengths", *map(str, args.lengths)]
             cmd += ["--decode-tokens", str(args.decode_tokens)]
             for flag in ("model", "gguf_file", "dtype"):
                 if getattr(args, flag):
                     cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-            env = {**os.environ, **(NO_C_KERNELS if path_of(setting) == "quantized-torch" else {})}
+            env = {**os.environ, **(NO_C_KERNELS if path == "quantized-torch" else {})}
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             got[setting] = r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
             name, model = r["device"], r["model"]
-            method, path = setting.split("/")
             twin = got.get(f"plain/{path}") if method == "selfextend" else None
             ref = got.get(f"{method}/eager")
             r["same_tokens_as_eager"] = None if ref is None or ref is r else _agreement(r["tokens"], ref["tokens"])

@@ -280,13 +280,14 @@ def kernels_available() -> str | None:
         QuantizedWeight(torch.zeros(3, 2, BLOCK, dtype=torch.uint8), torch.ones(3, 2), torch.zeros(3, 2), "warm-up"),
         QuantizedWeight(torch.zeros(3, 2, BLOCK, dtype=torch.int8), torch.ones(3, 2), None, "warm-up"),
     ]
+    rows_to_warm = (PRODUCT_ROWS + 1,) if native.library() else (1, 2, PRODUCT_ROWS + 1)  # C takes <= 4 rows
     try:
         # generate() runs under inference mode, evaluation under no_grad: the compiler keeps a graph
         # for each (the weights are ordinary tensors, the inputs are made inside the mode).
         for mode in (torch.inference_mode, torch.no_grad):
             with mode():
                 for w in weights:
-                    for rows in (PRODUCT_ROWS + 1,) if native.library() else (1, 2, PRODUCT_ROWS + 1):
+                    for rows in rows_to_warm:
                         quantized_linear(torch.ones(rows, 2 * BLOCK), w)
     except Exception as err:  # noqa: BLE001 - any compiler failure means "keep fp32"
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

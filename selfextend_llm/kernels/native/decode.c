@@ -13,7 +13,19 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+/* Task t of batch x kv_heads x chunks: its (batch, head) and its keys [j0, j1). */
+typedef struct { int64_t bh, b, h, j0, j1; } Task;
+
+static inline Task task_of(int64_t t, int64_t chunks, int64_t chunk, int64_t n, int64_t kv_heads)
+{
+    Task task;
+    task.bh = t / chunks;
+    task.b = task.bh / kv_heads;
+    task.h = task.bh % kv_heads;
+    task.j0 = (t % chunks) * chunk;
+    task.j1 = task.j0 + chunk < n ? task.j0 + chunk : n;
+    return task;
+}
 
 /* scores[b, h, r, j] = scale * <q, k_j>, where keys j < boundary are scored grouped (the
  * grouped query against the grouped key) and the rest plainly.  Work is split into
@@ -29,8 +41,8 @@ void se_decode_scores(int64_t batch, int64_t kv_heads, int64_t rows, int64_t dim
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t bh = t / chunks, b = bh / kv_heads, h = bh % kv_heads;
-        const int64_t j0 = (t % chunks) * chunk, j1 = min64(j0 + chunk, n);
+        const Task task = task_of(t, chunks, chunk, n, kv_heads);
+        const int64_t bh = task.bh, b = task.b, h = task.h, j0 = task.j0, j1 = task.j1;
         const float *q = query + bh * rows * dim, *gq = grouped_query + bh * rows * dim;
         float *out = scores + bh * rows * n;
         for (int64_t j = j0; j < j1; ++j) {
@@ -59,8 +71,8 @@ void se_decode_values(int64_t batch, int64_t kv_heads, int64_t rows, int64_t dim
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t bh = t / chunks, b = bh / kv_heads, h = bh % kv_heads;
-        const int64_t j0 = (t % chunks) * chunk, j1 = min64(j0 + chunk, n);
+        const Task task = task_of(t, chunks, chunk, n, kv_heads);
+        const int64_t bh = task.bh, b = task.b, h = task.h, j0 = task.j0, j1 = task.j1;
         float *acc = partial + t * rows * dim;
         memset(acc, 0, sizeof(float) * (size_t)(rows * dim));
         const float *p = probs + bh * rows * n;

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..lse import NEG_INF
 from . import library
 
-NEG_INF = float("-inf")
 TASKS_PER_THREAD = 4  # key chunks per thread, so that 3 KV heads still spread over 2+ threads
 MIN_CHUNK = 256  # keys: below this a task costs more to start than to run
 

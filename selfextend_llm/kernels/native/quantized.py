@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 MAX_ROWS = 4
 #: Output features per task.
 CHUNK = 64
-_SUMMED_BLOCKS = 1024  # the kernel keeps the input's block sums on the stack up to this many blocks
 
 
 def product(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
