@@ -26,6 +26,7 @@ from .attention import Backend, check_backend
 from .config import SelfExtendConfig
 from .generation import FastGeneration, compile_errors
 from .hf import apply as hf_apply
+from .hf import native_step
 from .kernels import native
 from .loading import DEFAULT_NAME, load_pretrained
 from .stopping import StopScan, find_stop, normalize_stops, visible_pieces
@@ -143,6 +144,13 @@ class SelfExtendModel:
             fast_generation = True
         #: The static-cache, compiled-decode path (:mod:`selfextend_llm.generation`).
         self.fast = FastGeneration(model, enabled=bool(fast_generation))
+        #: On the CPU, decode steps of Llama-style models run as one C call (:mod:`.hf.native_step`);
+        #: a string says why not.  Only static-cache steps (the fast path's) are taken.
+        self.native_decoder: native_step.NativeDecoder | str = (
+            native_step.install(model)
+            if self.fast.enabled and self.device.type == "cpu"
+            else "off: " + ("fast_generation=False" if not self.fast.enabled else f"device {self.device.type}")
+        )
         # A plain Lock, not an RLock: a stream may be advanced (and closed) from different worker threads.
         self._lock = threading.Lock()
         self._batcher: ContinuousBatcher | None = None
@@ -297,7 +305,11 @@ class SelfExtendModel:
             "fast_generation": self.fast.describe(),
             "quantized_weights": _weights(self.model),
             # the CPU decode step's C kernels: built, with which flags, or why not (PyTorch runs instead)
-            "cpu_kernels": native.describe() if self.device.type == "cpu" else None,
+            "cpu_kernels": (
+                {**native.describe(), "decode_step": _decode_step(self.native_decoder)}
+                if self.device.type == "cpu"
+                else None
+            ),
         }
 
     def __repr__(self) -> str:
@@ -716,6 +728,13 @@ def _weights(model: torch.nn.Module) -> dict[str, Any] | None:
     """What :mod:`.hf.quantized` kept of the GGUF blocks (None: fp32 or not a GGUF load)."""
     attached = getattr(model, "selfextend_weights", None)
     return attached.describe() if attached is not None and attached.swapped else None
+
+
+def _decode_step(decoder: native_step.NativeDecoder | str) -> dict[str, Any]:
+    """How CPU decode steps run: in one C call (with counts), or the model's forward and why."""
+    if isinstance(decoder, str):
+        return {"native": False, "why_not": decoder}
+    return {"native": True, **decoder.describe()}
 
 
 def _setting(config: SelfExtendConfig) -> str:

@@ -6,8 +6,8 @@ three query rows per KV head reads a 6 MB key cache at ~15 GB/s on this project'
 machine, where one plain loop over the same bytes reads 30 GB/s.  The kernels here are plain
 loops that the compiler vectorises for the CPU it runs on (``-march=native``).
 
-One file per kernel (``decode.c``, ``quantized.c``; their Python sides in :mod:`.decode` and
-:mod:`.quantized`); this module is the shared
+One file per kernel (``decode.c``, ``quantized.c``, ``step.c``; their Python sides in :mod:`.decode`,
+:mod:`.quantized` and :mod:`.step`), the loops they share in ``common.h``; this module is the shared
 part: build, cache, load.  A build is cached in ``<cache folder>/native/``, keyed by the
 sources, the compiler, its flags and the CPU, so that a cache folder shared between machines
 never loads code built for another CPU.  Without a compiler (or with
@@ -29,7 +29,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-SOURCES = ("decode.c", "quantized.c")
+SOURCES = ("decode.c", "quantized.c", "step.c")
+#: Included by the sources: part of what a build is keyed by.
+HEADERS = ("common.h",)
 # Reassociation (and only that) lets the compiler vectorise the dot products' sums.
 OPTIMISE = ["-O3", "-fPIC", "-shared", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 # Tried in order: the first that builds is kept (Apple's clang has no -fopenmp; some have no -march=native).
@@ -42,7 +44,11 @@ SIGNATURES = {
     "se_decode_values": [_I64] * 5 + [_PTR, _PTR, _I64, _I64, _I64, _INT, _PTR],
     "se_product_u8": [_I64] * 3 + [_PTR] * 5 + [_I64, _INT],
     "se_product_i8": [_I64] * 3 + [_PTR] * 5 + [_I64, _INT],
+    "se_step_scratch": [_I64] * 8,
+    "se_decode_layers": [_I64, _PTR, _PTR, _PTR],
 }
+#: Return types of the functions that return something (the others return nothing).
+RESULTS = {"se_step_scratch": _I64, "se_decode_layers": _INT}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -72,7 +78,8 @@ def _build(cc: str, folder: Path) -> tuple[Path, list[str]]:
     here = Path(__file__).parent
     sources = [here / name for name in SOURCES]
     digest = hashlib.sha256()
-    for part in [cc, _cpu_key(), *(p.read_text() for p in sources), *OPTIMISE]:
+    texts = [(here / name).read_text() for name in (*SOURCES, *HEADERS)]
+    for part in [cc, _cpu_key(), *texts, *OPTIMISE]:
         digest.update(part.encode())
     errors = []
     for number, variant in enumerate(VARIANTS):
@@ -111,7 +118,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = RESULTS.get(name)
     _state["flags"] = flags
     return lib
 

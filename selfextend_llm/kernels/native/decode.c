@@ -1,31 +1,16 @@
 /* SelfExtend's decode step on the CPU: one query per sequence over the whole cache.
  *
  * A decode step reads every cached key and value once, so on the CPU it is bound by memory
- * reads.  The two loops below read each key (then each value) row once for all the query heads
- * of its KV head, across all threads, at close to the machine's read bandwidth.  The softmax
- * between them stays in PyTorch: it touches only heads x keys floats.
+ * reads.  The two loops below (common.h's score_keys and sum_values) read each key (then each
+ * value) row once for all the query heads of its KV head, across all threads, at close to the
+ * machine's read bandwidth.  The softmax between them stays in PyTorch here; step.c, which runs
+ * whole decoder layers, does it in C.
  *
  * Layout: a head's rows are contiguous (row j at base + j * dim); batch and head strides are
  * passed in elements.  Queries are (batch, kv_heads, rows, dim), contiguous, where `rows` are
- * the query heads that share one KV head.  Built with reassociation allowed so that the dot
- * products vectorise: results differ from a matrix product only in summation order.
+ * the query heads that share one KV head.
  */
-#include <stdint.h>
-#include <string.h>
-
-/* Task t of batch x kv_heads x chunks: its (batch, head) and its keys [j0, j1). */
-typedef struct { int64_t bh, b, h, j0, j1; } Task;
-
-static inline Task task_of(int64_t t, int64_t chunks, int64_t chunk, int64_t n, int64_t kv_heads)
-{
-    Task task;
-    task.bh = t / chunks;
-    task.b = task.bh / kv_heads;
-    task.h = task.bh % kv_heads;
-    task.j0 = (t % chunks) * chunk;
-    task.j1 = task.j0 + chunk < n ? task.j0 + chunk : n;
-    return task;
-}
+#include "common.h"
 
 /* scores[b, h, r, j] = scale * <q, k_j>, where keys j < boundary are scored grouped (the
  * grouped query against the grouped key) and the rest plainly.  Work is split into
@@ -42,21 +27,9 @@ void se_decode_scores(int64_t batch, int64_t kv_heads, int64_t rows, int64_t dim
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tasks; ++t) {
         const Task task = task_of(t, chunks, chunk, n, kv_heads);
-        const int64_t bh = task.bh, b = task.b, h = task.h, j0 = task.j0, j1 = task.j1;
-        const float *q = query + bh * rows * dim, *gq = grouped_query + bh * rows * dim;
-        float *out = scores + bh * rows * n;
-        for (int64_t j = j0; j < j1; ++j) {
-            const int far = j < boundary;
-            const float *k = far ? grouped_key + b * grouped_sb + h * grouped_sh + j * dim
-                                 : key + b * key_sb + h * key_sh + j * dim;
-            const float *qq = far ? gq : q;
-            for (int64_t r = 0; r < rows; ++r) {
-                const float *qr = qq + r * dim;
-                float acc = 0.0f;
-                for (int64_t i = 0; i < dim; ++i) acc += qr[i] * k[i];
-                out[r * n + j] = acc * scale;
-            }
-        }
+        score_keys(task.j0, task.j1, boundary, rows, dim, n, query + task.bh * rows * dim,
+                   grouped_query + task.bh * rows * dim, key + task.b * key_sb + task.h * key_sh,
+                   grouped_key + task.b * grouped_sb + task.h * grouped_sh, scale, scores + task.bh * rows * n);
     }
 }
 
@@ -72,17 +45,7 @@ void se_decode_values(int64_t batch, int64_t kv_heads, int64_t rows, int64_t dim
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tasks; ++t) {
         const Task task = task_of(t, chunks, chunk, n, kv_heads);
-        const int64_t bh = task.bh, b = task.b, h = task.h, j0 = task.j0, j1 = task.j1;
-        float *acc = partial + t * rows * dim;
-        memset(acc, 0, sizeof(float) * (size_t)(rows * dim));
-        const float *p = probs + bh * rows * n;
-        for (int64_t j = j0; j < j1; ++j) {
-            const float *v = value + b * value_sb + h * value_sh + j * dim;
-            for (int64_t r = 0; r < rows; ++r) {
-                const float w = p[r * n + j];
-                float *a = acc + r * dim;
-                for (int64_t i = 0; i < dim; ++i) a[i] += w * v[i];
-            }
-        }
+        sum_values(task.j0, task.j1, rows, dim, n, probs + task.bh * rows * n,
+                   value + task.b * value_sb + task.h * value_sh, partial + t * rows * dim);
     }
 }
