@@ -1,12 +1,14 @@
-"""CPU decode with the C kernels on and off, in one process, taking turns (issue 19).
+"""CPU decode on the C kernels, in one process, taking turns (issue 19).
 
 This 2-core machine drifts by 10-30% between processes, so ``speed_memory.py``'s one process per setting
 reads drift as differences.  Here one loaded model (the embedded default, quantised weights, the shipped
-table's setting for the length) decodes the same prompt with :mod:`selfextend_llm.kernels.native` on, then
-off (the Inductor kernels and PyTorch's matrix products, as shipped before), for several rounds, and the
-median step of each round is kept.  ``plain`` runs the same with SelfExtend removed (its attention is
-transformers' SDPA either way; only the linear layers change).  Prints one line per run and a summary, and
-writes ``results/cpu_native_kernels.json``.
+table's setting for the length) decodes the same prompt three ways, for several rounds, keeping the median
+step of each round: ``step`` is the shipped path (whole decode steps in one C call,
+:mod:`selfextend_llm.hf.native_step`); ``c`` is transformers' eager layers with only the attention and the
+products on C (:mod:`selfextend_llm.kernels.native`, the fourth pass); ``torch`` has every C kernel off
+(the Inductor kernels and PyTorch's matrix products, as shipped before).  ``plain`` runs the same with
+SelfExtend removed (in ``c`` and ``torch`` its attention is transformers' SDPA; in ``step`` it is the same C
+loop with no grouped keys).  Prints one line per run and a summary, and writes ``results/cpu_native_kernels.json``.
 
     python benchmarks/cpu_native_kernels.py --lengths 1920 7936 --rounds 4
 """
@@ -24,9 +26,12 @@ import torch
 from transformers import LogitsProcessorList
 
 import selfextend_llm
+from selfextend_llm.hf import native_step
 from selfextend_llm.kernels import native
 from selfextend_llm.kernels import quantized as q
 from selfextend_llm.tasks.passkey import passkey_prompt
+
+KERNELS = ("step", "c", "torch")
 
 
 class _Stamps:
@@ -74,28 +79,36 @@ def main() -> None:
                 selfextend_llm.apply(se.model, config)
             tokens = {}
             for rnd in range(args.rounds):
-                for kernels in ("c", "torch"):
-                    with contextlib.nullcontext() if kernels == "c" else native.disabled():
+                for kernels in KERNELS:
+                    if kernels == "c":
+                        native_step.uninstall(se.model)
+                    with contextlib.nullcontext() if kernels != "torch" else native.disabled():
                         step, tokens[kernels] = decode_steps(se, ids, args.new_tokens)
+                    if kernels == "c":
+                        native_step.install(se.model)
                     row = {"tokens": n, "method": method, "kernels": kernels, "round": rnd, "step_ms": step * 1e3}
                     rows.append(row)
                     print(f"{n:>6} {method:>10} {kernels:>5} round {rnd}: {step * 1e3:6.1f} ms/step", flush=True)
-            for row in rows[-2 * args.rounds :]:
-                row["same_tokens"] = tokens["c"] == tokens["torch"]
-    print("\n| prompt | method | C kernels | PyTorch/Inductor | speed-up | same tokens |\n|---|---|---|---|---|---|")
+            for row in rows[-len(KERNELS) * args.rounds :]:
+                row["same_tokens"] = tokens["step"] == tokens["c"] == tokens["torch"]
+    print(
+        "\n| prompt | method | whole step in C | C kernels in eager layers | PyTorch/Inductor | step vs torch "
+        "| same tokens |\n|---|---|---|---|---|---|---|"
+    )
     summary = []
     for n in args.lengths:
         for method in ("selfextend", "plain"):
             mine = [r for r in rows if r["tokens"] == n and r["method"] == method]
-            c = statistics.median(r["step_ms"] for r in mine if r["kernels"] == "c")
-            t = statistics.median(r["step_ms"] for r in mine if r["kernels"] == "torch")
+            ms = {k: statistics.median(r["step_ms"] for r in mine if r["kernels"] == k) for k in KERNELS}
             same = all(r["same_tokens"] for r in mine)
-            summary.append({"tokens": n, "method": method, "c_ms": c, "torch_ms": t, "same_tokens": same})
-            print(f"| {n:,} | {method} | {c:.1f} ms ({1e3 / c:.1f} tok/s) | {t:.1f} ms ({1e3 / t:.1f} tok/s) "
-                  f"| {t / c:.2f}x | {same} |")  # fmt: skip
+            timings = {f"{k}_ms": v for k, v in ms.items()}
+            summary.append({"tokens": n, "method": method, **timings, "same_tokens": same})
+            cells = " | ".join(f"{ms[k]:.1f} ms ({1e3 / ms[k]:.1f} tok/s)" for k in KERNELS)
+            print(f"| {n:,} | {method} | {cells} | {ms['torch'] / ms['step']:.2f}x | {same} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "native": native.describe()}
+    meta["decode_step"] = se.native_decoder.describe() if not isinstance(se.native_decoder, str) else se.native_decoder
     out.write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=2))
     print(f"wrote {out}")
 

@@ -6,7 +6,9 @@ Eight settings per length, each in a fresh process so that its peak memory is it
 compiled steps on a GPU; fp32 weights), ``plain/quantized``, ``selfextend/quantized`` (the shipped CPU
 path for a GGUF file: the fast path over the file's own 4-/8-bit blocks,
 :mod:`selfextend_llm.hf.quantized`, with the C kernels of :mod:`selfextend_llm.kernels.native`) and
-``*/quantized-torch`` (the same with the C kernels off). SelfExtend runs the setting the model's table
+``*/quantized-layers`` (the same with transformers' eager layers around the C attention and products:
+the whole-step C call of :mod:`selfextend_llm.hf.native_step` off) and ``*/quantized-torch`` (every C
+kernel off). SelfExtend runs the setting the model's table
 gives that length. One greedy ``generate`` per setting: a logits processor stamps the time of every
 step, so prefill is the time to the first step and decode the time between the first and the last.
 Ratios are SelfExtend / plain of the same path in the same run; the greedy tokens of every setting are
@@ -33,12 +35,14 @@ import torch
 from generation_speed import _agreement  # the same token comparison as the generation benchmark
 
 import selfextend_llm
+from selfextend_llm.hf import native_step
 from selfextend_llm.kernels import native
 from selfextend_llm.tasks.passkey import passkey_prompt
 
 SETTINGS = (
     "plain/eager", "selfextend/eager", "plain/fast", "selfextend/fast", "plain/quantized-torch",
-    "selfextend/quantized-torch", "plain/quantized", "selfextend/quantized",
+    "selfextend/quantized-torch", "plain/quantized-layers", "selfextend/quantized-layers", "plain/quantized",
+    "selfextend/quantized",
 )  # fmt: skip
 #: ``*/quantized-torch``: the quantised path with the C kernels switched off (PyTorch and Inductor only).
 NO_C_KERNELS = {"SELFEXTEND_NATIVE_KERNELS": "0"}
@@ -111,6 +115,8 @@ def measure(args, n: int, setting: str) -> dict:
     if method == "selfextend" and config is not None:
         selfextend_llm.apply(lm, config)
     se.fast.enabled, se.fast.failed = path != "eager", None
+    if path == "quantized-layers":
+        native_step.uninstall(lm)
     if device.type == "cuda":  # warm-up: kernel selection and compilation are not what we time
         run_one(se, ids, 4)
     row = run_one(se, ids, args.decode_tokens)
@@ -122,6 +128,8 @@ def measure(args, n: int, setting: str) -> dict:
     row["model"] = se.model_name
     row["quantized_weights"] = se.describe()["quantized_weights"]
     row["native_kernels"] = native.describe()
+    runner = getattr(lm, "_selfextend_native", None)
+    row["native_steps"] = None if runner is None else runner.steps
     return row
 
 

@@ -168,7 +168,10 @@ class NativeDecoder:
     @staticmethod
     def _key_valid(mask: object, batch: int, n: int) -> torch.Tensor | str | None:
         """Which of the ``n`` keys are real (``batch, n`` uint8; None: all), from a 2-D padding mask
-        or the one-row boolean mask transformers builds for a static cache; or why it cannot say."""
+        or the one-row boolean mask transformers builds for a static cache (alone or in a dict by
+        layer type); or why it cannot say."""
+        if isinstance(mask, dict):  # masks per layer type (Qwen2): every layer here is full attention
+            mask = mask.get("full_attention", "no full-attention mask")
         if mask is None:
             return None
         if not isinstance(mask, torch.Tensor) or mask.shape[0] not in (1, batch):
