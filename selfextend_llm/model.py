@@ -144,13 +144,12 @@ class SelfExtendModel:
             fast_generation = True
         #: The static-cache, compiled-decode path (:mod:`selfextend_llm.generation`).
         self.fast = FastGeneration(model, enabled=bool(fast_generation))
-        #: On the CPU, decode steps of Llama-style models run as one C call (:mod:`.hf.native_step`);
-        #: a string says why not.  Only static-cache steps (the fast path's) are taken.
-        self.native_decoder: native_step.NativeDecoder | str = (
+        installed = (
             native_step.install(model)
             if self.fast.enabled and self.device.type == "cpu"
             else "off: " + ("fast_generation=False" if not self.fast.enabled else f"device {self.device.type}")
         )
+        self._native_why = installed if isinstance(installed, str) else "removed by native_step.uninstall()"
         # A plain Lock, not an RLock: a stream may be advanced (and closed) from different worker threads.
         self._lock = threading.Lock()
         self._batcher: ContinuousBatcher | None = None
@@ -159,6 +158,13 @@ class SelfExtendModel:
         self._grammars: Any = None  # compiled JSON grammars (structured.JSONGrammars), made on first use
 
     # ----------------------------------------------------------------- properties
+    @property
+    def native_decoder(self) -> native_step.NativeDecoder | str:
+        """On the CPU, decode steps of Llama-style models run as one C call (:mod:`.hf.native_step`);
+        a string says why not.  Only static-cache steps (the fast path's) are taken."""
+        runner = getattr(self.model, "_selfextend_native", None)
+        return runner if runner is not None else self._native_why
+
     @property
     def self_extend(self) -> bool:
         return self.config is not None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Any
 
 import torch
@@ -151,6 +152,7 @@ class NativeDecoder:
         self._layers: native_step.Layers | None = None
         self._weights: list[native_step.LayerWeights] | None = None
         self._checks: list[Check] = []
+        self._lock = threading.Lock()
         self._scratch: torch.Tensor | None = None
 
     # -- what one call needs ------------------------------------------------------------------
@@ -216,7 +218,15 @@ class NativeDecoder:
         return self._weights
 
     def step(self, kwargs: dict[str, Any]) -> BaseModelOutputWithPast | None:
-        """The decoder's output for this call computed natively, or None (then the model's forward runs)."""
+        """The decoder's output for this call computed natively, or None (then the model's forward runs).
+
+        One step at a time per model: the layer array and the scratch are shared, and two threads
+        decoding on one model would otherwise run on each other's caches (they share the cores anyway).
+        """
+        with self._lock:
+            return self._step(kwargs)
+
+    def _step(self, kwargs: dict[str, Any]) -> BaseModelOutputWithPast | None:
         ids = kwargs.get("input_ids")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != 1:
