@@ -155,9 +155,12 @@ def test_calls_it_cannot_take_go_to_the_models_forward():
             model(token, past_key_values=cache, use_cache=True)
         with native.disabled():
             model(token, past_key_values=cache, use_cache=True)
+        model.train()  # dropout would apply in the model's own layers
+        model(token, past_key_values=cache, use_cache=True)
+        model.eval()
     assert runner.steps == 0
     assert runner.declined["attentions or hidden states asked for"] == 1
-    assert runner.declined["gradients on, or compiling"] == 1
+    assert runner.declined["gradients on, training mode, or compiling"] == 2
     assert runner.declined["C kernels off"] == 1
 
 
@@ -205,3 +208,23 @@ def test_default_model_decodes_natively_with_the_same_tokens(default_model, monk
     with native.disabled():
         want = default_model.complete(prompt, max_new_tokens=12, temperature=0)
     assert got.completion_tokens == want.completion_tokens and got.text == want.text
+
+
+def test_key_valid_reads_every_mask_form_transformers_passes():
+    """The private mask parser: a 2-D padding mask, a one-row key mask (alone or by layer type), and refusals."""
+    parse = native_step.NativeDecoder._key_valid
+    assert parse(None, 2, 5) is None
+    padding = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    assert parse(padding, 2, 5).tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    assert parse(torch.ones(2, 5, dtype=torch.long), 2, 5) is None  # no padding: no mask at all
+    row = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+    row[:, :, :, :5] = True
+    row[1, :, :, :2] = False
+    assert parse(row, 2, 5).tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    assert parse({"full_attention": row}, 2, 5).tolist() == parse(row, 2, 5).tolist()
+    assert parse(torch.ones(1, 1, 1, 8, dtype=torch.bool)[..., :5], 2, 5) is None  # broadcast over the batch
+    ahead = row.clone()
+    ahead[0, 0, 0, 6] = True  # a slot past the sequence is visible: not a decode step's mask
+    assert parse(ahead, 2, 5) == "attention mask shows slots past the sequence"
+    for bad in (torch.zeros(2, 1, 3, 8, dtype=torch.bool), torch.zeros(2, 1, 1, 8), torch.ones(2, 4), {"sliding": row}):
+        assert isinstance(parse(bad, 2, 5), str)

@@ -241,8 +241,8 @@ class NativeDecoder:
             self.model.config, "output_hidden_states", False
         ):
             return self._decline("attentions or hidden states asked for")
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._decline("gradients on, or compiling")
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.model.training:
+            return self._decline("gradients on, training mode, or compiling")
         batch = ids.shape[0]
         layers = cache.layers
         if (
@@ -312,6 +312,15 @@ class NativeDecoder:
 
         held = self._held(weights, cache, grouped)
         if self._layers is None or not self._layers.points_at(held):
+            # step.c indexes every layer's tensors by the first key tensor's shape: check them all once
+            shape = (batch, self.kv_heads, capacity, self.head_dim)
+            tensors = [t for layer in layers for t in (layer.keys, layer.values)]
+            tensors += [g for g in grouped if g is not None]
+            if any(
+                tuple(t.shape) != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+                for t in tensors
+            ):
+                return self._decline("cache tensors not all (batch, kv heads, capacity, head dim) fp32 contiguous")
             self._layers = native_step.Layers(
                 weights,
                 [layer.keys for layer in layers],
@@ -327,6 +336,8 @@ class NativeDecoder:
 
         hidden = self.decoder.embed_tokens(ids).reshape(batch, -1).contiguous()
         cos, sin = self.decoder.rotary_emb(hidden[:, None], positions)
+        if cos.shape[-1] != self.head_dim:
+            return self._decline("partial or per-layer rotary")  # step.c rotates whole heads
         code = native_step.run(
             self._layers, hidden, heads=self.heads, kv_heads=self.kv_heads, intermediate=self.intermediate,
             capacity=capacity, slot=slot, eps=self.eps, scale=self.scale,
