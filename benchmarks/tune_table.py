@@ -7,9 +7,9 @@ The runs themselves (GPU, 20 prompts a cell for every finalist and baseline)::
     selfextend-llm tune ... --lengths 131072 --tasks passkey --keep 2 --baselines dynamic-ntk
     selfextend-llm tune ... --lengths 16384 --screen 4 --baselines --candidates se:12,1024 se:9,1024 ...
 
-This script merges every JSON under ``results/tune/`` length by length (where two runs measured the
-same setting, the one on more prompts counts), chooses each length's setting by the search's own
-rule (:meth:`LengthResult.choose`), and writes:
+This script merges every JSON under the model's run folders of ``results/tune/`` (:data:`RUNS`) length
+by length (where two runs measured the same setting, the one on more prompts counts), chooses each
+length's setting by the search's own rule (:meth:`LengthResult.choose`), and writes:
 
 * ``selfextend_llm/tables/SmolLM2-135M-Instruct.json`` (``--write-table``): what ``load()`` ships;
 * ``results/tune/summary.md``: the chosen setting against plain, dynamic NTK and YaRN per length;
@@ -36,11 +36,14 @@ MODEL, TRAINED = "SmolLM2-135M-Instruct", 8192
 #: (8k, 12k] keeps G12 W1024 as well (1.00 / 0.35 at 12k).
 OVERRIDES = {12_288: "se:12,1024", 16_384: "se:12,1024"}
 BASELINES = ["plain", "dynamic-ntk", "yarn"]
+#: The folders under ``results/tune/`` that hold this model's runs (others, e.g. ``gemma3_270m/``, are
+#: other models' and must not be merged into its table).
+RUNS = ("lengths", "extra", "round3", "round4")
 
 
 def merged_results(folder: Path) -> list[LengthResult]:
     by_length: dict[int, LengthResult] = {}
-    for path in sorted(folder.rglob("*.json")):
+    for path in sorted(p for run in RUNS for p in (folder / run).rglob("*.json")):
         data = json.loads(path.read_text())
         if "accuracy" not in data or "length" not in data:
             continue  # a table file, not a per-length result

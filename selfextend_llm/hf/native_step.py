@@ -190,18 +190,6 @@ class NativeDecoder:
             return None
         return valid.expand(batch, n).to(torch.uint8).contiguous()
 
-    def _held(self, weights: list[native_step.LayerWeights], cache: StaticCache, grouped: list) -> list[torch.Tensor]:
-        """The tensors a :class:`~..kernels.native.step.Layers` over this step would point at."""
-        held: list[torch.Tensor] = []
-        for i, w in enumerate(weights):
-            for name in native_step.PROJECTIONS:
-                weight, bias = w.projections[name]
-                held += native_step._tensors(weight) + ([] if bias is None else [bias])
-            layer = cache.layers[i]
-            held += [w.attn_norm, w.mlp_norm, layer.keys, layer.values, layer.cumulative_length]
-            held += [] if grouped[i] is None else [grouped[i]]
-        return held
-
     def _current_weights(self) -> list[native_step.LayerWeights] | str:
         """The layers' weights, read again only when a module or tensor was swapped since last read."""
         if self._weights is not None and _unchanged(self._checks):
@@ -310,7 +298,9 @@ class NativeDecoder:
                 turns["query_factor"] = factor.reshape(batch).contiguous()
             turns["boundary"] = max(0, n - W)
 
-        held = self._held(weights, cache, grouped)
+        keys, values = [layer.keys for layer in layers], [layer.values for layer in layers]
+        lengths = [layer.cumulative_length for layer in layers]
+        held = native_step.held_tensors(weights, keys, values, grouped, lengths)
         if self._layers is None or not self._layers.points_at(held):
             # step.c indexes every layer's tensors by the first key tensor's shape: check them all once
             shape = (batch, self.kv_heads, capacity, self.head_dim)
@@ -321,13 +311,7 @@ class NativeDecoder:
                 for t in tensors
             ):
                 return self._decline("cache tensors not all (batch, kv heads, capacity, head dim) fp32 contiguous")
-            self._layers = native_step.Layers(
-                weights,
-                [layer.keys for layer in layers],
-                [layer.values for layer in layers],
-                grouped,
-                [layer.cumulative_length for layer in layers],
-            )
+            self._layers = native_step.Layers(weights, keys, values, grouped, lengths)
         need = native_step.scratch_floats(
             batch, self.heads, self.kv_heads, self.head_dim, self.hidden, self.intermediate, capacity
         )

@@ -118,10 +118,29 @@ def _linear(weight: Weight, bias: torch.Tensor | None) -> Linear:
     return Linear(KINDS[torch.float32], weight.shape[0], weight.shape[1], weight.data_ptr(), None, None, bias_ptr)
 
 
-def _tensors(weight: Weight) -> list[torch.Tensor]:
+def tensors_of(weight: Weight) -> list[torch.Tensor]:
+    """The tensors a projection's descriptor points at."""
     if isinstance(weight, QuantizedWeight):
         return [t for t in (weight.codes, weight.scale, weight.offset) if t is not None]
     return [weight]
+
+
+def held_tensors(
+    weights: list[LayerWeights],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    grouped: list[torch.Tensor | None],
+    lengths: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Every tensor a :class:`Layers` over these arguments points at, in the order :meth:`Layers.points_at` checks."""
+    held: list[torch.Tensor] = []
+    for i, w in enumerate(weights):
+        for name in PROJECTIONS:
+            weight, bias = w.projections[name]
+            held += tensors_of(weight) + ([] if bias is None else [bias])
+        held += [w.attn_norm, w.mlp_norm, keys[i], values[i], lengths[i]]
+        held += [] if grouped[i] is None else [grouped[i]]
+    return held
 
 
 class Layers:
@@ -137,23 +156,19 @@ class Layers:
     ):
         self.count = len(weights)
         self.array = (Layer * self.count)()
-        held: list[torch.Tensor] = []
         for i, w in enumerate(weights):
             layer = self.array[i]
             layer.attn_norm, layer.mlp_norm = w.attn_norm.data_ptr(), w.mlp_norm.data_ptr()
             for name in PROJECTIONS:
-                weight, bias = w.projections[name]
-                setattr(layer, name, _linear(weight, bias))
-                held += _tensors(weight) + ([] if bias is None else [bias])
+                setattr(layer, name, _linear(*w.projections[name]))
             layer.key, layer.value = keys[i].data_ptr(), values[i].data_ptr()
             layer.grouped = None if grouped[i] is None else grouped[i].data_ptr()
             layer.length = lengths[i].data_ptr()
-            held += [w.attn_norm, w.mlp_norm, keys[i], values[i], lengths[i]]
-            held += [] if grouped[i] is None else [grouped[i]]
-        self._held = held  # every tensor a pointer above refers to stays alive with this object
+        # every tensor a pointer above refers to stays alive with this object
+        self._held = held_tensors(weights, keys, values, grouped, lengths)
 
     def points_at(self, tensors: list[torch.Tensor]) -> bool:
-        """Whether this array was built over exactly these tensors (in :attr:`_held`'s order)."""
+        """Whether this array was built over exactly these tensors (:func:`held_tensors`' order)."""
         return len(tensors) == len(self._held) and all(a is b for a, b in zip(tensors, self._held, strict=True))
 
 
