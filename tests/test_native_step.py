@@ -185,6 +185,12 @@ def test_other_families_are_not_wrapped_and_say_why(family):
     assert model.model.forward == forward
 
 
+def test_a_sliding_window_mistral_is_not_wrapped():
+    model = tiny_model("mistral")
+    model.config.sliding_window = 32
+    assert native_step.install(model) == "sliding-window attention"
+
+
 def test_uninstall_restores_the_decoders_forward():
     model, runner = _model("llama", None)
     assert native_step.install(model) is runner  # idempotent

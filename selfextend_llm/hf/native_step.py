@@ -117,6 +117,10 @@ def why_not(model: torch.nn.Module) -> str | None:
         return "no Llama-style decoder (embed_tokens, layers, norm, rotary_emb)"
     if any(t not in (None, "full_attention") for t in getattr(config, "layer_types", None) or ()):
         return "sliding-window layers"
+    if getattr(config, "sliding_window", None) and (
+        config.model_type == "mistral" or getattr(config, "use_sliding_window", False)
+    ):
+        return "sliding-window attention"  # step.c attends to every cached key
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r}"
     head_dim = getattr(decoder.layers[0].self_attn, "head_dim", None)
