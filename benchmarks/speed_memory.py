@@ -158,7 +158,7 @@ def main() -> None:
         flush=True,
     )
     for n in args.lengths:
-        got = {}
+        got, runs = {}, []  # the latest row of each setting (for ratios), and every row in order
         for setting in args.settings:
             method, path = setting.split("/")
             cmd = [sys.executable, __file__, "--child", str(n), setting, "--lengths", *map(str, args.lengths)]
@@ -169,6 +169,8 @@ def main() -> None:
             env = {**os.environ, **(NO_C_KERNELS if path == "quantized-torch" else {})}
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             got[setting] = r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+            r["run"] = setting
+            runs.append(r)
             name, model = r["device"], r["model"]
             twin = got.get(f"plain/{path}") if method == "selfextend" else None
             ref = got.get(f"{method}/eager")
@@ -186,7 +188,7 @@ def main() -> None:
                 f"{r['decode_tok_s']:>7.1f} t/s {dx:>8} {vx:>14} {r['peak_mib']:>9.0f} {same:>11}",
                 flush=True,
             )
-        rows.append({"tokens": n, "settings": got})
+        rows.append({"tokens": n, "settings": got, "runs": runs})
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out or f"results/speed_memory_{kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
