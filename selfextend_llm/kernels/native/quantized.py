@@ -18,31 +18,43 @@ from . import library
 if TYPE_CHECKING:
     from ..quantized import QuantizedWeight
 
+#: Weights per block of every format the kernels read.
+BLOCK = 32
 #: Rows the kernel takes in one call (its partial sums live on the stack).
 MAX_ROWS = 4
 #: Output features per task.
 CHUNK = 64
 
 
+def weight_problem(weight: QuantizedWeight) -> str | None:
+    """Why the C kernels cannot read this weight's blocks (None: they can); ``step.c`` reads the same layout."""
+    codes, scale, offset = weight.codes, weight.scale, weight.offset
+    if codes.dtype not in (torch.uint8, torch.int8) or codes.dim() != 3 or codes.shape[-1] != BLOCK:
+        return f"block format {weight.format} is not one the kernels read"
+    if scale.dtype != torch.float32 or (offset is not None and offset.dtype != torch.float32):
+        return "quantised scales not fp32"
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in (codes, scale, offset) if t is not None):
+        return "quantised weight not contiguous on the CPU"
+    return None
+
+
 def product(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
     """``rows @ W.T`` for ``rows`` (``r, in_features``, r <= :data:`MAX_ROWS`): ``(r, out_features)``, or None."""
     lib = library()
-    codes, scale, offset = weight.codes, weight.scale, weight.offset
-    tensors = (rows, codes, scale) + (() if offset is None else (offset,))
     if (
         lib is None
         or not 0 < rows.shape[0] <= MAX_ROWS
         or rows.dtype != torch.float32
-        or codes.dtype not in (torch.uint8, torch.int8)
-        or scale.dtype != torch.float32
-        or (offset is not None and offset.dtype != torch.float32)
-        or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+        or rows.device.type != "cpu"
+        or not rows.is_contiguous()
+        or weight_problem(weight) is not None
         or (torch.is_grad_enabled() and rows.requires_grad)
         or torch.compiler.is_compiling()
     ):
         return None
+    codes, scale, offset = weight.codes, weight.scale, weight.offset
     out_features, blocks, block = codes.shape
-    if rows.shape[1] != blocks * block or block != 32:
+    if rows.shape[1] != blocks * block:
         return None
     out = torch.empty(rows.shape[0], out_features)
     kernel = lib.se_product_u8 if codes.dtype == torch.uint8 else lib.se_product_i8

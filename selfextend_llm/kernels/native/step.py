@@ -15,6 +15,7 @@ import torch
 
 from ..quantized import BLOCK, QuantizedWeight
 from . import library
+from .quantized import weight_problem as quantized_weight_problem
 
 _I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 
@@ -24,6 +25,8 @@ KINDS = {torch.float32: 0, torch.uint8: 1, torch.int8: 2}
 KEY_CHUNK = 256
 #: Rows (sequences) one call takes.
 MAX_BATCH = 4
+#: Blocks per input row a quantised projection may have (``common.h``'s ``SE_MAX_BLOCKS``: block sums on the stack).
+MAX_BLOCKS = 1024
 #: Largest head dim (a head is rotated on the stack).
 MAX_HEAD_DIM = 512
 #: ``se_decode_layers`` return codes.
@@ -92,16 +95,10 @@ def linear_problem(weight: Weight, bias: torch.Tensor | None) -> str | None:
     if bias is not None and not _fp32_cpu(bias):
         return "bias not fp32 contiguous on the CPU"
     if isinstance(weight, QuantizedWeight):
-        tensors = (weight.codes, weight.scale) + (() if weight.offset is None else (weight.offset,))
-        if weight.codes.dtype not in (torch.uint8, torch.int8) or weight.codes.shape[-1] != BLOCK:
-            return f"block format {weight.format} is not one the kernel reads"
-        if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-            return "quantised weight not contiguous on the CPU"
-        if weight.scale.dtype != torch.float32 or (weight.offset is not None and weight.offset.dtype != torch.float32):
-            return "quantised scales not fp32"
-        if weight.codes.shape[1] > 1024:
-            return "more than 32,768 input features"
-        return None
+        problem = quantized_weight_problem(weight)
+        if problem is None and weight.codes.shape[1] > MAX_BLOCKS:
+            return f"more than {MAX_BLOCKS * BLOCK:,} input features"
+        return problem
     if weight.dim() != 2 or not _fp32_cpu(weight):
         return f"weight is {weight.dtype} on {weight.device}, not fp32 contiguous on the CPU"
     return None
