@@ -254,3 +254,13 @@ def test_projections_the_kernel_cannot_read_are_named():
     strided = blocks(4, 2, codes=torch.zeros(2, 4, 32, dtype=torch.uint8).transpose(0, 1))
     assert "not contiguous" in kernel_step.linear_problem(strided, None)
     assert "32,768 input features" in kernel_step.linear_problem(blocks(1, kernel_step.MAX_BLOCKS + 1), None)
+
+
+def test_a_layer_the_kernel_does_not_implement_keeps_the_model_unwrapped():
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    assert native_step.install(model) == "MLP activation GELU, not SiLU"
+    model = tiny_model("llama")
+    model.model.layers[0].self_attn.q_proj = torch.nn.Sequential(model.model.layers[0].self_attn.q_proj)
+    assert native_step.install(model) == "q: Sequential is not a linear layer the kernel reads"
+    assert "forward" not in vars(model.model)

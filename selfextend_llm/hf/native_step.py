@@ -105,7 +105,8 @@ def _layer_weights(layer: torch.nn.Module) -> tuple[native_step.LayerWeights, li
 
 
 def why_not(model: torch.nn.Module) -> str | None:
-    """Why ``model``'s decode steps cannot run on ``step.c`` (None: they can, call by call)."""
+    """Why ``model``'s architecture cannot run on ``step.c`` (None: it can; its layers' weights are
+    checked by :class:`NativeDecoder`, which :func:`install` makes next)."""
     why = native.unavailable()
     if why is not None:
         return why
@@ -126,10 +127,6 @@ def why_not(model: torch.nn.Module) -> str | None:
     head_dim = getattr(decoder.layers[0].self_attn, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim > native_step.MAX_HEAD_DIM or head_dim % 2:
         return f"head dim {head_dim}"
-    for layer in decoder.layers:
-        found = _layer_weights(layer)
-        if isinstance(found, str):
-            return found
     return None
 
 
@@ -148,8 +145,6 @@ class NativeDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.hidden = config.hidden_size
         self.head_dim, self.scale = attn.head_dim, float(attn.scaling)
-        self.intermediate = self.decoder.layers[0].mlp.gate_proj.out_features
-        self.eps = float(self.decoder.layers[0].input_layernorm.variance_epsilon)
         #: Decode steps run natively, and why the others were not (reason -> count).
         self.steps = 0
         self.declined: dict[str, int] = {}
@@ -158,6 +153,13 @@ class NativeDecoder:
         self._checks: list[Check] = []
         self._lock = threading.Lock()
         self._scratch: torch.Tensor | None = None
+        # The weights are read (and every layer checked) once here; steps reuse them while nothing is swapped.
+        weights = self._current_weights()
+        #: Why no step can run on this model's layers (None: steps can, call by call).
+        self.unusable = weights if isinstance(weights, str) else None
+        if self.unusable is None:
+            self.intermediate = weights[0].projections["gate"][0].shape[0]
+            self.eps = float(self.decoder.layers[0].input_layernorm.variance_epsilon)
 
     # -- what one call needs ------------------------------------------------------------------
 
@@ -355,6 +357,8 @@ def install(model: torch.nn.Module) -> NativeDecoder | str:
     if why is not None:
         return why
     runner = NativeDecoder(model)
+    if runner.unusable is not None:
+        return runner.unusable
     original = model.model.forward
 
     @functools.wraps(original)
