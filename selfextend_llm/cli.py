@@ -268,7 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--batch-size", type=int, default=4)
     methods_help = "plain, dynamic-ntk, yarn, selfextend (shipped defaults) or se:G,W[+log]"
     all_methods = ["plain", "dynamic-ntk", "yarn", "selfextend"]
-    for task, text in (("passkey", "pass-key grid"), ("needle", "RULER-style multi-key needle grid")):
+    grids = (
+        ("passkey", "pass-key grid"),
+        ("needle", "RULER-style multi-key needle grid"),
+        ("chat", "pass-key grid asked through the chat template"),
+    )
+    for task, text in grids:
         p = sub.add_parser(task, parents=[common, grid], help=f"{text}: plain, dynamic NTK, YaRN, SelfExtend")
         p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
         p.add_argument("--methods", nargs="+", default=all_methods, help=methods_help)
@@ -288,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt lengths to tune (default: 0.5x, 1x, 2x and 4x the trained window); each becomes a table entry",
     )  # fmt: skip
     tune.add_argument(
-        "--tasks", nargs="+", choices=["passkey", "needle"], default=["passkey", "needle"],
-        help="tasks to score on (mean accuracy over them)",
+        "--tasks", nargs="+", choices=["passkey", "needle", "chat"], default=["passkey", "needle"],
+        help="tasks to score on (mean accuracy over them); chat: the pass key asked through the chat template",
     )  # fmt: skip
     tune.add_argument(
         "--log", choices=["on", "off", "both"], default="on", help="log-scaled queries past the window (default: on)"

@@ -10,7 +10,7 @@ import contextlib
 import copy
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from .config import SelfExtendConfig
 from .hf import apply as hf_apply
 from .model import SelfExtendModel
 from .tasks.needle import needle_prompt
-from .tasks.passkey import passkey_prompt
+from .tasks.passkey import chat_passkey_messages, make_passkey_document, passkey_prompt
 from .tuning import choose_config
 
 
@@ -122,8 +122,8 @@ def using(se: SelfExtendModel, method: Method, length: int, factor: float = 4.0)
             hf_apply.apply(lm, previous)
 
 
-def generate_raw(se: SelfExtendModel, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers for a left-padded batch, with no window check."""
+def generate_raw(se: SelfExtendModel, prompts: Sequence[str | list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+    """Greedy answers for a left-padded batch (raw strings or chat messages), with no window check."""
     encoded = [se.encode(p) for p in prompts]
     ids, mask = se._batch_tensors(encoded)
     with torch.inference_mode():
@@ -172,16 +172,53 @@ class GridResult:
         }
 
 
-def _passkey_task(n: int, depth: float, seed: int, count_tokens) -> tuple[str, str]:
-    p = passkey_prompt(n, depth, seed, count_tokens)
+@dataclass(frozen=True)
+class Task:
+    """One retrieval task: its seeded prompts, and how many new tokens an answer gets.
+
+    ``make(se, n, depth, seed)`` returns (prompt, expected): a raw string or chat messages of about
+    ``n`` tokens, and the text a right answer contains.
+    """
+
+    make: Callable[[SelfExtendModel, int, float, int], tuple[str | list[dict[str, str]], str]]
+    new_tokens: int
+    needs_chat_template: bool = False
+
+
+def _passkey_task(se: SelfExtendModel, n: int, depth: float, seed: int) -> tuple[str, str]:
+    p = passkey_prompt(n, depth, seed, se.count_tokens)
     return p.text, p.passkey
 
 
-def _needle_task(n: int, depth: float, seed: int, count_tokens) -> tuple[str, str]:
-    return needle_prompt(n, depth, seed, count_tokens)
+def _needle_task(se: SelfExtendModel, n: int, depth: float, seed: int) -> tuple[str, str]:
+    return needle_prompt(n, depth, seed, se.count_tokens)
 
 
-TASKS = {"passkey": _passkey_task, "needle": _needle_task}
+def _chat_task(se: SelfExtendModel, n: int, depth: float, seed: int) -> tuple[list[dict[str, str]], str]:
+    """The pass key asked through the chat template (the raw task does not predict it: see BENCHMARKS.md)."""
+    system_role = se.supports_system_role
+    overhead = se.count_tokens(chat_passkey_messages("", system_role=system_role))
+    document, key = make_passkey_document(n - overhead, depth, seed, se.count_tokens)
+    return chat_passkey_messages(document, system_role=system_role), key
+
+
+#: ``passkey``: raw completion; ``needle``: multi-key needle, raw; ``chat``: the pass key asked through the
+#: model's chat template, as LangChain's and LlamaIndex's chat models and the server ask (a chat answer is
+#: wordier, hence more new tokens).
+TASKS = {
+    "passkey": Task(_passkey_task, 12),
+    "needle": Task(_needle_task, 12),
+    "chat": Task(_chat_task, 16, needs_chat_template=True),
+}
+
+
+def check_tasks(se: SelfExtendModel, tasks: Sequence[str]) -> None:
+    """Refuse unknown tasks, and the chat task on a model without a chat template, before any run."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}: use {sorted(TASKS)}")
+    if any(TASKS[t].needs_chat_template for t in tasks) and not getattr(se.tokenizer, "chat_template", None):
+        raise ValueError(f"{se.model_name} has no chat template, so the chat task cannot run: drop it from the tasks")
 
 
 def task_grid(
@@ -198,6 +235,7 @@ def task_grid(
     """Exact-match accuracy of ``task`` for each method x length x depth over seeded prompts."""
     from tqdm.auto import tqdm
 
+    check_tasks(se, [task])
     make = TASKS[task]
     result = GridResult(task, list(lengths), list(depths), [m.name for m in methods])
     total = len(methods) * len(lengths) * len(depths) * prompts_per_cell
@@ -208,11 +246,11 @@ def task_grid(
             cells = []
             with using(se, method, n + 16):
                 for di, depth in enumerate(depths):
-                    items = [make(n, depth, seed + 1000 * di + i, se.count_tokens) for i in range(prompts_per_cell)]
+                    items = [make.make(se, n, depth, seed + 1000 * di + i) for i in range(prompts_per_cell)]
                     hits = 0
                     for b0 in range(0, len(items), batch_size):
                         batch = items[b0 : b0 + batch_size]
-                        answers = generate_raw(se, [text for text, _ in batch], 12)
+                        answers = generate_raw(se, [text for text, _ in batch], make.new_tokens)
                         for (_, expected), answer in zip(batch, answers, strict=True):
                             ok = expected in answer
                             hits += ok
@@ -340,8 +378,11 @@ def default_depths(count: int = 5) -> list[float]:
 
 
 __all__ = [
+    "TASKS",
     "GridResult",
     "Method",
+    "Task",
+    "check_tasks",
     "default_depths",
     "passkey_grid",
     "perplexity_curve",

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import MAX_MEASURED_GROUP, SelfExtendConfig
-from .evaluation import TASKS, Method, default_depths, generate_raw, using
+from .evaluation import TASKS, Method, check_tasks, default_depths, generate_raw, using
 from .model import SelfExtendModel
 from .tuning import TableEntry, TunedTable, shipped_table
 
@@ -135,7 +135,7 @@ class _Runner:
 
     def run(self, method: Method, task: str, length: int, per_depth: int) -> float:
         """Accuracy of ``method`` on the first ``per_depth`` prompts of every depth (seeds as :func:`task_grid`)."""
-        make = TASKS[task]
+        spec = TASKS[task]
         todo = [
             (di, i)
             for di in range(len(self.depths))
@@ -146,11 +146,8 @@ class _Runner:
             with using(self.se, method, length + ANSWER_MARGIN):
                 for b0 in range(0, len(todo), self.batch_size):
                     batch = todo[b0 : b0 + self.batch_size]
-                    items = [
-                        make(length, self.depths[di], self.seed + 1000 * di + i, self.se.count_tokens)
-                        for di, i in batch
-                    ]
-                    answers = generate_raw(self.se, [text for text, _ in items], 12)
+                    items = [spec.make(self.se, length, self.depths[di], self.seed + 1000 * di + i) for di, i in batch]
+                    answers = generate_raw(self.se, [text for text, _ in items], spec.new_tokens)
                     for (di, i), (_, expected), answer in zip(batch, items, answers, strict=True):
                         self.done[(method.name, task, length, di, i)] = expected in answer
                     self.bar.update(len(batch))
@@ -232,9 +229,7 @@ def tune(
 
     if not lengths:
         raise ValueError("give at least one length to tune for")
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}: use {sorted(TASKS)}")
+    check_tasks(se, tasks)
     trained = se.pretrained_context
     depth_list = default_depths(depths)
     out = Path(out_dir) if out_dir is not None else None

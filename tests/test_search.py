@@ -148,3 +148,52 @@ def test_tune_refuses_bad_candidates_and_lengths(tiny_folder, tmp_path, monkeypa
     assert "takes plain or se:G,W" in capsys.readouterr().err
     assert main([*base, "--lengths", "300", "--candidates", "se:2,32"]) == 2  # reach 224 < 300: nothing left
     assert "no setting reaches 300 tokens" in capsys.readouterr().err
+
+
+def test_chat_task_asks_through_the_template_at_the_asked_length(default_model):
+    """The chat task's prompt is chat messages of about the asked length, with the key inside, as a chain sends it."""
+    from selfextend_llm.evaluation import TASKS, check_tasks
+
+    messages, key = TASKS["chat"].make(default_model, 1500, 0.5, 3)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[1]["content"].endswith("What is the pass key?") and f"pass key is {key}" in messages[1]["content"]
+    assert abs(default_model.count_tokens(messages) - 1500) <= 40
+    raw, raw_key = TASKS["passkey"].make(default_model, 1500, 0.5, 3)
+    assert raw_key == key and isinstance(raw, str)  # same seed, same key: the two tasks differ only in the asking
+    check_tasks(default_model, ["passkey", "needle", "chat"])
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['chats'\]"):
+        check_tasks(default_model, ["chats"])
+
+
+def test_chat_task_without_a_system_role_or_a_template(default_model, monkeypatch):
+    from selfextend_llm.evaluation import check_tasks
+    from selfextend_llm.tasks.passkey import CHAT_INSTRUCTION, chat_passkey_messages
+
+    only_user = chat_passkey_messages("doc", system_role=False)
+    assert only_user == [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\ndoc\n\nWhat is the pass key?"}]
+    monkeypatch.setattr(default_model.tokenizer, "chat_template", None)
+    with pytest.raises(ValueError, match="no chat template, so the chat task cannot run: drop it"):
+        check_tasks(default_model, ["passkey", "chat"])
+    check_tasks(default_model, ["passkey", "needle"])
+
+
+def test_tune_scores_the_chat_task_when_asked(tiny_folder, tmp_path, monkeypatch, capsys):
+    from selfextend_llm import search
+    from selfextend_llm.cli import main
+
+    asked: list[tuple[object, int]] = []
+    real = search.generate_raw
+
+    def spy(se, prompts, max_new_tokens):
+        asked.extend((p, max_new_tokens) for p in prompts)
+        return real(se, prompts, max_new_tokens)
+
+    monkeypatch.setattr(search, "generate_raw", spy)
+    out_dir = tmp_path / "runs"
+    args = ["tune", "--model", str(tiny_folder), "--lengths", "300", "--depths", "1", "--prompts", "1", "--no-save"]
+    args += ["--tasks", "passkey", "chat", "--candidates", "se:4,32", "--baselines", "--out-dir", str(out_dir)]
+    assert main(args) == 0
+    result = json.loads((out_dir / "300.json").read_text())
+    assert set(result["accuracy"]["se:4,32"]) == {"passkey", "chat"}
+    chats = [(p, n) for p, n in asked if isinstance(p, list)]
+    assert len(chats) == 1 and chats[0][1] == 16 and chats[0][0][-1]["content"].endswith("What is the pass key?")

@@ -14,6 +14,9 @@ INTRO = (
     "Find it and memorize it. I will quiz you about it.\n\n"
 )
 QUESTION = "What is the pass key? The pass key is"
+#: The chat form, as whole-document chains ask: an instruction, then the document and the question in one user turn.
+CHAT_INSTRUCTION = "Answer the question using the document."
+CHAT_QUESTION = "What is the pass key?"
 
 
 @dataclass(frozen=True)
@@ -39,3 +42,15 @@ def passkey_prompt(n_tokens: int, depth: float, seed: int, count_tokens) -> Pass
     """A raw completion prompt whose answer is the 5-digit pass key."""
     doc, key = make_passkey_document(n_tokens, depth, seed, count_tokens)
     return PasskeyPrompt(doc + "\n" + QUESTION, key, depth)
+
+
+def chat_passkey_messages(document: str, *, system_role: bool = True) -> list[dict[str, str]]:
+    """The chat messages that ask for the pass key in ``document``, the way a whole-document chain does.
+
+    The instruction is a system turn where the template takes one, else the start of the user turn
+    (Gemma's templates refuse a system role).
+    """
+    question = f"{document}\n\n{CHAT_QUESTION}"
+    if system_role:
+        return [{"role": "system", "content": CHAT_INSTRUCTION}, {"role": "user", "content": question}]
+    return [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n{question}"}]
