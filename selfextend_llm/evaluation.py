@@ -21,7 +21,7 @@ from .config import SelfExtendConfig
 from .hf import apply as hf_apply
 from .model import SelfExtendModel
 from .tasks.needle import needle_prompt
-from .tasks.passkey import chat_passkey_messages, make_passkey_document, passkey_prompt
+from .tasks.passkey import CHAT_INSTRUCTION, chat_passkey_messages, make_passkey_document, passkey_prompt
 from .tuning import choose_config
 
 
@@ -196,10 +196,9 @@ def _needle_task(se: SelfExtendModel, n: int, depth: float, seed: int) -> tuple[
 
 def _chat_task(se: SelfExtendModel, n: int, depth: float, seed: int) -> tuple[list[dict[str, str]], str]:
     """The pass key asked through the chat template (the raw task does not predict it: see BENCHMARKS.md)."""
-    system_role = se.supports_system_role
-    overhead = se.count_tokens(chat_passkey_messages("", system_role=system_role))
+    overhead = se.count_tokens(se.with_instruction(chat_passkey_messages(""), CHAT_INSTRUCTION))
     document, key = make_passkey_document(n - overhead, depth, seed, se.count_tokens)
-    return chat_passkey_messages(document, system_role=system_role), key
+    return se.with_instruction(chat_passkey_messages(document), CHAT_INSTRUCTION), key
 
 
 #: ``passkey``: raw completion; ``needle``: multi-key needle, raw; ``chat``: the pass key asked through the
@@ -236,7 +235,7 @@ def task_grid(
     from tqdm.auto import tqdm
 
     check_tasks(se, [task])
-    make = TASKS[task]
+    spec = TASKS[task]
     result = GridResult(task, list(lengths), list(depths), [m.name for m in methods])
     total = len(methods) * len(lengths) * len(depths) * prompts_per_cell
     bar = tqdm(total=total, desc=task, disable=not progress)
@@ -246,11 +245,11 @@ def task_grid(
             cells = []
             with using(se, method, n + 16):
                 for di, depth in enumerate(depths):
-                    items = [make.make(se, n, depth, seed + 1000 * di + i) for i in range(prompts_per_cell)]
+                    items = [spec.make(se, n, depth, seed + 1000 * di + i) for i in range(prompts_per_cell)]
                     hits = 0
                     for b0 in range(0, len(items), batch_size):
                         batch = items[b0 : b0 + batch_size]
-                        answers = generate_raw(se, [text for text, _ in batch], make.new_tokens)
+                        answers = generate_raw(se, [text for text, _ in batch], spec.new_tokens)
                         for (_, expected), answer in zip(batch, answers, strict=True):
                             ok = expected in answer
                             hits += ok

@@ -166,11 +166,13 @@ def test_chat_task_asks_through_the_template_at_the_asked_length(default_model):
 
 
 def test_chat_task_without_a_system_role_or_a_template(default_model, monkeypatch):
-    from selfextend_llm.evaluation import check_tasks
-    from selfextend_llm.tasks.passkey import CHAT_INSTRUCTION, chat_passkey_messages
+    from selfextend_llm.evaluation import TASKS, check_tasks
+    from selfextend_llm.tasks.passkey import CHAT_INSTRUCTION
 
-    only_user = chat_passkey_messages("doc", system_role=False)
-    assert only_user == [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\ndoc\n\nWhat is the pass key?"}]
+    monkeypatch.setitem(default_model.__dict__, "supports_system_role", False)  # as Gemma's templates
+    (only_user,), key = TASKS["chat"].make(default_model, 600, 0.5, 3)
+    assert only_user["role"] == "user" and only_user["content"].startswith(f"{CHAT_INSTRUCTION}\n\n")
+    assert only_user["content"].endswith("\n\nWhat is the pass key?") and f"pass key is {key}" in only_user["content"]
     monkeypatch.setattr(default_model.tokenizer, "chat_template", None)
     with pytest.raises(ValueError, match="no chat template, so the chat task cannot run: drop it"):
         check_tasks(default_model, ["passkey", "chat"])

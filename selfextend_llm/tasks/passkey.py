@@ -44,13 +44,11 @@ def passkey_prompt(n_tokens: int, depth: float, seed: int, count_tokens) -> Pass
     return PasskeyPrompt(doc + "\n" + QUESTION, key, depth)
 
 
-def chat_passkey_messages(document: str, *, system_role: bool = True) -> list[dict[str, str]]:
-    """The chat messages that ask for the pass key in ``document``, the way a whole-document chain does.
+def chat_passkey_messages(document: str) -> list[dict[str, str]]:
+    """The user turn that asks for the pass key in ``document``, the way a whole-document chain does.
 
-    The instruction is a system turn where the template takes one, else the start of the user turn
-    (Gemma's templates refuse a system role).
+    The instruction (:data:`CHAT_INSTRUCTION`) is added by the model's own
+    :meth:`~selfextend_llm.model.SelfExtendModel.with_instruction`, which knows whether its template
+    takes a system turn (Gemma's refuse one).
     """
-    question = f"{document}\n\n{CHAT_QUESTION}"
-    if system_role:
-        return [{"role": "system", "content": CHAT_INSTRUCTION}, {"role": "user", "content": question}]
-    return [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n{question}"}]
+    return [{"role": "user", "content": f"{document}\n\n{CHAT_QUESTION}"}]
