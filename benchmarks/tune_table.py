@@ -34,11 +34,26 @@ MODEL, TRAINED = "SmolLM2-135M-Instruct", 8192
 #: G6 W2048 (1.00 / 0.60 at 12k), and it too misses that example's pass key (checked with fp32 and with
 #: quantised weights): the grid's raw-completion prompts do not predict the chat-template case there, so
 #: (8k, 12k] keeps G12 W1024 as well (1.00 / 0.35 at 12k).
-OVERRIDES = {12_288: "se:12,1024", 16_384: "se:12,1024"}
+OVERRIDES: dict[int, str] = {}
 BASELINES = ["plain", "dynamic-ntk", "yarn"]
 #: The folders under ``results/tune/`` that hold this model's runs (others, e.g. ``gemma3_270m/``, are
 #: other models' and must not be merged into its table).
-RUNS = ("lengths", "extra", "round3", "round4")
+RUNS = ("lengths", "extra", "round3", "round4", "round5", "round6")
+#: The tasks a length is ranked on, where measured: the chat pass key (asked through the chat template, the way
+#: LangChain, LlamaIndex and the server ask) only past the trained window; inside it the table must also keep
+#: plain's perplexity (issue 17), which the small windows that find chat pass keys there do not.
+TABLE_TASKS = ("passkey", "needle", "chat")
+FULL = 20  # prompts a cell for a finalist
+
+
+def ranked_tasks(result: LengthResult) -> list[str]:
+    """The tasks of :data:`TABLE_TASKS` on which some setting at this length was measured on :data:`FULL` prompts."""
+    tasks = [t for t in TABLE_TASKS if t != "chat" or result.length > TRAINED]
+    return [
+        t
+        for t in tasks
+        if any(m.startswith("se:") and counts.get(t, 0) >= FULL for m, counts in result.prompts.items())
+    ]
 
 
 def merged_results(folder: Path) -> list[LengthResult]:
@@ -54,31 +69,31 @@ def merged_results(folder: Path) -> list[LengthResult]:
 
 
 def summary(results: list[LengthResult]) -> str:
-    tasks = ["passkey", "needle"]
+    tasks = list(TABLE_TASKS)
     head = "| length | chosen setting | " + " | ".join(f"chosen {t}" for t in tasks)
-    head += " | " + " | ".join(f"{b} {t}" for b in BASELINES[1:] for t in tasks) + " | plain passkey | plain needle |"
+    head += " | " + " | ".join(f"{b} {t}" for b in BASELINES for t in tasks) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for result in results:
-        best = result.best or result.choose(max(sum(p.values()) // len(p) for p in result.prompts.values()))
+        best = result.best
 
         def cell(method: str, task: str, result: LengthResult = result) -> str:
             value = result.accuracy.get(method, {}).get(task)
             return "" if value is None else f"{value:.2f}"
 
         setting = best.replace("se:", "G").replace(",", " W").replace("+log", " +log")
+        setting += f" (on {' + '.join(ranked_tasks(result))})"
         if result.length in OVERRIDES:
             setting += " (by hand, see OVERRIDES)"
         chosen = [f"**{cell(best, t)}**" if cell(best, t) else "" for t in tasks]
         row = f"| {result.length:,} | {setting} | " + " | ".join(chosen)
-        row += " | " + " | ".join(cell(b, t) for b in BASELINES[1:] for t in tasks)
-        row += " | " + " | ".join(cell("plain", t) for t in tasks) + " |"
+        row += " | " + " | ".join(cell(b, t) for b in BASELINES for t in tasks) + " |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 
 
 def heatmap(results: list[LengthResult], path: Path) -> Path:
     plt = _pyplot()
-    tasks = ["passkey", "needle"]
+    tasks = list(TABLE_TASKS)
 
     def order(method: str) -> tuple:
         cfg = Method.parse(method).config
@@ -94,7 +109,7 @@ def heatmap(results: list[LengthResult], path: Path) -> Path:
             for j, r in enumerate(results):
                 value = grid[i][j]
                 if value == value:  # not NaN
-                    chosen = m == (r.best or r.choose(max(sum(p.values()) // len(p) for p in r.prompts.values())))
+                    chosen = m == r.best
                     weight = "bold" if chosen else "normal"
                     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, fontweight=weight)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths], fontsize=8)
@@ -115,16 +130,17 @@ def main() -> None:
     args = ap.parse_args()
     folder = Path(args.results)
     results = merged_results(folder)
+    for result in results:
+        result.best = OVERRIDES.get(result.length) or result.choose(FULL, ranked_tasks(result))
     measured = {
-        "tasks": ["passkey", "needle"],
+        "tasks": list(TABLE_TASKS),
         "prompts_per_cell": 20,
         "device": "NVIDIA H200",
         "dtype": "bfloat16",
-        "note": "131,072: pass key only; see BENCHMARKS.md (issue 17) and benchmarks/tune_table.py",
+        "note": "each length ranked on the tasks measured there (past the window the chat pass key too); "
+        "see BENCHMARKS.md (issue 17) and benchmarks/tune_table.py",
+        "ranked_on": {str(r.length): ranked_tasks(r) for r in results},
     }
-    for result in results:
-        if result.length in OVERRIDES:
-            result.best = OVERRIDES[result.length]
     measured["overrides"] = {str(n): m for n, m in OVERRIDES.items()}
     table = build_table(MODEL, TRAINED, results, measured)
     text = summary(results)

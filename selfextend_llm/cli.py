@@ -293,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt lengths to tune (default: 0.5x, 1x, 2x and 4x the trained window); each becomes a table entry",
     )  # fmt: skip
     tune.add_argument(
-        "--tasks", nargs="+", choices=["passkey", "needle", "chat"], default=["passkey", "needle"],
-        help="tasks to score on (mean accuracy over them); chat: the pass key asked through the chat template",
+        "--tasks", nargs="+", choices=["passkey", "needle", "chat"],
+        help="tasks to score on (mean accuracy over them; default: all three, chat only where the model has a "
+        "chat template); chat: the pass key asked through the chat template, ranked on past the window only",
     )  # fmt: skip
     tune.add_argument(
         "--log", choices=["on", "off", "both"], default="on", help="log-scaled queries past the window (default: on)"

@@ -10,7 +10,15 @@ import torch
 import transformers
 
 from selfextend_llm.config import MAX_MEASURED_GROUP, SelfExtendConfig
-from selfextend_llm.search import ANSWER_MARGIN, LengthResult, build_table, candidates, method_name
+from selfextend_llm.search import (
+    ANSWER_MARGIN,
+    LengthResult,
+    build_table,
+    candidates,
+    default_tasks,
+    method_name,
+    ranked_tasks,
+)
 
 
 @pytest.mark.parametrize("trained", [128, 2048, 8192, 32768])
@@ -31,6 +39,24 @@ def test_candidates_reach_their_length_and_stay_in_measured_range(trained, facto
     assert {c.log_scale for c in both} == {False, True}
     with pytest.raises(ValueError, match="log must be"):
         candidates(trained, n, log="yes")
+
+
+def test_candidates_past_the_window_include_small_windows_and_large_groups():
+    # the chat pass key's best on the embedded default (12k: G8 W256, 16k: G12 W512) lies there
+    found = {(c.group_size, c.neighbor_window) for c in candidates(8192, 12288)}
+    assert {(8, 256), (4, 256)} <= found and {w for _, w in found} == {256, 512, 1024, 2048, 4096}
+    assert (12, 512) in {(c.group_size, c.neighbor_window) for c in candidates(8192, 16384)}
+    assert all(w >= 16 for _, w in {(c.group_size, c.neighbor_window) for c in candidates(128, 512)})
+
+
+def test_chat_is_a_default_task_with_a_template_and_is_ranked_on_past_the_window_only(default_model, monkeypatch):
+    assert default_tasks(default_model) == ["passkey", "needle", "chat"]
+    three = ["passkey", "needle", "chat"]
+    assert ranked_tasks(three, 4096, 8192) == ["passkey", "needle"]  # inside: plain's perplexity matters there
+    assert ranked_tasks(three, 8192 - ANSWER_MARGIN + 1, 8192) == three  # the answer would pass the edge
+    assert ranked_tasks(["chat"], 4096, 8192) == ["chat"]  # asked for chat alone: ranked on it
+    monkeypatch.setattr(default_model.tokenizer, "chat_template", None)
+    assert default_tasks(default_model) == ["passkey", "needle"]
 
 
 def test_choice_is_the_mean_then_the_first_task_then_plain_and_wider_windows():
@@ -61,6 +87,32 @@ def test_choice_is_the_mean_then_the_first_task_then_plain_and_wider_windows():
     assert tie.choose(20) == "se:2,2048"
     with pytest.raises(ValueError, match="no setting was measured on 40 prompts"):
         tie.choose(40)
+
+
+def test_merged_runs_are_ranked_only_among_settings_measured_on_every_task_asked():
+    # round A measured two settings on pass key and needle; round B one of them again, and a new one, on chat too
+    a = LengthResult(
+        12288,
+        {"se:12,1024": {"passkey": 1.0, "needle": 0.35}, "se:6,2048": {"passkey": 1.0, "needle": 0.6}},
+        {"se:12,1024": {"passkey": 20, "needle": 20}, "se:6,2048": {"passkey": 20, "needle": 20}},
+    )
+    b = LengthResult(
+        12288,
+        {"se:12,1024": {"passkey": 0.95, "chat": 0.25}, "se:8,256": {"passkey": 1.0, "needle": 0.45, "chat": 0.95}},
+        {"se:12,1024": {"passkey": 5, "chat": 20}, "se:8,256": {"passkey": 20, "needle": 20, "chat": 20}},
+    )
+    merged = a.merged(b)
+    # task by task: the pass key on 20 prompts stays, the chat measurement joins it
+    assert merged.accuracy["se:12,1024"] == {"passkey": 1.0, "needle": 0.35, "chat": 0.25}
+    assert merged.prompts["se:12,1024"] == {"passkey": 20, "needle": 20, "chat": 20}
+    assert a.accuracy["se:12,1024"] == {"passkey": 1.0, "needle": 0.35}  # the inputs are not changed
+    three = ["passkey", "needle", "chat"]
+    # se:6,2048 has the best two-task mean but was never asked through the chat template: not a finalist
+    assert merged.choose(20, three) == "se:8,256"
+    assert merged.choose(20, ["passkey", "needle"]) == "se:6,2048"
+    assert merged.score("se:12,1024", three) == round((1.0 + 0.35 + 0.25) / 3, 6)
+    with pytest.raises(ValueError, match="on every task of passkey, yarn"):
+        merged.choose(20, ["passkey", "yarn"])
 
 
 def test_merging_keeps_the_measurement_on_more_prompts_and_builds_a_reaching_table():
@@ -118,7 +170,8 @@ def test_tune_any_model_saves_a_table_that_load_and_info_use(tiny_folder, tmp_pa
     ] >= 300 + ANSWER_MARGIN
     per_length = json.loads((tmp_path / "cache" / "tuned" / "tiny-llama" / "300.json").read_text())
     assert "yarn" in per_length["accuracy"] and "plain" not in per_length["accuracy"]  # plain only in-window
-    assert per_length["prompts"][per_length["best"]] == {"passkey": 2, "needle": 2}
+    # the tiny model has a chat template: the chat pass key is a default task
+    assert per_length["prompts"][per_length["best"]] == {"passkey": 2, "needle": 2, "chat": 2}
 
     se = selfextend_llm.load(str(tiny_folder), device="cpu")
     info = se.describe()
