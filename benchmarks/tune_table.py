@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from selfextend_llm.evaluation import Method, _pyplot
-from selfextend_llm.search import LengthResult, build_table
+from selfextend_llm.search import LengthResult, build_table, chat_tasks, raw_tasks
 
 MODEL, TRAINED = "SmolLM2-135M-Instruct", 8192
 #: Entries set by hand over the search's choice, each with why.  (8,192, 16,384]: the search's G9 W1024
@@ -39,21 +39,27 @@ BASELINES = ["plain", "dynamic-ntk", "yarn"]
 #: The folders under ``results/tune/`` that hold this model's runs (others, e.g. ``gemma3_270m/``, are
 #: other models' and must not be merged into its table).
 RUNS = ("lengths", "extra", "round3", "round4", "round5", "round6")
-#: The tasks a length is ranked on, where measured: the chat pass key (asked through the chat template, the way
-#: LangChain, LlamaIndex and the server ask) only past the trained window; inside it the table must also keep
-#: plain's perplexity (issue 17), which the small windows that find chat pass keys there do not.
+#: The tasks measured for the table: the chat pass key (asked through the chat template, the way LangChain,
+#: LlamaIndex and the server ask) ranks the table's chat entries past the trained window (search.chat_tasks).
 TABLE_TASKS = ("passkey", "needle", "chat")
 FULL = 20  # prompts a cell for a finalist
 
 
-def ranked_tasks(result: LengthResult) -> list[str]:
+def measured_tasks(result: LengthResult) -> list[str]:
     """The tasks of :data:`TABLE_TASKS` on which some setting at this length was measured on :data:`FULL` prompts."""
-    tasks = [t for t in TABLE_TASKS if t != "chat" or result.length > TRAINED]
     return [
         t
-        for t in tasks
+        for t in TABLE_TASKS
         if any(m.startswith("se:") and counts.get(t, 0) >= FULL for m, counts in result.prompts.items())
     ]
+
+
+def choose(result: LengthResult) -> None:
+    """Set the length's main and chat choices by the search's own rules, over the merged runs."""
+    tasks = measured_tasks(result)
+    chat = chat_tasks(tasks, result.length, TRAINED)
+    result.best = OVERRIDES.get(result.length) or result.choose(FULL, raw_tasks(tasks))
+    result.best_chat = result.choose(FULL, chat) if chat is not None else ""
 
 
 def merged_results(folder: Path) -> list[LengthResult]:
@@ -70,7 +76,7 @@ def merged_results(folder: Path) -> list[LengthResult]:
 
 def summary(results: list[LengthResult]) -> str:
     tasks = list(TABLE_TASKS)
-    head = "| length | chosen setting | " + " | ".join(f"chosen {t}" for t in tasks)
+    head = "| length | chosen setting | " + " | ".join(f"chosen {t}" for t in tasks) + " | chat prompts: setting | chat"
     head += " | " + " | ".join(f"{b} {t}" for b in BASELINES for t in tasks) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for result in results:
@@ -80,15 +86,20 @@ def summary(results: list[LengthResult]) -> str:
             value = result.accuracy.get(method, {}).get(task)
             return "" if value is None else f"{value:.2f}"
 
-        setting = best.replace("se:", "G").replace(",", " W").replace("+log", " +log")
-        setting += f" (on {' + '.join(ranked_tasks(result))})"
+        setting = _spelled(best)
         if result.length in OVERRIDES:
             setting += " (by hand, see OVERRIDES)"
         chosen = [f"**{cell(best, t)}**" if cell(best, t) else "" for t in tasks]
         row = f"| {result.length:,} | {setting} | " + " | ".join(chosen)
+        chat = result.best_chat or best
+        row += f" | {_spelled(chat)}{'' if result.best_chat else ' (main)'} | {cell(chat, 'chat')}"
         row += " | " + " | ".join(cell(b, t) for b in BASELINES for t in tasks) + " |"
         lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def _spelled(method: str) -> str:
+    return method.replace("se:", "G").replace(",", " W").replace("+log", " +log")
 
 
 def heatmap(results: list[LengthResult], path: Path) -> Path:
@@ -109,12 +120,14 @@ def heatmap(results: list[LengthResult], path: Path) -> Path:
             for j, r in enumerate(results):
                 value = grid[i][j]
                 if value == value:  # not NaN
-                    chosen = m == r.best
+                    chosen = m == (r.best_chat or r.best) if task == "chat" else m == r.best
                     weight = "bold" if chosen else "normal"
                     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, fontweight=weight)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths], fontsize=8)
         ax.set_yticks(range(len(methods)), methods, fontsize=7)
-        title = f"{task}: bold = the table's choice, blank = not run\n(screened-out cells: 5 prompts)"
+        title = (
+            f"{task}: bold = the table's choice (chat: its chat entry), blank = not run\n(screened out: 5-10 prompts)"
+        )
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,15 +144,15 @@ def main() -> None:
     folder = Path(args.results)
     results = merged_results(folder)
     for result in results:
-        result.best = OVERRIDES.get(result.length) or result.choose(FULL, ranked_tasks(result))
+        choose(result)
     measured = {
         "tasks": list(TABLE_TASKS),
         "prompts_per_cell": 20,
         "device": "NVIDIA H200",
         "dtype": "bfloat16",
-        "note": "each length ranked on the tasks measured there (past the window the chat pass key too); "
-        "see BENCHMARKS.md (issue 17) and benchmarks/tune_table.py",
-        "ranked_on": {str(r.length): ranked_tasks(r) for r in results},
+        "note": "entries ranked on pass key and needle, chat entries (past the window) on the chat pass key, "
+        "then the others; each length on the tasks measured there; see BENCHMARKS.md (issue 17)",
+        "measured_tasks": {str(r.length): measured_tasks(r) for r in results},
     }
     measured["overrides"] = {str(n): m for n, m in OVERRIDES.items()}
     table = build_table(MODEL, TRAINED, results, measured)

@@ -205,7 +205,7 @@ class ContinuousBatcher:
         self.model.check_fits(len(ids))
         max_new = max(1, min(max_new_tokens, self.model.context_window - len(ids)))
         plan = self.model.plan
-        config = None if plan is None else plan.config_for(len(ids) + max_new)
+        config = None if plan is None else plan.config_for(len(ids) + max_new, not isinstance(prompt, str))
         generator = None
         if seed is not None and temperature >= MIN_SAMPLING_TEMPERATURE:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)

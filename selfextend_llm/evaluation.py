@@ -80,8 +80,11 @@ def scaled_rope_parameters(rope_parameters: dict[str, Any], scaled: dict[str, An
 
 
 @contextlib.contextmanager
-def using(se: SelfExtendModel, method: Method, length: int, factor: float = 4.0) -> Iterator[None]:
-    """Run ``se.model`` as ``method`` inside the block, for prompts of about ``length`` tokens.
+def using(
+    se: SelfExtendModel, method: Method, length: int, factor: float = 4.0, *, chat: bool = False
+) -> Iterator[None]:
+    """Run ``se.model`` as ``method`` inside the block, for prompts of about ``length`` tokens
+    (``chat``: asked through the chat template, so ``selfextend`` takes the table's chat entries).
 
     The RoPE-scaling baselines get ``factor``; YaRN's is raised to ``length / trained`` when that is
     larger: YaRN at a fixed x4 past 4x the window is not what anyone would run, and a baseline set up
@@ -107,7 +110,9 @@ def using(se: SelfExtendModel, method: Method, length: int, factor: float = 4.0)
             swapped = (parent, attr, rotary)
         elif method.name == "selfextend":
             chosen = (
-                se.plan.config_for(length) if se.plan is not None else choose_config(se.model_name, trained, length)
+                se.plan.config_for(length, chat)
+                if se.plan is not None
+                else choose_config(se.model_name, trained, length, chat=chat)
             )
             if chosen is not None:
                 hf_apply.apply(lm, chosen)
@@ -243,7 +248,7 @@ def task_grid(
         result.accuracy[method.name] = {}
         for n in lengths:
             cells = []
-            with using(se, method, n + 16):
+            with using(se, method, n + 16, chat=spec.needs_chat_template):
                 for di, depth in enumerate(depths):
                     items = [spec.make(se, n, depth, seed + 1000 * di + i) for i in range(prompts_per_cell)]
                     hits = 0

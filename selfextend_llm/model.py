@@ -71,6 +71,8 @@ class _Call:
     max_new: int
     stops: list[str]
     kwargs: dict[str, Any]
+    #: The prompts are chat messages (through the chat template): the table's chat entries apply.
+    chat: bool = False
 
 
 class ContextWindowExceededError(ValueError):
@@ -303,10 +305,10 @@ class SelfExtendModel:
             "context_window": self.context_window,
             "adaptive": self.adaptive,
             "settings_source": self.plan.source if self.plan is not None else "plain model (SelfExtend off)",
-            "table": [
-                (f"<= {e.upto:,}: " + ("plain" if e.config is None else _setting(e.config)))
-                for e in (self.plan.table.entries if self.plan is not None and self.plan.table else [])
-            ],
+            "table": _table_lines(self.plan.table.entries if self.plan is not None and self.plan.table else []),
+            "chat_table": _table_lines(
+                self.plan.table.chat_entries if self.plan is not None and self.plan.table else []
+            ),
             "device": str(self.device),
             "fast_generation": self.fast.describe(),
             "quantized_weights": _weights(self.model),
@@ -397,9 +399,9 @@ class SelfExtendModel:
         if config is not None:
             settings.config = config
 
-    def _configure_for(self, total_tokens: int) -> None:
+    def _configure_for(self, total_tokens: int, chat: bool = False) -> None:
         if self.plan is not None:
-            self.use_grouping(self.plan.config_for(total_tokens))
+            self.use_grouping(self.plan.config_for(total_tokens, chat))
 
     @functools.cached_property
     def eos_ids(self) -> frozenset[int]:
@@ -512,7 +514,8 @@ class SelfExtendModel:
                 self.constraint(response_format, tools=checked, must_call=must_call) for _ in encoded[1:]
             ]
             kwargs["logits_processor"] = [ConstrainedLogits(rows, ids.shape[1])]
-        return _Call(encoded, ids, mask, max_new, stops, kwargs)
+        chat = all(not isinstance(p, str) for p in prompts)
+        return _Call(encoded, ids, mask, max_new, stops, kwargs, chat)
 
     def constraint(
         self,
@@ -545,7 +548,7 @@ class SelfExtendModel:
     def _run(self, call: _Call, criteria: _StopCriteria, streamer: _RecordingStreamer | None = None) -> torch.Tensor:
         """Generate for a prepared call (the caller holds the lock): grouping for its length, then the
         generation, then the per-call grouped-key caches dropped whatever happened."""
-        self._configure_for(call.ids.shape[1] + call.max_new)
+        self._configure_for(call.ids.shape[1] + call.max_new, call.chat)
         try:
             with torch.inference_mode():
                 return self._generate(call.ids, call.mask, call.max_new, criteria, call.kwargs, streamer)
@@ -702,6 +705,10 @@ class _RecordingStreamer(TextIteratorStreamer):
         if not (self.skip_prompt and self.next_tokens_are_prompt):
             self.generated.extend(value.reshape(-1).tolist())
         super().put(value)
+
+
+def _table_lines(entries: Sequence[Any]) -> list[str]:
+    return [f"<= {e.upto:,}: " + ("plain" if e.config is None else _setting(e.config)) for e in entries]
 
 
 def _is_prompt_list(prompts: Any) -> bool:

@@ -44,14 +44,22 @@ def default_tasks(se: SelfExtendModel) -> list[str]:
     return ["passkey", "needle", "chat"] if chat else ["passkey", "needle"]
 
 
-def ranked_tasks(tasks: Sequence[str], length: int, trained: int) -> list[str]:
-    """The tasks a length's choice is ranked on: all of ``tasks``, except the chat pass key inside the
-    trained window.  There the model's own positions are exact and the table must keep plain's
-    perplexity; the settings that find chat pass keys there (windows of 256 tokens on the embedded
-    default, whose plain chat pass key is 0.15 at 4k) group almost the whole prompt."""
-    inside = length + ANSWER_MARGIN <= trained
-    kept = [t for t in tasks if not (inside and TASKS[t].needs_chat_template)]
-    return kept or list(tasks)
+def raw_tasks(tasks: Sequence[str]) -> list[str]:
+    """The tasks a length's main entry (raw prompts) is ranked on: all but the chat pass key (unless it
+    is the only task)."""
+    return [t for t in tasks if not TASKS[t].needs_chat_template] or list(tasks)
+
+
+def chat_tasks(tasks: Sequence[str], length: int, trained: int) -> list[str] | None:
+    """The tasks a length's chat entry is ranked on: the chat pass key first, then the others; None when
+    ``tasks`` has no chat task or the prompt fits the trained window.  Inside it the model's own
+    positions are exact and the table must keep plain's perplexity, and the settings that find chat
+    pass keys there (windows of 256 tokens on the embedded default, whose plain chat pass key is 0.15
+    at 4k) group almost the whole prompt; chat calls there take the main entry."""
+    chat = [t for t in tasks if TASKS[t].needs_chat_template]
+    if not chat or length <= trained:  # a prompt of the whole window: its answer's few tokens are past it
+        return None
+    return chat + [t for t in tasks if t not in chat]
 
 
 def candidates(trained: int, length: int, *, log: str = "on") -> list[SelfExtendConfig | None]:
@@ -91,13 +99,18 @@ def candidates(trained: int, length: int, *, log: str = "on") -> list[SelfExtend
 
 @dataclass
 class LengthResult:
-    """Accuracy per method and task at one length; ``prompts[method][task]`` how many prompts ran."""
+    """Accuracy per method and task at one length; ``prompts[method][task]`` how many prompts ran.
+
+    ``best``: the choice for raw prompts; ``best_chat``: for prompts through the chat template, where
+    it was ranked apart (see :func:`chat_tasks`), else empty.
+    """
 
     length: int
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
     prompts: dict[str, dict[str, int]] = field(default_factory=dict)
     best: str = ""
     seconds: float = 0.0
+    best_chat: str = ""
 
     def score(self, method: str, tasks: Sequence[str] | None = None) -> float:
         """Mean accuracy over ``tasks`` (default: every task ``method`` has; the search's objective),
@@ -152,12 +165,16 @@ class LengthResult:
 
     @classmethod
     def from_json(cls, data: dict) -> LengthResult:
-        return cls(int(data["length"]), data["accuracy"], data["prompts"], data.get("best", ""), data["seconds"])
+        return cls(
+            int(data["length"]), data["accuracy"], data["prompts"], data.get("best", ""), data["seconds"],
+            data.get("best_chat", ""),
+        )  # fmt: skip
 
     def to_json(self) -> dict:
         return {
             "length": self.length,
             "best": self.best,
+            **({"best_chat": self.best_chat} if self.best_chat else {}),
             "accuracy": self.accuracy,
             "prompts": self.prompts,
             "seconds": round(self.seconds, 1),
@@ -181,7 +198,7 @@ class _Runner:
             if (method.name, task, length, di, i) not in self.done
         ]
         if todo:
-            with using(self.se, method, length + ANSWER_MARGIN):
+            with using(self.se, method, length + ANSWER_MARGIN, chat=spec.needs_chat_template):
                 for b0 in range(0, len(todo), self.batch_size):
                     batch = todo[b0 : b0 + self.batch_size]
                     items = [spec.make(self.se, length, self.depths[di], self.seed + 1000 * di + i) for di, i in batch]
@@ -216,7 +233,8 @@ def search_length(
     """Two-stage search at one length.
 
     All ``settings`` on ``screen`` prompts a depth, then the best ``keep`` on ``prompts`` a depth,
-    ranked on :func:`ranked_tasks` (every task is measured and kept in the result).
+    ranked on :func:`raw_tasks`, and past the window also the best ``keep`` ranked on
+    :func:`chat_tasks` (the chat entry's choice); every task is measured and kept in the result.
     """
     start = time.perf_counter()
     result = LengthResult(length)
@@ -227,12 +245,17 @@ def search_length(
         result.accuracy[name] = {task: runner.run(method, task, length, per_depth) for task in tasks}
         result.prompts[name] = {task: per_depth * len(runner.depths) for task in tasks}
 
-    ranked = ranked_tasks(tasks, length, runner.se.pretrained_context)
+    raw, chat = raw_tasks(tasks), chat_tasks(tasks, length, runner.se.pretrained_context)
     for name in by_name:
         measure(name, min(screen, prompts))
-    for name in sorted(by_name, key=lambda m: result.rank_key(m, ranked))[:keep]:
+    finalists = sorted(by_name, key=lambda m: result.rank_key(m, raw))[:keep]
+    if chat is not None:
+        finalists += [m for m in sorted(by_name, key=lambda m: result.rank_key(m, chat))[:keep] if m not in finalists]
+    for name in finalists:
         measure(name, prompts)
-    result.best = result.choose(prompts * len(runner.depths), ranked)
+    full = prompts * len(runner.depths)
+    result.best = result.choose(full, raw)
+    result.best_chat = result.choose(full, chat) if chat is not None else ""
     for name in baselines:
         if name == "plain" and length + ANSWER_MARGIN > runner.se.pretrained_context:
             continue  # the plain model past its window is known to fail; not worth the time
@@ -300,8 +323,9 @@ def tune(
                 f"{MAX_MEASURED_GROUP} are not searched): drop that length"
             )
     per_prompt = len(tasks) * len(depth_list)
+    finalists = {n: 2 * keep if chat_tasks(tasks, n, trained) else keep for n in plan}  # at most
     total = sum(
-        per_prompt * (len(found) * min(screen, prompts) + min(keep, len(found)) * max(0, prompts - screen))
+        per_prompt * (len(found) * min(screen, prompts) + min(finalists[n], len(found)) * max(0, prompts - screen))
         + per_prompt * prompts * sum(b != "plain" or n + ANSWER_MARGIN <= trained for b in baselines)
         for n, found in plan.items()
     )
@@ -333,20 +357,30 @@ def tune(
 
 
 def build_table(model: str, trained: int, results: Sequence[LengthResult], measured: dict | None = None) -> TunedTable:
-    """One entry per length: its chosen setting, covering the lengths up to it (checked to reach them)."""
-    entries = []
+    """One entry per length: its chosen setting, covering the lengths up to it (checked to reach them).
+
+    Where some length has a chat choice (``best_chat``), the table gets chat entries too, one per
+    length (a length without one repeats its main entry, so chat calls of every length are covered).
+    """
+    entries, chat_entries = [], []
     for result in sorted(results, key=lambda r: r.length):
         best = result.best or result.choose(max(sum(p.values()) // len(p) for p in result.prompts.values()))
-        config = Method.parse(best).config
-        entries.append(TableEntry(result.length, config, dict(result.accuracy[best])))
-    return TunedTable(model, trained, entries, measured=dict(measured or {}))
+        entries.append(TableEntry(result.length, Method.parse(best).config, dict(result.accuracy[best])))
+        chat = result.best_chat or best
+        chat_entries.append(TableEntry(result.length, Method.parse(chat).config, dict(result.accuracy[chat])))
+    if not any(r.best_chat for r in results):
+        chat_entries = []
+    return TunedTable(model, trained, entries, measured=dict(measured or {}), chat_entries=chat_entries)
 
 
 def report(results: Sequence[LengthResult]) -> str:
-    """A markdown table: per length, the chosen setting and every baseline, each as pass key / needle."""
+    """A markdown table: per length, the chosen setting(s) and every baseline, with accuracy per task."""
     lines = ["| length | chosen | accuracy (per task) | baselines |", "|---|---|---|---|"]
     for r in results:
         chosen = ", ".join(f"{t} {a:.2f}" for t, a in r.accuracy[r.best].items())
+        if r.best_chat and r.best_chat != r.best:
+            chat = ", ".join(f"{t} {a:.2f}" for t, a in r.accuracy[r.best_chat].items())
+            chosen += f"; chat prompts: {r.best_chat}: {chat}"
         base = "; ".join(
             f"{m}: " + ", ".join(f"{a:.2f}" for a in r.accuracy[m].values())
             for m in r.accuracy

@@ -7,6 +7,11 @@ shipped for that model, else plain attention inside the trained window and the r
 beyond it.  :func:`plan` turns what a caller asked for (``load``'s or ``apply``'s arguments) into a
 :class:`Plan`; :meth:`Plan.config_for` gives the grouping of each call and :meth:`Plan.source_for`
 says where it came from.
+
+A table may hold a second list, for calls that go through the chat template (chat messages rather
+than a raw string): on the embedded default the settings that answer a document question asked
+that way are not those that complete raw text best (at 32k: G16 W256 finds 1.00 of the chat pass
+keys and G7 W2048 + log-scaled queries none, while the latter finds more raw needles).
 """
 
 from __future__ import annotations
@@ -64,14 +69,18 @@ class TunedTable:
     measured: dict[str, Any] = field(default_factory=dict)
     #: Where it was read from (``"shipped table"`` or ``"tuned file <path>"``); set by :func:`find_table`.
     source: str = "tuned"
+    #: Settings for calls through the chat template, where they were measured apart (past the trained
+    #: window); a chat call of a length they do not cover takes :attr:`entries` like any other.
+    chat_entries: list[TableEntry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.entries = sorted(self.entries, key=lambda e: e.upto)
+        self.chat_entries = sorted(self.chat_entries, key=lambda e: e.upto)
         self.check()
 
     def check(self) -> None:
         """Refuse entries that cannot reach their range: a hole would silently fall back to the rule of thumb."""
-        for entry in self.entries:
+        for entry in [*self.entries, *self.chat_entries]:
             if entry.upto < 1:
                 raise TableError(f"{self.model}: table entry upto={entry.upto} must be a positive token count")
             if entry.config is None:
@@ -93,16 +102,22 @@ class TunedTable:
 
     @property
     def longest(self) -> int:
-        return self.entries[-1].upto if self.entries else 0
+        return max((e.upto for e in [*self.entries, *self.chat_entries]), default=0)
 
-    def lookup(self, total_tokens: int, neighbor_window: int | None = None) -> TableEntry | None:
-        """The entry for a call of ``total_tokens``; None when the table does not cover it."""
-        for entry in self.entries:
-            if total_tokens > entry.upto:
-                continue
-            if entry.config is None or neighbor_window in (None, entry.config.neighbor_window):
-                return entry
+    def lookup(self, total_tokens: int, neighbor_window: int | None = None, *, chat: bool = False) -> TableEntry | None:
+        """The entry for a call of ``total_tokens`` (``chat``: through the chat template, which looks in
+        :attr:`chat_entries` first); None when the table does not cover it."""
+        lists = [self.chat_entries, self.entries] if chat else [self.entries]
+        for entries in lists:
+            for entry in entries:
+                if total_tokens > entry.upto:
+                    continue
+                if entry.config is None or neighbor_window in (None, entry.config.neighbor_window):
+                    return entry
         return None
+
+    def is_chat_entry(self, entry: TableEntry) -> bool:
+        return any(entry is e for e in self.chat_entries)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +125,7 @@ class TunedTable:
             "model": self.model,
             "pretrained_context": self.pretrained_context,
             "entries": [e.to_json() for e in self.entries],
+            **({"chat_entries": [e.to_json() for e in self.chat_entries]} if self.chat_entries else {}),
             "measured": self.measured,
         }
 
@@ -119,20 +135,22 @@ class TunedTable:
             raise TableError(
                 f"{source}: not a version-{TABLE_VERSION} SelfExtend table; re-create it with selfextend-llm tune"
             )
-        try:
-            entries = [
-                TableEntry(
-                    int(e["upto"]),
-                    None
-                    if e.get("plain")
-                    else SelfExtendConfig(int(e["group_size"]), int(e["neighbor_window"]), bool(e["log_scale"])),
-                    dict(e.get("accuracy", {})),
-                )
-                for e in data["entries"]
-            ]
-            return cls(
-                str(data["model"]), int(data["pretrained_context"]), entries, dict(data.get("measured", {})), source
+
+        def read(e: dict[str, Any]) -> TableEntry:
+            config = (
+                None
+                if e.get("plain")
+                else SelfExtendConfig(int(e["group_size"]), int(e["neighbor_window"]), bool(e["log_scale"]))
             )
+            return TableEntry(int(e["upto"]), config, dict(e.get("accuracy", {})))
+
+        try:
+            entries = [read(e) for e in data["entries"]]
+            chat = [read(e) for e in data.get("chat_entries", [])]
+            return cls(
+                str(data["model"]), int(data["pretrained_context"]), entries, dict(data.get("measured", {})), source,
+                chat,
+            )  # fmt: skip
         except (KeyError, TypeError) as err:
             raise TableError(f"{source}: malformed table ({err!r}); re-create it with selfextend-llm tune") from err
 
@@ -218,15 +236,17 @@ def choose_config(
     *,
     neighbor_window: int | None = None,
     table: TunedTable | None | bool = True,
+    chat: bool = False,
 ) -> SelfExtendConfig | None:
     """The grouping for a call of ``total_tokens`` (prompt plus new tokens); None means plain attention.
 
     ``table``: a :class:`TunedTable`, True to look one up for ``model_name`` (:func:`find_table`),
     or None/False for none.  A covered length takes the table's entry (on the embedded default,
     grouping beats the plain model inside its own window too).  Otherwise: plain inside the trained
-    window and the rule of thumb beyond it.
+    window and the rule of thumb beyond it.  ``chat``: the call goes through the chat template
+    (the table's chat entries, where it has them).
     """
-    return _choose(model_name, pretrained_context, total_tokens, neighbor_window, table)[0]
+    return _choose(model_name, pretrained_context, total_tokens, neighbor_window, table, chat)[0]
 
 
 def _choose(
@@ -235,13 +255,14 @@ def _choose(
     total_tokens: int,
     neighbor_window: int | None,
     table: TunedTable | None | bool,
+    chat: bool = False,
 ) -> tuple[SelfExtendConfig | None, str]:
     if table is True:
         table = find_table(model_name, pretrained_context)
     if isinstance(table, TunedTable):
-        entry = table.lookup(total_tokens, neighbor_window)
+        entry = table.lookup(total_tokens, neighbor_window, chat=chat)
         if entry is not None:
-            return entry.config, table.source
+            return entry.config, table.source + (", chat entry" if table.is_chat_entry(entry) else "")
     if total_tokens <= pretrained_context:
         return None, SOURCE_PLAIN
     return SelfExtendConfig.for_target(pretrained_context, total_tokens, neighbor_window=neighbor_window), SOURCE_RULE
@@ -265,17 +286,20 @@ class Plan:
     neighbor_window: int | None = None
     table: TunedTable | None = None
 
-    def config_for(self, total_tokens: int) -> SelfExtendConfig | None:
-        """The grouping for a call of ``total_tokens`` (prompt plus new tokens); None: exactly plain."""
+    def config_for(self, total_tokens: int, chat: bool = False) -> SelfExtendConfig | None:
+        """The grouping for a call of ``total_tokens`` (prompt plus new tokens); None: exactly plain.
+        ``chat``: the prompt went through the chat template (the table's chat entries apply)."""
         if not self.adaptive:
             return self.config
-        return _choose(self.model_name, self.pretrained_context, total_tokens, self.neighbor_window, self.table)[0]
+        args = (self.model_name, self.pretrained_context, total_tokens, self.neighbor_window, self.table, chat)
+        return _choose(*args)[0]
 
-    def source_for(self, total_tokens: int) -> str:
+    def source_for(self, total_tokens: int, chat: bool = False) -> str:
         """Where the grouping of such a call comes from: a tuned file, the shipped table, the rule of thumb..."""
         if not self.adaptive:
             return SOURCE_FIXED
-        return _choose(self.model_name, self.pretrained_context, total_tokens, self.neighbor_window, self.table)[1]
+        args = (self.model_name, self.pretrained_context, total_tokens, self.neighbor_window, self.table, chat)
+        return _choose(*args)[1]
 
     @property
     def source(self) -> str:

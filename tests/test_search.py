@@ -15,9 +15,10 @@ from selfextend_llm.search import (
     LengthResult,
     build_table,
     candidates,
+    chat_tasks,
     default_tasks,
     method_name,
-    ranked_tasks,
+    raw_tasks,
 )
 
 
@@ -49,12 +50,14 @@ def test_candidates_past_the_window_include_small_windows_and_large_groups():
     assert all(w >= 16 for _, w in {(c.group_size, c.neighbor_window) for c in candidates(128, 512)})
 
 
-def test_chat_is_a_default_task_with_a_template_and_is_ranked_on_past_the_window_only(default_model, monkeypatch):
+def test_chat_is_a_default_task_with_a_template_and_ranks_chat_entries_past_the_window(default_model, monkeypatch):
     assert default_tasks(default_model) == ["passkey", "needle", "chat"]
     three = ["passkey", "needle", "chat"]
-    assert ranked_tasks(three, 4096, 8192) == ["passkey", "needle"]  # inside: plain's perplexity matters there
-    assert ranked_tasks(three, 8192 - ANSWER_MARGIN + 1, 8192) == three  # the answer would pass the edge
-    assert ranked_tasks(["chat"], 4096, 8192) == ["chat"]  # asked for chat alone: ranked on it
+    assert raw_tasks(three) == ["passkey", "needle"] and raw_tasks(["chat"]) == ["chat"]
+    # inside the window (the whole window included) chat calls take the main entry: plain's perplexity matters
+    assert chat_tasks(three, 4096, 8192) is None and chat_tasks(three, 8192, 8192) is None
+    assert chat_tasks(three, 8193, 8192) == ["chat", "passkey", "needle"]  # the chat pass key first
+    assert chat_tasks(["passkey", "needle"], 16384, 8192) is None
     monkeypatch.setattr(default_model.tokenizer, "chat_template", None)
     assert default_tasks(default_model) == ["passkey", "needle"]
 
@@ -130,6 +133,16 @@ def test_merging_keeps_the_measurement_on_more_prompts_and_builds_a_reaching_tab
     far = LengthResult(65536, {"se:32,4096+log": {"passkey": 0.6}}, {"se:32,4096+log": {"passkey": 20}})
     table = build_table("m", 8192, [far, merged])
     assert [e.upto for e in table.entries] == [8192, 65536]
+    assert table.chat_entries == []  # no length was ranked for chat calls: no chat list
+    far.accuracy["se:24,256"], far.prompts["se:24,256"] = {"passkey": 0.85}, {"passkey": 20}
+    far.best, far.best_chat = "se:32,4096+log", "se:24,256"
+    table = build_table("m", 8192, [far, merged])
+    # one chat entry per length; a length without its own chat choice repeats its main entry
+    assert [(e.upto, e.config) for e in table.chat_entries] == [
+        (8192, table.entries[0].config),
+        (65536, SelfExtendConfig(24, 256)),
+    ]
+    assert LengthResult.from_json(far.to_json()).best_chat == "se:24,256"
     assert table.entries[1].config == SelfExtendConfig(32, 4096, True) and table.entries[1].accuracy == {"passkey": 0.6}
     assert method_name(table.entries[0].config) == "se:2,4096" and method_name(None) == "plain"
 
@@ -170,8 +183,15 @@ def test_tune_any_model_saves_a_table_that_load_and_info_use(tiny_folder, tmp_pa
     ] >= 300 + ANSWER_MARGIN
     per_length = json.loads((tmp_path / "cache" / "tuned" / "tiny-llama" / "300.json").read_text())
     assert "yarn" in per_length["accuracy"] and "plain" not in per_length["accuracy"]  # plain only in-window
-    # the tiny model has a chat template: the chat pass key is a default task
+    # the tiny model has a chat template: the chat pass key is a default task, and past the window it
+    # ranks a chat entry of its own
     assert per_length["prompts"][per_length["best"]] == {"passkey": 2, "needle": 2, "chat": 2}
+    assert (
+        per_length["best_chat"] in per_length["accuracy"]
+        and per_length["prompts"][per_length["best_chat"]]["chat"] == 2
+    )
+    assert [e["upto"] for e in table["chat_entries"]] == [100, 300]
+    assert table["chat_entries"][0] == table["entries"][0]  # inside the window chat calls take the main entry
 
     se = selfextend_llm.load(str(tiny_folder), device="cpu")
     info = se.describe()
@@ -252,3 +272,33 @@ def test_tune_scores_the_chat_task_when_asked(tiny_folder, tmp_path, monkeypatch
     assert set(result["accuracy"]["se:4,32"]) == {"passkey", "chat"}
     chats = [(p, n) for p, n in asked if isinstance(p, list)]
     assert len(chats) == 1 and chats[0][1] == 16 and chats[0][0][-1]["content"].endswith("What is the pass key?")
+
+
+def test_chat_calls_run_with_the_tables_chat_entry_and_raw_calls_with_the_main_one(tiny_folder, tmp_path, monkeypatch):
+    import selfextend_llm
+    from selfextend_llm.tuning import TableEntry, TunedTable, tuned_path
+
+    monkeypatch.setenv("SELFEXTEND_LLM_CACHE", str(tmp_path / "cache"))
+    raw_cfg, chat_cfg = SelfExtendConfig(4, 32), SelfExtendConfig(8, 16)
+    TunedTable("tiny-llama", 128, [TableEntry(400, raw_cfg)], chat_entries=[TableEntry(400, chat_cfg)]).save(
+        tuned_path("tiny-llama")
+    )
+    se = selfextend_llm.load(str(tiny_folder), device="cpu")
+    assert se.describe()["chat_table"] == ["<= 400: G8 W16"] and se.describe()["table"] == ["<= 400: G4 W32"]
+    used: list[SelfExtendConfig | None] = []
+    real = se.use_grouping
+    monkeypatch.setattr(se, "use_grouping", lambda cfg: (used.append(cfg), real(cfg))[1])
+    text = "word " * 150  # past the 128-token window
+    se.complete(text, max_new_tokens=2)
+    se.complete([{"role": "user", "content": text}], max_new_tokens=2)
+    list(se.stream([{"role": "user", "content": text}], max_new_tokens=2))
+    assert used == [raw_cfg, chat_cfg, chat_cfg]
+    # the continuous batcher (the server, concurrent framework calls) chooses the same way
+    batcher = se.batcher()
+    try:
+        chat_request = batcher.submit([{"role": "user", "content": text}], max_new_tokens=2)
+        raw_request = batcher.submit(text, max_new_tokens=2)
+        chat_request.result(), raw_request.result()
+    finally:
+        batcher.close()
+    assert chat_cfg in used[3:] and raw_cfg in used[3:]

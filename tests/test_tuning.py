@@ -66,20 +66,24 @@ def test_every_shipped_table_reaches_its_whole_range():
     for path in files:
         table = shipped_table(path.stem)
         assert table is not None and table.entries
-        low = 1
-        for entry in table.entries:
-            for total in range(low, entry.upto + 1, max(1, (entry.upto - low) // 50)):
-                assert table.lookup(total) is entry
-            if entry.config is None:
-                assert entry.upto <= table.pretrained_context
-            else:
-                assert entry.config.max_context(table.pretrained_context) >= entry.upto, (path.name, entry)
-            low = entry.upto + 1
+        for chat, entries in ((False, table.entries), (True, table.chat_entries)):
+            low = 1
+            for entry in entries:
+                for total in range(low, entry.upto + 1, max(1, (entry.upto - low) // 50)):
+                    assert table.lookup(total, chat=chat) is entry
+                if entry.config is None:
+                    assert entry.upto <= table.pretrained_context
+                else:
+                    assert entry.config.max_context(table.pretrained_context) >= entry.upto, (path.name, entry)
+                low = entry.upto + 1
     default = shipped_table("SmolLM2-135M-Instruct")
-    assert default.longest >= 131_072
+    assert default.longest >= 131_072 and default.chat_entries[-1].upto == default.entries[-1].upto
     for total in (100, 4_096, 8_000, 8_192, 8_193, 20_000, 40_000, 65_536, 100_000, 131_072):
-        cfg = default.lookup(total).config
-        assert cfg is None or cfg.max_context(8192) >= total
+        for chat in (False, True):
+            cfg = default.lookup(total, chat=chat).config
+            assert cfg is None or cfg.max_context(8192) >= total
+    # inside the trained window chat calls run as raw ones (plain's perplexity); past it they may differ
+    assert all(default.lookup(n, chat=True) == default.lookup(n) for n in (100, 4_096, 8_192))
 
 
 def test_table_refuses_entries_that_cannot_reach_and_bad_files(tmp_path):
@@ -106,6 +110,31 @@ def test_table_refuses_entries_that_cannot_reach_and_bad_files(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(TableError, match="not readable JSON"):
         read_table(tmp_path / "broken.json", "m", 8192)
+
+
+def test_chat_entries_serve_chat_calls_and_fall_back_to_the_main_entries(tmp_path):
+    from selfextend_llm.config import SelfExtendConfig
+    from selfextend_llm.tuning import SOURCE_SHIPPED, TableEntry, TableError, TunedTable, plan, read_table
+
+    main = [TableEntry(8_192, SelfExtendConfig(2, 4096)), TableEntry(16_384, SelfExtendConfig(6, 256))]
+    chat = [TableEntry(8_192, SelfExtendConfig(2, 4096)), TableEntry(12_288, SelfExtendConfig(8, 256))]
+    table = TunedTable("m", 8192, main, chat_entries=chat)
+    assert table.lookup(10_000).config == SelfExtendConfig(6, 256)
+    assert table.lookup(10_000, chat=True).config == SelfExtendConfig(8, 256)
+    assert table.lookup(14_000, chat=True).config == SelfExtendConfig(6, 256)  # past the chat entries: the main
+    assert table.longest == 16_384
+    again = read_table(table.save(tmp_path / "m.json"), "m", 8192)
+    assert again.chat_entries == chat and again.entries == main
+    assert "chat_entries" not in TunedTable("m", 8192, main).to_json()  # older readers see the same file
+    with pytest.raises(TableError, match="reaches 16128 tokens, short of its entry's 20000"):
+        TunedTable("m", 8192, main, chat_entries=[TableEntry(20_000, SelfExtendConfig(2, 256))])
+    table.source = SOURCE_SHIPPED
+    chosen = plan("m", 8192, tuned_table=table)
+    assert chosen.config_for(10_000, chat=True) == SelfExtendConfig(8, 256) != chosen.config_for(10_000)
+    assert chosen.source_for(10_000, chat=True) == f"{SOURCE_SHIPPED}, chat entry"
+    assert chosen.source_for(10_000) == chosen.source_for(14_000, chat=True) == SOURCE_SHIPPED
+    # an explicit window is kept for chat calls too: the chat entry of another window is skipped
+    assert plan("m", 8192, tuned_table=table, neighbor_window=256).config_for(5_000, chat=True).neighbor_window == 256
 
 
 def test_sources_tuned_file_beats_shipped_table_beats_rule_of_thumb(tmp_path, monkeypatch):
