@@ -8,8 +8,8 @@ The runs themselves (GPU, 20 prompts a cell for every finalist and baseline)::
     selfextend-llm tune ... --lengths 16384 --screen 4 --baselines --candidates se:12,1024 se:9,1024 ...
 
 This script merges every JSON under the model's run folders of ``results/tune/`` (:data:`RUNS`) length
-by length (where two runs measured the same setting, the one on more prompts counts), chooses each
-length's setting by the search's own rule (:meth:`LengthResult.choose`), and writes:
+by length and task by task (where two runs measured the same setting on a task, the one on more prompts
+counts), chooses each length's main and chat settings by the search's own rules (:func:`choose`), and writes:
 
 * ``selfextend_llm/tables/SmolLM2-135M-Instruct.json`` (``--write-table``): what ``load()`` ships;
 * ``results/tune/summary.md``: the chosen setting against plain, dynamic NTK and YaRN per length;
@@ -26,14 +26,10 @@ from selfextend_llm.evaluation import Method, _pyplot
 from selfextend_llm.search import LengthResult, build_table, chat_tasks, raw_tasks
 
 MODEL, TRAINED = "SmolLM2-135M-Instruct", 8192
-#: Entries set by hand over the search's choice, each with why.  (8,192, 16,384]: the search's G9 W1024
-#: (pass key 1.00, needle 0.40 at 16k) and the needle-leaning G6 W4096 (0.75 / 0.65) both miss the pass key
-#: of the LangChain agent example (chat template, ~10k tokens, tests/.../test_whole_document.py), which
-#: G12 W1024, shipped before for this range, finds (1.00 / 0.25 at 16k).  Calls between 8k and 16k are
-#: mostly 9k-12k documents, shorter than the 16k the grid measured.  The 12k row (measured in round 3) chose
-#: G6 W2048 (1.00 / 0.60 at 12k), and it too misses that example's pass key (checked with fp32 and with
-#: quantised weights): the grid's raw-completion prompts do not predict the chat-template case there, so
-#: (8k, 12k] keeps G12 W1024 as well (1.00 / 0.35 at 12k).
+#: Entries set by hand over the search's choice, each with why (none now).  Until round 6, (8k, 16k] held
+#: G12 W1024 by hand: the search's raw-prompt choices there missed the pass key of the LangChain agent example
+#: (chat template, ~10k tokens, tests/.../test_whole_document.py).  The chat task and the table's chat entries
+#: now measure and serve that case (the 12k chat entry, G8 W256, finds it), so the search decides everywhere.
 OVERRIDES: dict[int, str] = {}
 BASELINES = ["plain", "dynamic-ntk", "yarn"]
 #: The folders under ``results/tune/`` that hold this model's runs (others, e.g. ``gemma3_270m/``, are
