@@ -208,7 +208,7 @@ def test_default_model_decodes_natively_with_the_same_tokens(default_model, monk
     assert default_model.describe()["cpu_kernels"]["decode_step"]["native"] is True
     prompt = ("The grass is green. The sky is blue. The pass key is 41872. Remember it. " * 30) + "The pass key is"
     before = runner.steps
-    monkeypatch.setattr(type(default_model.plan), "config_for", lambda self, n: SelfExtendConfig(4, 128))
+    monkeypatch.setattr(type(default_model.plan), "config_for", lambda self, n, chat=False: SelfExtendConfig(4, 128))
     got = default_model.complete(prompt, max_new_tokens=12, temperature=0)  # grouped from 128 tokens on
     assert runner.steps - before == got.completion_tokens - 1
     with native.disabled():
