@@ -146,7 +146,8 @@ def _settings(methods: list[str] | None) -> list[SelfExtendConfig | None] | None
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    """Search G and W length by length on pass key and needle at once, and save the model's table.
+    """Search G and W length by length on pass key and needle at once (and the chat pass key, for the
+    table's chat entries, where the model has a chat template), and save the model's table.
 
     Tuning on the pass key alone picked, for the embedded model, a G that fails multi-key needles
     (twelve digits share a position); scoring the mean over tasks avoids settings that only know one trick.
@@ -295,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--tasks", nargs="+", choices=["passkey", "needle", "chat"],
         help="tasks to score on (mean accuracy over them; default: all three, chat only where the model has a "
-        "chat template); chat: the pass key asked through the chat template, ranked on past the window only",
+        "chat template); chat: the pass key asked through the chat template, which ranks the table's chat entries "
+        "(taken by chat calls past the window)",
     )  # fmt: skip
     tune.add_argument(
         "--log", choices=["on", "off", "both"], default="on", help="log-scaled queries past the window (default: on)"
