@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from selfextend_llm.evaluation import Method, _pyplot
-from selfextend_llm.search import LengthResult, build_table, chat_tasks, raw_tasks
+from selfextend_llm.search import LengthResult, build_table
 
 MODEL, TRAINED = "SmolLM2-135M-Instruct", 8192
 #: Entries set by hand over the search's choice, each with why (none now).  Until round 6, (8k, 16k] held
@@ -52,10 +52,8 @@ def measured_tasks(result: LengthResult) -> list[str]:
 
 def choose(result: LengthResult) -> None:
     """Set the length's main and chat choices by the search's own rules, over the merged runs."""
-    tasks = measured_tasks(result)
-    chat = chat_tasks(tasks, result.length, TRAINED)
-    result.best = OVERRIDES.get(result.length) or result.choose(FULL, raw_tasks(tasks))
-    result.best_chat = result.choose(FULL, chat) if chat is not None else ""
+    result.choose_entries(FULL, measured_tasks(result), TRAINED)
+    result.best = OVERRIDES.get(result.length) or result.best
 
 
 def merged_results(folder: Path) -> list[LengthResult]:

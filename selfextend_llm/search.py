@@ -149,6 +149,13 @@ class LengthResult:
             raise ValueError(f"no setting was measured on {full} prompts{on} at {self.length} tokens")
         return min(finalists, key=lambda m: self.rank_key(m, tasks))
 
+    def choose_entries(self, full: int, tasks: Sequence[str], trained: int) -> None:
+        """Set :attr:`best` (ranked on :func:`raw_tasks`) and :attr:`best_chat` (on :func:`chat_tasks`,
+        empty where it does not apply) from the settings measured on ``full`` prompts."""
+        chat = chat_tasks(tasks, self.length, trained)
+        self.best = self.choose(full, raw_tasks(tasks))
+        self.best_chat = self.choose(full, chat) if chat is not None else ""
+
     def merged(self, other: LengthResult) -> LengthResult:
         """Both runs' measurements at this length, task by task; where both measured a method on a
         task, the measurement on more prompts."""
@@ -253,9 +260,7 @@ def search_length(
         finalists += [m for m in sorted(by_name, key=lambda m: result.rank_key(m, chat))[:keep] if m not in finalists]
     for name in finalists:
         measure(name, prompts)
-    full = prompts * len(runner.depths)
-    result.best = result.choose(full, raw)
-    result.best_chat = result.choose(full, chat) if chat is not None else ""
+    result.choose_entries(prompts * len(runner.depths), tasks, runner.se.pretrained_context)
     for name in baselines:
         if name == "plain" and length + ANSWER_MARGIN > runner.se.pretrained_context:
             continue  # the plain model past its window is known to fail; not worth the time
