@@ -313,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tune.add_argument("--save", help="table file to write (default: <cache>/tuned/<model name>.json, found by load())")
     tune.add_argument("--no-save", action="store_true", help="print the table only")
-    tune.add_argument("--out-dir", help="per-length results (default: beside the table); a cut-off run resumes")
+    tune.add_argument(
+        "--out-dir",
+        help="per-length results and the journal of every prompt scored (default: beside the table); "
+        "a run cut off, even mid-length, resumes from it",
+    )
     tune.set_defaults(func=cmd_tune)
     srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (chat and completions)")
     srv.add_argument("--host", default="127.0.0.1")

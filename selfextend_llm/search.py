@@ -188,12 +188,68 @@ class LengthResult:
         }
 
 
-class _Runner:
-    """Runs (method, task, depth, prompt index) cells once each and remembers the outcome."""
+#: File in ``out_dir`` where :class:`_Runner` appends every prompt's outcome as it is scored.
+JOURNAL = "cells.jsonl"
 
-    def __init__(self, se: SelfExtendModel, depths: Sequence[float], seed: int, batch_size: int, bar) -> None:
+
+class _Runner:
+    """Runs (method, task, length, depth, prompt index) cells once each and remembers the outcome.
+
+    With a ``journal`` file, every batch's outcomes are appended (and flushed) as soon as they are
+    scored, and the outcomes already there are read back first: a search killed in the middle of a
+    length (a time limit, a lost machine) loses at most one batch, not the length's whole search.
+    Lines are keyed by model, device kind, dtype, seed and depth too, so a journal shared by runs with other
+    settings is never mixed up with this one.
+    """
+
+    def __init__(
+        self, se: SelfExtendModel, depths: Sequence[float], seed: int, batch_size: int, bar,
+        journal: str | Path | None = None,
+    ) -> None:  # fmt: skip
         self.se, self.depths, self.seed, self.batch_size, self.bar = se, list(depths), seed, batch_size, bar
         self.done: dict[tuple[str, str, int, int, int], bool] = {}
+        self.shown: set[tuple[str, str, int, int, int]] = set()  # cells the progress bar has counted
+        self.journal = Path(journal) if journal is not None else None
+        self._run_key = {
+            "model": se.model_name,
+            "device": se.device.type,
+            "dtype": str(next(se.model.parameters()).dtype).replace("torch.", ""),
+            "seed": seed,
+        }
+        self.resumed = self._read_journal()
+
+    def _read_journal(self) -> int:
+        """Outcomes of this run's cells already in the journal (a torn last line is skipped)."""
+        if self.journal is None or not self.journal.is_file():
+            return 0
+        depth_index = {round(d, 6): di for di, d in enumerate(self.depths)}
+        found = 0
+        for line in self.journal.read_text().splitlines():
+            try:
+                cell = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the process died while writing this line
+            if any(cell.get(k) != v for k, v in self._run_key.items()):
+                continue
+            di = depth_index.get(round(cell["depth"], 6))
+            if di is not None:
+                self.done[(cell["method"], cell["task"], cell["length"], di, cell["prompt"])] = bool(cell["hit"])
+                found += 1
+        return found
+
+    def _write_journal(self, cells: list[tuple[str, str, int, int, int]]) -> None:
+        if self.journal is None:
+            return
+        lines = [
+            json.dumps({
+                **self._run_key, "method": m, "task": t, "length": n, "depth": round(self.depths[di], 6),
+                "prompt": i, "hit": self.done[(m, t, n, di, i)],
+            })
+            for m, t, n, di, i in cells
+        ]  # fmt: skip
+        with self.journal.open("a") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
 
     def run(self, method: Method, task: str, length: int, per_depth: int) -> float:
         """Accuracy of ``method`` on the first ``per_depth`` prompts of every depth (seeds as :func:`task_grid`)."""
@@ -204,6 +260,14 @@ class _Runner:
             for i in range(per_depth)
             if (method.name, task, length, di, i) not in self.done
         ]
+        resumed = [
+            (method.name, task, length, di, i)
+            for di in range(len(self.depths))
+            for i in range(per_depth)
+            if (method.name, task, length, di, i) in self.done and (method.name, task, length, di, i) not in self.shown
+        ]
+        self.shown.update(resumed)
+        self.bar.update(len(resumed))  # read back from the journal: the bar's total counts them
         if todo:
             with using(self.se, method, length + ANSWER_MARGIN, chat=spec.needs_chat_template):
                 for b0 in range(0, len(todo), self.batch_size):
@@ -212,6 +276,9 @@ class _Runner:
                     answers = generate_raw(self.se, [text for text, _ in items], spec.new_tokens)
                     for (di, i), (_, expected), answer in zip(batch, items, answers, strict=True):
                         self.done[(method.name, task, length, di, i)] = expected in answer
+                    cells = [(method.name, task, length, di, i) for di, i in batch]
+                    self._write_journal(cells)
+                    self.shown.update(cells)
                     self.bar.update(len(batch))
         hits = [
             self.done[(method.name, task, length, di, i)] for di in range(len(self.depths)) for i in range(per_depth)
@@ -289,8 +356,9 @@ def tune(
 ) -> tuple[TunedTable, list[LengthResult]]:
     """Search every length and build the model's table; ``out_dir`` keeps one JSON per length as it finishes.
 
-    A length whose JSON is already in ``out_dir`` is read back, not re-run, so a search that was
-    cut off resumes where it stopped.  ``settings`` replaces the generated candidates (each length
+    A length whose JSON is already in ``out_dir`` is read back, not re-run, and every prompt's outcome
+    is journalled there as it is scored (:data:`JOURNAL`), so a search that was cut off, even in the
+    middle of a length, resumes where it stopped.  ``settings`` replaces the generated candidates (each length
     keeps those that reach it; None stands for plain and is kept inside the window only).
     ``tasks``: default :func:`default_tasks` (the chat pass key too where the model has a chat template).
     """
@@ -335,7 +403,7 @@ def tune(
         for n, found in plan.items()
     )
     bar = tqdm(total=total, desc="tune", disable=not progress)
-    runner = _Runner(se, depth_list, seed, batch_size, bar)
+    runner = _Runner(se, depth_list, seed, batch_size, bar, journal=out / JOURNAL if out is not None else None)
     results: list[LengthResult] = []
     for n, found in plan.items():
         path = out / f"{n}.json" if out is not None else None

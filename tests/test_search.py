@@ -302,3 +302,53 @@ def test_chat_calls_run_with_the_tables_chat_entry_and_raw_calls_with_the_main_o
     finally:
         batcher.close()
     assert chat_cfg in used[3:] and raw_cfg in used[3:]
+
+
+def test_a_search_cut_off_mid_length_resumes_from_its_journal(tiny_folder, tmp_path, monkeypatch):
+    """A killed run (time limit, lost machine) keeps every prompt it scored: the rerun generates only the
+    rest and ends with the same result as a run that was never cut off."""
+    import selfextend_llm
+    from selfextend_llm import search
+
+    se = selfextend_llm.load(str(tiny_folder), device="cpu")
+    real = search.generate_raw
+    asked: list[object] = []
+
+    def spy(se, prompts, max_new_tokens):
+        if limit is not None and len(asked) >= limit:
+            raise RuntimeError("the machine was taken back")
+        asked.extend(prompts)
+        return real(se, prompts, max_new_tokens)
+
+    monkeypatch.setattr(search, "generate_raw", spy)
+    kw = dict(tasks=["passkey", "needle"], depths=2, prompts=2, screen=1, keep=1, progress=False, batch_size=1)
+    kw["settings"] = [SelfExtendConfig(4, 32), SelfExtendConfig(8, 16)]
+
+    limit = None
+    _, (whole,) = search.tune(se, [300], out_dir=tmp_path / "whole", **kw)
+    n_whole = len(asked)
+    assert n_whole == 2 * 2 * 2 + 1 * 2 * 2 * 1  # screen: 2 settings x 2 tasks x 2 depths; then 1 kept x 2 more
+
+    asked.clear()
+    limit = 5
+    with pytest.raises(RuntimeError, match="taken back"):
+        search.tune(se, [300], out_dir=tmp_path / "cut", **kw)
+    journal = tmp_path / "cut" / search.JOURNAL
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert len(lines) == 5 and not (tmp_path / "cut" / "300.json").exists()
+    assert {(c["model"], c["device"], c["dtype"], c["seed"]) for c in lines} == {("tiny-llama", "cpu", "float32", 0)}
+
+    asked.clear()
+    limit = None
+    journal.write_text(journal.read_text() + '{"model": "tiny-llama", "meth')  # a line torn by the kill
+    _, (resumed,) = search.tune(se, [300], out_dir=tmp_path / "cut", **kw)
+    assert len(asked) == n_whole - 5
+    assert (resumed.accuracy, resumed.prompts, resumed.best) == (whole.accuracy, whole.prompts, whole.best)
+
+    # another seed shares the folder but none of its cells
+    asked.clear()
+    search.tune(se, [300], out_dir=tmp_path / "cut2", **kw)  # fresh folder: all cells
+    (tmp_path / "cut2" / "300.json").unlink()
+    asked.clear()
+    search.tune(se, [300], out_dir=tmp_path / "cut2", seed=1, **kw)
+    assert len(asked) == n_whole
