@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import SelfExtendConfig
+from .config import PERPLEXITY_TOLERANCE, SelfExtendConfig
 
 
 def _load(args: argparse.Namespace, **overrides):
@@ -164,13 +164,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if bad:
         print(f"error: lengths must be token counts of at least 16, got {bad}", file=sys.stderr)
         return 2
+    texts = None
+    if args.perplexity_text:
+        missing = [f for f in args.perplexity_text if not Path(f).is_file()]
+        if missing:
+            print(f"error: perplexity text(s) not found: {missing}", file=sys.stderr)
+            return 2
+        texts = {f: Path(f).read_text(encoding="utf-8", errors="replace") for f in args.perplexity_text}
     save = None if args.no_save else Path(args.save) if args.save else tuned_path(model.model_name)
     out_dir = Path(args.out_dir) if args.out_dir else (save.with_suffix("") if save else None)
     try:
         table, results = tune(
             model, lengths, tasks=args.tasks, depths=args.depths, prompts=args.prompts, screen=args.screen,
             keep=args.keep, log=args.log, baselines=args.baselines, seed=args.seed, batch_size=args.batch_size,
-            out_dir=out_dir, settings=_settings(args.candidates),
+            out_dir=out_dir, settings=_settings(args.candidates), perplexity_texts=texts,
+            perplexity_tolerance=None if args.no_perplexity_guard else args.perplexity_tolerance,
         )  # fmt: skip
     except (ValueError, TableError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -313,6 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tune.add_argument("--save", help="table file to write (default: <cache>/tuned/<model name>.json, found by load())")
     tune.add_argument("--no-save", action="store_true", help="print the table only")
+    tune.add_argument(
+        "--perplexity-text",
+        nargs="+",
+        metavar="FILE",
+        help="texts the in-window perplexity guard reads (default: the CPython reference, pydoc_data); inside the "
+        "trained window a setting more than --perplexity-tolerance above plain on any of them is not chosen",
+    )
+    tune.add_argument(
+        "--perplexity-tolerance",
+        type=float,
+        default=PERPLEXITY_TOLERANCE,
+        help=f"how far above plain's perplexity an in-window setting may go (default: {PERPLEXITY_TOLERANCE})",
+    )
+    tune.add_argument("--no-perplexity-guard", action="store_true", help="rank in-window lengths on accuracy alone")
     tune.add_argument(
         "--out-dir",
         help="per-length results and the journal of every prompt scored (default: beside the table); "

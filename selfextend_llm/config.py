@@ -16,6 +16,9 @@ GROUPED_BUDGET = 0.6
 #: to 17; 64 leaves room for models with short trained windows, and past it one grouped position would
 #: stand for more tokens than any setting was ever checked with, so such targets are refused, not guessed.
 MAX_MEASURED_GROUP = 64
+#: How far above the plain model's perplexity a tuned setting may go inside the trained window, where the
+#: model's own positions are exact (``tune``'s perplexity guard; issue 17's target).
+PERPLEXITY_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)

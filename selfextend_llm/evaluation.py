@@ -281,6 +281,28 @@ def passkey_grid(se: SelfExtendModel, lengths, depths, methods, prompts_per_cell
     return task_grid(se, "passkey", lengths, depths, methods, prompts_per_cell, **kwargs)
 
 
+def perplexity(se: SelfExtendModel, ids: Sequence[int], method: Method) -> float:
+    """Perplexity of the token ids ``ids`` under ``method`` (one teacher-forced pass over all of them)."""
+    x = torch.tensor([list(ids)], device=se.device)
+    with using(se, method, len(ids)), torch.inference_mode():
+        loss = se.model(x, labels=x).loss
+    return float(torch.exp(loss.float()))
+
+
+def default_perplexity_text() -> tuple[str, str]:
+    """(name, text) of the text the tuning's in-window perplexity guard reads by default: the CPython
+    language reference shipped with every Python (``pydoc_data.topics``, topics sorted and joined;
+    prose with code, ~100k tokens), so no download is needed."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as err:  # some distributions strip pydoc_data
+        raise ValueError(
+            "this Python has no pydoc_data (the default perplexity text): pass a text file with "
+            "--perplexity-text FILE, or --no-perplexity-guard"
+        ) from err
+    return "pydoc_data.topics", "\n\n".join(topics[k] for k in sorted(topics))
+
+
 def perplexity_curve(
     se: SelfExtendModel, text: str, lengths: Sequence[int], methods: Sequence[Method], progress: bool = True
 ) -> dict[str, dict[int, float]]:
@@ -296,10 +318,7 @@ def perplexity_curve(
     for method in methods:
         curve[method.name] = {}
         for n in usable:
-            x = torch.tensor([ids[:n]], device=se.device)
-            with using(se, method, n), torch.inference_mode():
-                loss = se.model(x, labels=x).loss
-            curve[method.name][n] = float(torch.exp(loss.float()))
+            curve[method.name][n] = perplexity(se, ids[:n], method)
             bar.update(1)
     bar.close()
     return curve

@@ -20,8 +20,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import MAX_MEASURED_GROUP, SelfExtendConfig
-from .evaluation import TASKS, Method, check_tasks, default_depths, generate_raw, using
+from .config import MAX_MEASURED_GROUP, PERPLEXITY_TOLERANCE, SelfExtendConfig
+from .evaluation import (
+    TASKS,
+    Method,
+    check_tasks,
+    default_depths,
+    default_perplexity_text,
+    generate_raw,
+    perplexity,
+    using,
+)
 from .model import SelfExtendModel
 from .tuning import TableEntry, TunedTable, shipped_table
 
@@ -111,6 +120,19 @@ class LengthResult:
     best: str = ""
     seconds: float = 0.0
     best_chat: str = ""
+    #: ``perplexity[method][text]`` inside the trained window (the guard, :class:`PerplexityGuard`).
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: The guard's tolerance over plain; None where no guard ran (past the window, or turned off).
+    perplexity_tolerance: float | None = None
+
+    def keeps_perplexity(self, method: str) -> bool:
+        """Whether ``method`` passes the length's perplexity guard: no guard ran here, or it was measured
+        on every text of the guard and is within the tolerance of plain on each.  A setting the guard
+        did not measure does not pass (nothing unmeasured is chosen where the guard ran)."""
+        if self.perplexity_tolerance is None or "plain" not in self.perplexity or method == "plain":
+            return True
+        base, mine = self.perplexity["plain"], self.perplexity.get(method, {})
+        return all(t in mine and mine[t] <= base[t] + self.perplexity_tolerance for t in base)
 
     def score(self, method: str, tasks: Sequence[str] | None = None) -> float:
         """Mean accuracy over ``tasks`` (default: every task ``method`` has; the search's objective),
@@ -143,10 +165,12 @@ class LengthResult:
             wanted = counts if tasks is None else {t: counts.get(t, 0) for t in tasks}
             return (m == "plain" or m.startswith("se:")) and min(wanted.values()) >= full
 
-        finalists = [m for m in self.accuracy if finalist(m)]
+        measured = [m for m in self.accuracy if finalist(m)]
+        finalists = [m for m in measured if self.keeps_perplexity(m)]
         if not finalists:
             on = "" if tasks is None else f" on every task of {', '.join(tasks)}"
-            raise ValueError(f"no setting was measured on {full} prompts{on} at {self.length} tokens")
+            kept = f" and within the perplexity guard ({', '.join(measured)} are above it)" if measured else ""
+            raise ValueError(f"no setting was measured on {full} prompts{on}{kept} at {self.length} tokens")
         return min(finalists, key=lambda m: self.rank_key(m, tasks))
 
     def choose_entries(self, full: int, tasks: Sequence[str], trained: int) -> None:
@@ -168,13 +192,20 @@ class LengthResult:
             for task, value in measured.items():
                 if other.prompts[method][task] > counts.get(task, 0):
                     acc[task], counts[task] = value, other.prompts[method][task]
-        return LengthResult(self.length, accuracy, prompts, "", self.seconds + other.seconds)
+        ppl = {m: dict(by_text) for m, by_text in self.perplexity.items()}
+        for method, by_text in other.perplexity.items():
+            ppl.setdefault(method, {}).update(by_text)
+        tolerance = self.perplexity_tolerance if self.perplexity_tolerance is not None else other.perplexity_tolerance
+        return LengthResult(
+            self.length, accuracy, prompts, "", self.seconds + other.seconds, perplexity=ppl,
+            perplexity_tolerance=tolerance,
+        )  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict) -> LengthResult:
         return cls(
             int(data["length"]), data["accuracy"], data["prompts"], data.get("best", ""), data["seconds"],
-            data.get("best_chat", ""),
+            data.get("best_chat", ""), data.get("perplexity", {}), data.get("perplexity_tolerance"),
         )  # fmt: skip
 
     def to_json(self) -> dict:
@@ -185,6 +216,8 @@ class LengthResult:
             "accuracy": self.accuracy,
             "prompts": self.prompts,
             "seconds": round(self.seconds, 1),
+            **({"perplexity": self.perplexity} if self.perplexity else {}),
+            **({"perplexity_tolerance": self.perplexity_tolerance} if self.perplexity_tolerance is not None else {}),
         }
 
 
@@ -286,6 +319,46 @@ class _Runner:
         return sum(hits) / len(hits)
 
 
+@dataclass
+class PerplexityGuard:
+    """Inside the trained window a setting must keep the plain model's perplexity.
+
+    There the model's own positions are exact, and grouping the far part of a prompt can raise its
+    perplexity on one text while it lowers it on another (the embedded default at 8k, G2 W4096: 0.14
+    above plain on one join of the CPython reference, below on two other texts), so a setting chosen on
+    retrieval tasks alone may cost every in-window prompt a little.  The guard measures plain and every
+    finalist on the first ``n`` tokens of each text and rules out any setting more than ``tolerance``
+    above plain on any of them; plain itself always passes, so an in-window length can always fall back.
+    """
+
+    texts: dict[str, list[int]]  # name -> token ids
+    tolerance: float = PERPLEXITY_TOLERANCE
+
+    @classmethod
+    def from_texts(
+        cls, se: SelfExtendModel, texts: dict[str, str] | None, tolerance: float, longest: int
+    ) -> PerplexityGuard:
+        """Tokenise ``texts`` (default :func:`default_perplexity_text`), each checked to hold ``longest`` tokens."""
+        if not tolerance >= 0:
+            raise ValueError(f"the perplexity tolerance must be 0 or more, got {tolerance}")
+        if texts is None:
+            name, text = default_perplexity_text()
+            texts = {name: text}
+        if not texts:
+            raise ValueError("give at least one perplexity text, or turn the guard off")
+        ids = {name: se.encode(text) for name, text in texts.items()}
+        short = {name: len(i) for name, i in ids.items() if len(i) < longest}
+        if short:
+            raise ValueError(
+                f"the perplexity text(s) {short} (tokens) are shorter than the longest in-window length, {longest}: "
+                "give a longer text or drop that length"
+            )
+        return cls(ids, tolerance)
+
+    def measure(self, se: SelfExtendModel, method: str, length: int) -> dict[str, float]:
+        return {name: perplexity(se, ids[:length], Method.parse(method)) for name, ids in self.texts.items()}
+
+
 def _preference(config: SelfExtendConfig | None) -> tuple:
     """Among equal scores: plain first (exactly the model), then the wider window, then the smaller G."""
     if config is None:
@@ -303,12 +376,15 @@ def search_length(
     screen: int,
     keep: int,
     baselines: Sequence[str],
+    guard: PerplexityGuard | None = None,
 ) -> LengthResult:
     """Two-stage search at one length.
 
     All ``settings`` on ``screen`` prompts a depth, then the best ``keep`` on ``prompts`` a depth,
     ranked on :func:`raw_tasks`, and past the window also the best ``keep`` ranked on
     :func:`chat_tasks` (the chat entry's choice); every task is measured and kept in the result.
+    Inside the window, with a ``guard``, plain is a finalist too and the finalists' perplexity is
+    measured: one above the guard is never chosen (:meth:`LengthResult.keeps_perplexity`).
     """
     start = time.perf_counter()
     result = LengthResult(length)
@@ -325,8 +401,16 @@ def search_length(
     finalists = sorted(by_name, key=lambda m: result.rank_key(m, raw))[:keep]
     if chat is not None:
         finalists += [m for m in sorted(by_name, key=lambda m: result.rank_key(m, chat))[:keep] if m not in finalists]
+    guarded = guard is not None and length <= runner.se.pretrained_context
+    if guarded and "plain" not in finalists:
+        finalists.append("plain")  # what an in-window length falls back to when the guard rules the others out
     for name in finalists:
         measure(name, prompts)
+    if guarded:
+        for name in finalists:
+            runner.bar.set_postfix_str(f"{length}: perplexity of {name}")
+            result.perplexity[name] = guard.measure(runner.se, name, length)
+        result.perplexity_tolerance = guard.tolerance
     result.choose_entries(prompts * len(runner.depths), tasks, runner.se.pretrained_context)
     for name in baselines:
         if name == "plain" and length + ANSWER_MARGIN > runner.se.pretrained_context:
@@ -351,6 +435,8 @@ def tune(
     seed: int = 0,
     batch_size: int = 4,
     out_dir: str | Path | None = None,
+    perplexity_texts: dict[str, str] | None = None,
+    perplexity_tolerance: float | None = PERPLEXITY_TOLERANCE,
     progress: bool = True,
     on_length: Callable[[LengthResult], None] | None = None,
 ) -> tuple[TunedTable, list[LengthResult]]:
@@ -361,6 +447,9 @@ def tune(
     middle of a length, resumes where it stopped.  ``settings`` replaces the generated candidates (each length
     keeps those that reach it; None stands for plain and is kept inside the window only).
     ``tasks``: default :func:`default_tasks` (the chat pass key too where the model has a chat template).
+    Lengths inside the trained window are guarded on perplexity (:class:`PerplexityGuard`) over
+    ``perplexity_texts`` (name -> text; default the CPython reference), ``perplexity_tolerance`` above
+    plain at most; None turns the guard off.
     """
     from tqdm.auto import tqdm
 
@@ -395,8 +484,16 @@ def tune(
                 f"no setting reaches {n} tokens on a model trained on {trained} (group sizes above "
                 f"{MAX_MEASURED_GROUP} are not searched): drop that length"
             )
+    inside = [n for n in plan if n <= trained]
+    guard = (
+        PerplexityGuard.from_texts(se, perplexity_texts, perplexity_tolerance, max(inside))
+        if perplexity_tolerance is not None and inside
+        else None
+    )
     per_prompt = len(tasks) * len(depth_list)
-    finalists = {n: 2 * keep if chat_tasks(tasks, n, trained) else keep for n in plan}  # at most
+    finalists = {  # at most; guarded lengths add plain
+        n: (2 * keep if chat_tasks(tasks, n, trained) else keep) + (guard is not None and n <= trained) for n in plan
+    }
     total = sum(
         per_prompt * (len(found) * min(screen, prompts) + min(finalists[n], len(found)) * max(0, prompts - screen))
         + per_prompt * prompts * sum(b != "plain" or n + ANSWER_MARGIN <= trained for b in baselines)
@@ -411,8 +508,9 @@ def tune(
             result = LengthResult.from_json(json.loads(path.read_text()))
         else:
             result = search_length(
-                runner, n, found, tasks=tasks, prompts=prompts, screen=screen, keep=keep, baselines=baselines
-            )
+                runner, n, found, tasks=tasks, prompts=prompts, screen=screen, keep=keep, baselines=baselines,
+                guard=guard,
+            )  # fmt: skip
             if path is not None:
                 path.write_text(json.dumps(result.to_json(), indent=1))
         results.append(result)
@@ -451,6 +549,9 @@ def report(results: Sequence[LengthResult]) -> str:
     lines = ["| length | chosen | accuracy (per task) | baselines |", "|---|---|---|---|"]
     for r in results:
         chosen = ", ".join(f"{t} {a:.2f}" for t, a in r.accuracy[r.best].items())
+        if r.best in r.perplexity and "plain" in r.perplexity:
+            ppl = ", ".join(f"{r.perplexity[r.best][t]:.2f} (plain {p:.2f})" for t, p in r.perplexity["plain"].items())
+            chosen += f"; perplexity {ppl}"
         if r.best_chat and r.best_chat != r.best:
             chat = ", ".join(f"{t} {a:.2f}" for t, a in r.accuracy[r.best_chat].items())
             chosen += f"; chat prompts: {r.best_chat}: {chat}"

@@ -352,3 +352,78 @@ def test_a_search_cut_off_mid_length_resumes_from_its_journal(tiny_folder, tmp_p
     asked.clear()
     search.tune(se, [300], out_dir=tmp_path / "cut2", seed=1, **kw)
     assert len(asked) == n_whole
+
+
+def test_the_perplexity_guard_rules_out_in_window_settings_above_plain_on_any_text():
+    both = {"passkey": 20, "needle": 20}
+    r = LengthResult(
+        8192,
+        accuracy={
+            "plain": {"passkey": 0.4, "needle": 0.4},
+            "se:2,4096": {"passkey": 0.95, "needle": 0.65},  # best on accuracy, 0.14 above plain on one text
+            "se:2,6144": {"passkey": 0.6, "needle": 0.55},
+            "se:3,7168": {"passkey": 0.55, "needle": 0.5},
+            "se:4,2048": {"passkey": 1.0, "needle": 1.0},  # never measured by the guard: not chosen
+        },
+        prompts={m: both for m in ("plain", "se:2,4096", "se:2,6144", "se:3,7168", "se:4,2048")},
+        perplexity={
+            "plain": {"prose": 10.27, "code": 3.10},
+            "se:2,4096": {"prose": 10.41, "code": 3.05},
+            "se:2,6144": {"prose": 10.275, "code": 3.10},
+            "se:3,7168": {"prose": 10.27, "code": 3.09},
+        },
+        perplexity_tolerance=0.01,
+    )
+    assert [m for m in r.accuracy if r.keeps_perplexity(m)] == ["plain", "se:2,6144", "se:3,7168"]
+    assert r.choose(20) == "se:2,6144"
+    again = LengthResult.from_json(json.loads(json.dumps(r.to_json())))
+    assert (again.perplexity, again.perplexity_tolerance, again.choose(20)) == (r.perplexity, 0.01, "se:2,6144")
+    r.perplexity["se:2,6144"]["code"] = 3.2  # above plain on the second text only
+    r.perplexity["se:3,7168"]["prose"] = 10.3
+    assert r.choose(20) == "plain"  # plain always passes: an in-window length can fall back to it
+    del r.accuracy["plain"]
+    with pytest.raises(ValueError, match=r"within the perplexity guard \(se:2,4096, se:2,6144, se:3,7168, se:4,2048"):
+        r.choose(20)
+    # a run without the guard (past the window, or turned off) ranks on accuracy alone, and merging
+    # a guard-only measurement into it brings the guard along
+    plain_run = LengthResult(8192, accuracy={m: a for m, a in r.accuracy.items()}, prompts=dict(r.prompts))
+    assert plain_run.choose(20) == "se:4,2048"
+    guard_only = LengthResult(8192, perplexity={"plain": {"prose": 10.27}, "se:2,6144": {"prose": 10.27}})
+    guard_only.perplexity_tolerance = 0.01
+    merged = plain_run.merged(guard_only)
+    assert merged.perplexity_tolerance == 0.01 and merged.choose(20) == "se:2,6144"
+
+
+def test_tune_guards_in_window_lengths_on_perplexity(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Inside the window ``tune`` measures plain and the finalists on the guard's texts and never picks a
+    setting above plain there; past the window no guard runs; bad guard input is refused with what to change."""
+    import selfextend_llm
+    from selfextend_llm import search
+    from selfextend_llm.cli import main
+
+    se = selfextend_llm.load(str(tiny_folder), device="cpu")
+    text = " ".join(f"word{i % 97} and then some more words" for i in range(400))
+    kw = dict(tasks=["passkey"], depths=1, prompts=1, keep=2, progress=False, perplexity_texts={"t": text})
+    kw["settings"] = [None, SelfExtendConfig(4, 16), SelfExtendConfig(2, 32)]
+    _, (inside, past) = search.tune(se, [100, 300], **kw)
+    assert inside.perplexity_tolerance == 0.01 and set(inside.perplexity) >= {"plain", inside.best}
+    ppl = inside.perplexity
+    for m in ppl:  # the guard's figures are the model's real perplexity on the text's first 100 tokens
+        ids = se.encode(text)[:100]
+        assert ppl[m]["t"] == pytest.approx(search.perplexity(se, ids, search.Method.parse(m)), rel=1e-5)
+    assert ppl[inside.best]["t"] <= ppl["plain"]["t"] + 0.01
+    assert not past.perplexity and past.perplexity_tolerance is None
+
+    # settings above plain on the text are never chosen, whatever their accuracy
+    monkeypatch.setattr(search.PerplexityGuard, "measure", lambda self, se, m, n: {"t": 5.0 if m == "plain" else 6.0})
+    monkeypatch.setattr(search, "generate_raw", lambda se, prompts, n: [str(p) for p in prompts])  # every key found
+    _, (inside,) = search.tune(se, [100], **kw)
+    assert inside.best == "plain" and inside.accuracy["se:2,32"]["passkey"] == 1.0
+
+    with pytest.raises(ValueError, match=r"shorter than the longest in-window length, 100"):
+        search.tune(se, [100], **{**kw, "perplexity_texts": {"short": "a few words"}})
+    base = ["tune", "--model", str(tiny_folder), "--no-save", "--lengths", "100", "--depths", "1", "--prompts", "1"]
+    assert main([*base, "--perplexity-text", str(tmp_path / "missing.txt")]) == 2
+    assert "perplexity text(s) not found" in capsys.readouterr().err
+    assert main([*base, "--perplexity-tolerance", "-1"]) == 2
+    assert "must be 0 or more" in capsys.readouterr().err
