@@ -9,7 +9,9 @@ The runs themselves (GPU, 20 prompts a cell for every finalist and baseline)::
 
 This script merges every JSON under the model's run folders of ``results/tune/`` (:data:`RUNS`) length
 by length and task by task (where two runs measured the same setting on a task, the one on more prompts
-counts), chooses each length's main and chat settings by the search's own rules (:func:`choose`), and writes:
+counts), chooses each length's main and chat settings by the search's own rules (:func:`choose`; inside the
+trained window only among settings within 0.01 of plain's perplexity on every text of the guard measured
+there, ``round7/perplexity_8192.json``: the search's :class:`~selfextend_llm.search.PerplexityGuard`), and writes:
 
 * ``selfextend_llm/tables/SmolLM2-135M-Instruct.json`` (``--write-table``): what ``load()`` ships;
 * ``results/tune/summary.md``: the chosen setting against plain, dynamic NTK and YaRN per length;
@@ -34,7 +36,7 @@ OVERRIDES: dict[int, str] = {}
 BASELINES = ["plain", "dynamic-ntk", "yarn"]
 #: The folders under ``results/tune/`` that hold this model's runs (others, e.g. ``gemma3_270m/``, are
 #: other models' and must not be merged into its table).
-RUNS = ("lengths", "extra", "round3", "round4", "round5", "round6")
+RUNS = ("lengths", "extra", "round3", "round4", "round5", "round6", "round7")
 #: The tasks measured for the table: the chat pass key (asked through the chat template, the way LangChain,
 #: LlamaIndex and the server ask) ranks the table's chat entries past the trained window (search.chat_tasks).
 TABLE_TASKS = ("passkey", "needle", "chat")
@@ -71,7 +73,7 @@ def merged_results(folder: Path) -> list[LengthResult]:
 def summary(results: list[LengthResult]) -> str:
     tasks = list(TABLE_TASKS)
     head = "| length | chosen setting | " + " | ".join(f"chosen {t}" for t in tasks) + " | chat prompts: setting | chat"
-    head += " | " + " | ".join(f"{b} {t}" for b in BASELINES for t in tasks) + " |"
+    head += " | " + " | ".join(f"{b} {t}" for b in BASELINES for t in tasks) + " | perplexity over plain (worst text) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for result in results:
         best = result.best
@@ -87,9 +89,17 @@ def summary(results: list[LengthResult]) -> str:
         row = f"| {result.length:,} | {setting} | " + " | ".join(chosen)
         chat = result.best_chat or best
         row += f" | {_spelled(chat)}{'' if result.best_chat else ' (main)'} | {cell(chat, 'chat')}"
-        row += " | " + " | ".join(cell(b, t) for b in BASELINES for t in tasks) + " |"
+        row += " | " + " | ".join(cell(b, t) for b in BASELINES for t in tasks) + f" | {_over_plain(result, best)} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def _over_plain(result: LengthResult, method: str) -> str:
+    """The perplexity guard's worst margin over plain for ``method`` ("" where no guard ran)."""
+    base, mine = result.perplexity.get("plain"), result.perplexity.get(method)
+    if not base or not mine:
+        return ""
+    return f"{max(mine[t] - base[t] for t in base):+.3f} ({len(base)} texts)"
 
 
 def _spelled(method: str) -> str:
@@ -147,6 +157,11 @@ def main() -> None:
         "note": "entries ranked on pass key and needle, chat entries (past the window) on the chat pass key, "
         "then the others; each length on the tasks measured there; see BENCHMARKS.md (issue 17)",
         "measured_tasks": {str(r.length): measured_tasks(r) for r in results},
+        "perplexity_guard": {
+            str(r.length): {"tolerance": r.perplexity_tolerance, "texts": sorted(r.perplexity.get("plain", {}))}
+            for r in results
+            if r.perplexity_tolerance is not None
+        },
     }
     measured["overrides"] = {str(n): m for n, m in OVERRIDES.items()}
     table = build_table(MODEL, TRAINED, results, measured)
