@@ -74,8 +74,9 @@ def chat_tasks(tasks: Sequence[str], length: int, trained: int) -> list[str] | N
 def candidates(trained: int, length: int, *, log: str = "on") -> list[SelfExtendConfig | None]:
     """Settings worth trying at ``length`` tokens on a model trained on ``trained``.
 
-    Inside the window: plain and a few groupings with a wide neighbor window (grouping there can
-    help a model that is weak at its own edge, as the embedded default is).  Beyond it: windows of
+    Inside the window: plain and a few groupings with a wide neighbor window, 1/4 to 7/8 of it (grouping
+    there can help a model that is weak at its own edge, as the embedded default is; the widest keep
+    plain's perplexity best, which the guard asks for there).  Beyond it: windows of
     1/32, 1/16, 1/8, 1/4 and 1/2 of the trained window, each with the smallest group size that
     reaches the length and 1.5x, 2x, 3x and 4x that (on the embedded default the wide windows' best
     at 32k and 64k sat at 1.3x-1.5x the smallest; the small windows', the best on the chat pass key
@@ -89,7 +90,9 @@ def candidates(trained: int, length: int, *, log: str = "on") -> list[SelfExtend
     out: list[SelfExtendConfig | None] = []
     if length <= trained:  # the prompt fits: plain can run it (the answer's few tokens past the edge included)
         out.append(None)
-        for group, window in ((2, trained // 2), (4, trained // 2), (4, trained // 4), (8, trained // 4)):
+        # wide windows (3/4, 7/8 of the window) too: they move perplexity least, what the guard asks there
+        wide = ((2, 3 * trained // 4), (2, 7 * trained // 8), (3, 7 * trained // 8))
+        for group, window in ((2, trained // 2), (4, trained // 2), (4, trained // 4), (8, trained // 4), *wide):
             if 16 <= window < need:  # a window holding the whole call is exactly plain
                 out.append(SelfExtendConfig(group, window))
         return list(dict.fromkeys(out))

@@ -427,3 +427,15 @@ def test_tune_guards_in_window_lengths_on_perplexity(tiny_folder, tmp_path, monk
     assert "perplexity text(s) not found" in capsys.readouterr().err
     assert main([*base, "--perplexity-tolerance", "-1"]) == 2
     assert "must be 0 or more" in capsys.readouterr().err
+
+
+def test_in_window_candidates_include_the_wide_windows_the_perplexity_guard_keeps():
+    found = candidates(8192, 8192)
+    assert found[0] is None  # plain
+    settings = {(c.group_size, c.neighbor_window) for c in found[1:]}
+    assert {(2, 6144), (2, 7168), (3, 7168), (2, 4096)} <= settings
+    assert all(c.neighbor_window < 8192 + ANSWER_MARGIN for c in found[1:])  # none is plain in disguise
+    short = candidates(4096 * 2, 4096)
+    assert all(c.neighbor_window < 4096 + ANSWER_MARGIN for c in short[1:]) and (2, 6144) not in {
+        (c.group_size, c.neighbor_window) for c in short[1:]
+    }
