@@ -504,6 +504,8 @@ def tune(
     )
     bar = tqdm(total=total, desc="tune", disable=not progress)
     runner = _Runner(se, depth_list, seed, batch_size, bar, journal=out / JOURNAL if out is not None else None)
+    if runner.resumed and progress:
+        bar.write(f"tune: {runner.resumed} prompts already scored, read back from {runner.journal}")
     results: list[LengthResult] = []
     for n, found in plan.items():
         path = out / f"{n}.json" if out is not None else None
