@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -505,7 +506,7 @@ def tune(
     bar = tqdm(total=total, desc="tune", disable=not progress)
     runner = _Runner(se, depth_list, seed, batch_size, bar, journal=out / JOURNAL if out is not None else None)
     if runner.resumed and progress:
-        bar.write(f"tune: {runner.resumed} prompts already scored, read back from {runner.journal}")
+        bar.write(f"tune: {runner.resumed} prompts already scored, read back from {runner.journal}", file=sys.stderr)
     results: list[LengthResult] = []
     for n, found in plan.items():
         path = out / f"{n}.json" if out is not None else None
