@@ -225,6 +225,11 @@ class LengthResult:
         }
 
 
+def _dtype_name(se: SelfExtendModel) -> str:
+    """The weights' dtype as the table and the journal record it ("bfloat16", "float32")."""
+    return str(next(se.model.parameters()).dtype).replace("torch.", "")
+
+
 #: File in ``out_dir`` where :class:`_Runner` appends every prompt's outcome as it is scored.
 JOURNAL = "cells.jsonl"
 
@@ -245,12 +250,12 @@ class _Runner:
     ) -> None:  # fmt: skip
         self.se, self.depths, self.seed, self.batch_size, self.bar = se, list(depths), seed, batch_size, bar
         self.done: dict[tuple[str, str, int, int, int], bool] = {}
-        self.shown: set[tuple[str, str, int, int, int]] = set()  # cells the progress bar has counted
+        self.unshown: set[tuple[str, str, int, int, int]] = set()  # read back, not yet counted on the bar
         self.journal = Path(journal) if journal is not None else None
         self._run_key = {
             "model": se.model_name,
             "device": se.device.type,
-            "dtype": str(next(se.model.parameters()).dtype).replace("torch.", ""),
+            "dtype": _dtype_name(se),
             "seed": seed,
         }
         self.resumed = self._read_journal()
@@ -260,7 +265,6 @@ class _Runner:
         if self.journal is None or not self.journal.is_file():
             return 0
         depth_index = {round(d, 6): di for di, d in enumerate(self.depths)}
-        found = 0
         for line in self.journal.read_text().splitlines():
             try:
                 cell = json.loads(line)
@@ -270,9 +274,10 @@ class _Runner:
                 continue
             di = depth_index.get(round(cell["depth"], 6))
             if di is not None:
-                self.done[(cell["method"], cell["task"], cell["length"], di, cell["prompt"])] = bool(cell["hit"])
-                found += 1
-        return found
+                key = (cell["method"], cell["task"], cell["length"], di, cell["prompt"])
+                self.done[key] = bool(cell["hit"])
+                self.unshown.add(key)
+        return len(self.unshown)
 
     def _write_journal(self, cells: list[tuple[str, str, int, int, int]]) -> None:
         if self.journal is None:
@@ -291,19 +296,10 @@ class _Runner:
     def run(self, method: Method, task: str, length: int, per_depth: int) -> float:
         """Accuracy of ``method`` on the first ``per_depth`` prompts of every depth (seeds as :func:`task_grid`)."""
         spec = TASKS[task]
-        todo = [
-            (di, i)
-            for di in range(len(self.depths))
-            for i in range(per_depth)
-            if (method.name, task, length, di, i) not in self.done
-        ]
-        resumed = [
-            (method.name, task, length, di, i)
-            for di in range(len(self.depths))
-            for i in range(per_depth)
-            if (method.name, task, length, di, i) in self.done and (method.name, task, length, di, i) not in self.shown
-        ]
-        self.shown.update(resumed)
+        cells = [(method.name, task, length, di, i) for di in range(len(self.depths)) for i in range(per_depth)]
+        todo = [cell[3:] for cell in cells if cell not in self.done]
+        resumed = self.unshown.intersection(cells)
+        self.unshown -= resumed
         self.bar.update(len(resumed))  # read back from the journal: the bar's total counts them
         if todo:
             with using(self.se, method, length + ANSWER_MARGIN, chat=spec.needs_chat_template):
@@ -313,13 +309,9 @@ class _Runner:
                     answers = generate_raw(self.se, [text for text, _ in items], spec.new_tokens)
                     for (di, i), (_, expected), answer in zip(batch, items, answers, strict=True):
                         self.done[(method.name, task, length, di, i)] = expected in answer
-                    cells = [(method.name, task, length, di, i) for di, i in batch]
-                    self._write_journal(cells)
-                    self.shown.update(cells)
+                    self._write_journal([(method.name, task, length, di, i) for di, i in batch])
                     self.bar.update(len(batch))
-        hits = [
-            self.done[(method.name, task, length, di, i)] for di in range(len(self.depths)) for i in range(per_depth)
-        ]
+        hits = [self.done[cell] for cell in cells]
         return sum(hits) / len(hits)
 
 
@@ -528,7 +520,7 @@ def tune(
         "tasks": list(tasks),
         "prompts_per_cell": prompts * len(depth_list),
         "device": str(se.device),
-        "dtype": str(next(se.model.parameters()).dtype).replace("torch.", ""),
+        "dtype": _dtype_name(se),
     }
     return build_table(se.model_name, trained, results, measured), results
 
