@@ -120,7 +120,7 @@ def measure(args, n: int, setting: str) -> dict:
     if device.type == "cuda":  # warm-up: kernel selection and compilation are not what we time
         run_one(se, ids, 4)
     row = run_one(se, ids, args.decode_tokens)
-    row["setting"] = "plain" if method == "plain" or config is None else _name(config)
+    row["setting"] = "plain" if method == "plain" or config is None else config.label
     row["fallback"] = se.fast.failed
     row["device"] = (
         torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
@@ -131,10 +131,6 @@ def measure(args, n: int, setting: str) -> dict:
     runner = getattr(lm, "_selfextend_native", None)
     row["native_steps"] = None if runner is None else runner.steps
     return row
-
-
-def _name(config) -> str:
-    return f"G{config.group_size} W{config.neighbor_window}" + (" +log" if config.log_scale else "")
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ OVERRIDES: dict[int, str] = {}
 BASELINES = ["plain", "dynamic-ntk", "yarn"]
 #: The folders under ``results/tune/`` that hold this model's runs (others, e.g. ``gemma3_270m/``, are
 #: other models' and must not be merged into its table).
-RUNS = ("lengths", "extra", "round3", "round4", "round5", "round6", "round7")
+RUNS = ("lengths", "extra", "round3", "round4", "round5", "round6", "round7", "round8")
 #: The tasks measured for the table: the chat pass key (asked through the chat template, the way LangChain,
 #: LlamaIndex and the server ask) ranks the table's chat entries past the trained window (search.chat_tasks).
 TABLE_TASKS = ("passkey", "needle", "chat")
@@ -152,7 +152,7 @@ def main() -> None:
     measured = {
         "tasks": list(TABLE_TASKS),
         "prompts_per_cell": 20,
-        "device": "NVIDIA H200",
+        "device": "NVIDIA H200 (rounds 1-7), NVIDIA H100 (round 8)",
         "dtype": "bfloat16",
         "note": "entries ranked on pass key and needle, chat entries (past the window) on the chat pass key, "
         "then the others; each length on the tasks measured there; see BENCHMARKS.md (issue 17)",

@@ -29,6 +29,7 @@ from typing import Literal, get_args
 
 import torch
 
+from .config import LogScale
 from .kernels import flex
 from .kernels import triton as triton_kernels
 from .kernels.blocks import (
@@ -166,7 +167,7 @@ def selfextend_attention(
     key_valid: torch.Tensor | None = None,
     full_mask: torch.Tensor | None = None,
     softcap: float | None = None,
-    log_scale_base: int | None = None,
+    log_scaling: LogScale | None = None,
     block_size: int | None = None,
     key_cache: GroupedKeyCache | None = None,
     backend: Backend = "auto",
@@ -179,7 +180,8 @@ def selfextend_attention(
     ``query_start`` is the cache index of the first query.  ``key_valid`` (``b, n``) marks real
     (non-padding) keys; ``full_mask`` (``b|1, 1, q, n``) is an arbitrary extra boolean mask.
     Returns the output (``b, h, q, d``) and the grouped-key cache to keep for the next step (None
-    on the Triton paths, which need none).  ``grouped_buffer`` (``b, kv_h, >= n, d``) receives
+    on the Triton paths, which need none).  ``log_scaling``: log-scaled queries
+    (:meth:`.SelfExtendConfig.log_scaling`), None for none.  ``grouped_buffer`` (``b, kv_h, >= n, d``) receives
     the grouped keys when they are rotated afresh: a static cache's mirror, kept slot for slot for
     the decode steps.  ``memo``: one dict per forward pass, shared by its layers, for what depends
     on positions only (rotation tables, log-scaling factors).
@@ -188,7 +190,7 @@ def selfextend_attention(
     G, W = group_size, neighbor_window
     if query_positions.shape[0] != query.shape[0]:
         query_positions = query_positions.expand(query.shape[0], -1)
-    query = log_scale(query, query_positions, log_scale_base, memo)
+    query = log_scale(query, query_positions, log_scaling, memo)
     where = dict(query_start=query_start, neighbor_window=W, inv_freq=inv_freq, layout=layout)
     masks = dict(key_valid=key_valid, full_mask=full_mask, softcap=softcap)
     path = choose_path(backend, query, **where, **masks)

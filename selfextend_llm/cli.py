@@ -131,7 +131,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def _settings(methods: list[str] | None) -> list[SelfExtendConfig | None] | None:
-    """``--candidates`` as settings: ``plain`` or ``se:G,W[+log]`` (the grid commands' spelling)."""
+    """``--candidates`` as settings: ``plain`` or ``se:G,W[+log[S]]`` (the grid commands' spelling)."""
     from .evaluation import Method
 
     if methods is None:
@@ -140,7 +140,7 @@ def _settings(methods: list[str] | None) -> list[SelfExtendConfig | None] | None
     for text in methods:
         method = Method.parse(text)
         if method.name != "plain" and method.config is None:
-            raise ValueError(f"--candidates takes plain or se:G,W[+log], not {text!r}")
+            raise ValueError(f"--candidates takes plain or se:G,W[+log[S]], not {text!r}")
         out.append(method.config)
     return out
 
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--prompts", type=int, default=4, help="prompts per cell")
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--batch-size", type=int, default=4)
-    methods_help = "plain, dynamic-ntk, yarn, selfextend (shipped defaults) or se:G,W[+log]"
+    methods_help = "plain, dynamic-ntk, yarn, selfextend (shipped defaults) or se:G,W[+log[S]]"
     all_methods = ["plain", "dynamic-ntk", "yarn", "selfextend"]
     grids = (
         ("passkey", "pass-key grid"),
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log", choices=["on", "off", "both"], default="on", help="log-scaled queries past the window (default: on)"
     )
     tune.add_argument(
-        "--candidates", nargs="+", help="search these (plain or se:G,W[+log]) instead of the generated candidates"
+        "--candidates", nargs="+", help="search these (plain or se:G,W[+log[S]]) instead of the generated candidates"
     )
     tune.add_argument("--screen", type=int, default=1, help="prompts per depth for the first stage (all candidates)")
     tune.add_argument("--keep", type=int, default=3, help="candidates re-measured on all --prompts per depth")

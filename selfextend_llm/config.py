@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 #: Fraction of the trained window that the grouped positions may use.  The paper's rule of
 #: thumb is "about half to two thirds"; 0.6 sits in the middle of that range.
@@ -21,6 +22,16 @@ MAX_MEASURED_GROUP = 64
 PERPLEXITY_TOLERANCE = 0.01
 
 
+class LogScale(NamedTuple):
+    """Log-scaled queries past ``base`` tokens (the trained window), at ``strength`` (1: LongLM's scaling).
+
+    A plain tuple of an int and a float: the kernels take it as a constant, torch.compile included.
+    """
+
+    base: int
+    strength: float = 1.0
+
+
 @dataclass(frozen=True)
 class SelfExtendConfig:
     """Group size ``G`` and neighbor window ``W`` of SelfExtend.
@@ -31,19 +42,30 @@ class SelfExtendConfig:
     ``n`` tokens is about ``(n - W) / G + W``, which must stay inside the trained window ``L``:
     hence the reach ``(L - W) * G + W``.
 
-    ``log_scale`` optionally multiplies queries by ``max(1, log(pos + 1) / log(L))`` (an
-    option found in the LongLM code); it is off by default and only used when asked for.
+    ``log_scale`` is the strength ``s`` of log-scaled queries: past the trained window a query at
+    position ``pos`` is multiplied by ``1 + s * (log(pos + 1) / log(L) - 1)`` (never less than 1, so
+    nothing changes inside the window).  ``0`` (or False) is off, the default; ``1`` (or True) is the
+    scaling found in the LongLM code, ``log(pos + 1) / log(L)``.  Strengths in between or above exist
+    because on the embedded default the full scaling helps multi-key needles and costs single-fact
+    answers past the window (BENCHMARKS.md): the strength is a dial between the two, tuned like G and W.
     """
 
     group_size: int
     neighbor_window: int
-    log_scale: bool = False
+    log_scale: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("group_size", "neighbor_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
+        strength = self.log_scale
+        if not isinstance(strength, (bool, int, float)) or not math.isfinite(strength) or strength < 0:
+            raise ValueError(
+                f"log_scale must be a strength >= 0 (0 or False: off; 1 or True: LongLM's log(pos)/log(L)), "
+                f"got {strength!r}"
+            )
+        object.__setattr__(self, "log_scale", float(strength))  # True and 1.0 are one setting
         if self.group_size < 1:
             raise ValueError(
                 f"group_size must be >= 1, got {self.group_size}: use 1 for plain attention or 2-16 to extend"
@@ -62,6 +84,22 @@ class SelfExtendConfig:
                 f"({pretrained_context} tokens), or no grouped positions fit inside it; pick a window of at most "
                 f"{pretrained_context // 2}"
             )
+
+    @property
+    def log_suffix(self) -> str:
+        """How names spell the strength: ``""`` off, ``"+log"`` at 1, ``"+log0.5"`` otherwise."""
+        if not self.log_scale:
+            return ""
+        return "+log" if self.log_scale == 1 else f"+log{self.log_scale:g}"
+
+    @property
+    def label(self) -> str:
+        """The setting as reports print it: ``"G8 W2048"``, ``"G8 W2048 +log"``, ``"G8 W2048 +log0.5"``."""
+        return f"G{self.group_size} W{self.neighbor_window}" + (f" {self.log_suffix}" if self.log_scale else "")
+
+    def log_scaling(self, pretrained_context: int) -> LogScale | None:
+        """What the kernels multiply queries by (:func:`selfextend_llm.rope.log_scale_factor`); None when off."""
+        return LogScale(pretrained_context, self.log_scale) if self.log_scale else None
 
     def max_context(self, pretrained_context: int) -> int:
         """Longest context whose grouped positions stay inside the trained window: ``(L - W) * G + W``."""

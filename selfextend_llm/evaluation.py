@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,14 @@ from .tasks.passkey import CHAT_INSTRUCTION, chat_passkey_messages, make_passkey
 from .tuning import choose_config
 
 
+#: ``se:G,W`` with optional log-scaled queries, ``+log`` (strength 1) or ``+log<strength>``.
+_SETTING = re.compile(r"se:(\d+),(\d+)(\+log(\d+(?:\.\d*)?|\.\d+)?)?")
+
+
 @dataclass(frozen=True)
 class Method:
-    """One way of running the model: ``plain``, ``dynamic-ntk``, ``yarn``, ``selfextend`` or ``se:G,W[+log]``."""
+    """One way of running the model: ``plain``, ``dynamic-ntk``, ``yarn``, ``selfextend`` or ``se:G,W[+log[S]]``
+    (``+log``: log-scaled queries at strength 1, ``+log0.5``: at strength 0.5)."""
 
     name: str
     config: SelfExtendConfig | None = None  # fixed SelfExtend setting; None with name "selfextend" = shipped defaults
@@ -37,13 +43,13 @@ class Method:
         text = text.strip()
         if text in ("plain", "dynamic-ntk", "yarn", "selfextend"):
             return cls(text)
-        if text.startswith("se:"):
-            body, log = text[3:], False
-            if body.endswith("+log"):
-                body, log = body[:-4], True
-            g, w = (int(x) for x in body.split(","))
-            return cls(text, SelfExtendConfig(g, w, log_scale=log))
-        raise ValueError(f"unknown method {text!r}: use plain, dynamic-ntk, yarn, selfextend or se:G,W[+log]")
+        usage = "use plain, dynamic-ntk, yarn, selfextend or se:G,W[+log[STRENGTH]] (e.g. se:8,2048+log0.5)"
+        match = _SETTING.fullmatch(text)
+        if match is None:
+            raise ValueError(f"unknown method {text!r}: {usage}")
+        group, window, log, strength = match.groups()
+        log_scale = 0.0 if log is None else 1.0 if not strength else float(strength)
+        return cls(text, SelfExtendConfig(int(group), int(window), log_scale=log_scale))
 
 
 def _rotary(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Module]:

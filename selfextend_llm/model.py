@@ -708,7 +708,7 @@ class _RecordingStreamer(TextIteratorStreamer):
 
 
 def _table_lines(entries: Sequence[Any]) -> list[str]:
-    return [f"<= {e.upto:,}: " + ("plain" if e.config is None else _setting(e.config)) for e in entries]
+    return [f"<= {e.upto:,}: " + ("plain" if e.config is None else e.config.label) for e in entries]
 
 
 def _is_prompt_list(prompts: Any) -> bool:
@@ -748,10 +748,6 @@ def _decode_step(decoder: native_step.NativeDecoder | str) -> dict[str, Any]:
     if isinstance(decoder, str):
         return {"native": False, "why_not": decoder}
     return {"native": True, **decoder.describe()}
-
-
-def _setting(config: SelfExtendConfig) -> str:
-    return f"G{config.group_size} W{config.neighbor_window}" + (" +log" if config.log_scale else "")
 
 
 def load(

@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from .config import LogScale
+
 Layout = Literal["half", "interleaved"]
 
 
@@ -75,25 +77,29 @@ def rotate(
     return torch.cat((out, x[..., rot:]), dim=-1)
 
 
-def log_scale_factor(positions: torch.Tensor, base: int, dtype: torch.dtype) -> torch.Tensor:
-    """SelfExtend's optional query scaling ``max(1, log(pos + 1) / log(base))``, shaped to
-    multiply ``(batch, heads, seq, dim)`` queries at ``positions`` (``batch, seq``)."""
-    factor = torch.clamp(torch.log(positions.double() + 1) / math.log(base), min=1.0)
+def log_scale_factor(positions: torch.Tensor, scaling: LogScale, dtype: torch.dtype) -> torch.Tensor:
+    """SelfExtend's optional query scaling ``max(1, 1 + s * (log(pos + 1) / log(base) - 1))`` at strength ``s``
+    (``s = 1``: LongLM's ``log(pos + 1) / log(base)``), shaped to multiply ``(batch, heads, seq, dim)`` queries
+    at ``positions`` (``batch, seq``)."""
+    ratio = torch.log(positions.double() + 1) / math.log(scaling.base)
+    factor = torch.clamp(1 + scaling.strength * (ratio - 1), min=1.0)
     return factor[:, None, :, None].to(dtype)
 
 
-def log_scale(query: torch.Tensor, positions: torch.Tensor, base: int | None, memo: dict | None = None) -> torch.Tensor:
-    """Queries scaled by :func:`log_scale_factor` (unchanged when ``base`` is None: scaling off).
+def log_scale(
+    query: torch.Tensor, positions: torch.Tensor, scaling: LogScale | None, memo: dict | None = None
+) -> torch.Tensor:
+    """Queries scaled by :func:`log_scale_factor` (unchanged when ``scaling`` is None: scaling off).
 
     ``memo``: the factors are shared by the layers of one forward pass, like the rotation tables.
     """
-    if base is None:
+    if scaling is None:
         return query
     if memo is None:
-        return query * log_scale_factor(positions, base, query.dtype)
-    key = ("log", base, query.dtype, tuple(positions.shape))
+        return query * log_scale_factor(positions, scaling, query.dtype)
+    key = ("log", scaling, query.dtype, tuple(positions.shape))
     if key not in memo:
-        memo[key] = log_scale_factor(positions, base, query.dtype)
+        memo[key] = log_scale_factor(positions, scaling, query.dtype)
     return query * memo[key]
 
 

@@ -43,7 +43,7 @@ def method_name(config: SelfExtendConfig | None) -> str:
     """The :class:`~selfextend_llm.evaluation.Method` spelling of a setting (``plain`` for None)."""
     if config is None:
         return "plain"
-    return f"se:{config.group_size},{config.neighbor_window}" + ("+log" if config.log_scale else "")
+    return f"se:{config.group_size},{config.neighbor_window}{config.log_suffix}"
 
 
 def default_tasks(se: SelfExtendModel) -> list[str]:

@@ -40,6 +40,19 @@ class TableError(ValueError):
     """A tuned-table file that cannot be used (unreadable, another model, an entry that cannot reach)."""
 
 
+def _log_json(cfg: SelfExtendConfig) -> bool | float:
+    """A table's ``log_scale``: true/false for strengths 1 and 0 (as tables written before strengths were
+    tunable say it), the number otherwise."""
+    return bool(cfg.log_scale) if cfg.log_scale in (0, 1) else cfg.log_scale
+
+
+def _log_read(value: Any) -> float:
+    """``log_scale`` as a table holds it: a boolean or a strength; anything else is a malformed table."""
+    if not isinstance(value, (bool, int, float)):
+        raise TypeError(f"log_scale must be true, false or a strength, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class TableEntry:
     """The setting for calls of up to ``upto`` tokens (from the previous entry's ``upto``); None is plain."""
@@ -54,7 +67,7 @@ class TableEntry:
         setting = (
             {"plain": True}
             if cfg is None
-            else {"group_size": cfg.group_size, "neighbor_window": cfg.neighbor_window, "log_scale": cfg.log_scale}
+            else {"group_size": cfg.group_size, "neighbor_window": cfg.neighbor_window, "log_scale": _log_json(cfg)}
         )
         return {"upto": self.upto, **setting, **({"accuracy": self.accuracy} if self.accuracy else {})}
 
@@ -140,7 +153,7 @@ class TunedTable:
             config = (
                 None
                 if e.get("plain")
-                else SelfExtendConfig(int(e["group_size"]), int(e["neighbor_window"]), bool(e["log_scale"]))
+                else SelfExtendConfig(int(e["group_size"]), int(e["neighbor_window"]), _log_read(e["log_scale"]))
             )
             return TableEntry(int(e["upto"]), config, dict(e.get("accuracy", {})))
 
@@ -151,7 +164,9 @@ class TunedTable:
                 str(data["model"]), int(data["pretrained_context"]), entries, dict(data.get("measured", {})), source,
                 chat,
             )  # fmt: skip
-        except (KeyError, TypeError) as err:
+        except TableError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:  # ValueError: a setting SelfExtendConfig refuses
             raise TableError(f"{source}: malformed table ({err!r}); re-create it with selfextend-llm tune") from err
 
     def save(self, path: str | Path) -> Path:

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CompileConfig, StaticCache
 
 import selfextend_llm as se
+from selfextend_llm.config import LogScale
 from selfextend_llm.generation import cache_bucket
 from selfextend_llm.kernels import static_decode
 from selfextend_llm.reference import reference_selfextend
@@ -57,9 +58,10 @@ def test_static_cache_logits_step_by_step():
     assert err < 2e-4, err
 
 
-def test_decode_step_matches_float64_formula():
+@pytest.mark.parametrize("strength", [1.0, 0.5, 2.0])
+def test_decode_step_matches_float64_formula(strength):
     """The tensor-only step against the two-matrix formula: GQA, left padding, a position
-    offset per row, slots past the end holding garbage (not zeros), log scaling."""
+    offset per row, slots past the end holding garbage (not zeros), log scaling at three strengths."""
     torch.manual_seed(0)
     b, h, kv, d, n_slots, end, G, W = 2, 6, 2, 16, 96, 70, 3, 9
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
@@ -76,9 +78,12 @@ def test_decode_step_matches_float64_formula():
     grouped[:, :, : end - 1] = se.rope.rotate(key[:, :, : end - 1], shift, inv_freq)
     out = static_decode.decode_step(
         query, key, value, visible[:, None, None, :], positions, grouped,
-        group_size=G, neighbor_window=W, inv_freq=inv_freq, layout="half", scale=d**-0.5, log_scale_base=32,
+        group_size=G, neighbor_window=W, inv_freq=inv_freq, layout="half", scale=d**-0.5,
+        log_scaling=LogScale(32, strength),
     )  # fmt: skip
-    factor = torch.clamp(torch.log(positions.double() + 1) / torch.log(torch.tensor(32.0)), min=1.0)
+    ratio = torch.log(positions.double() + 1) / torch.log(torch.tensor(32.0, dtype=torch.float64))
+    factor = torch.clamp(1 + strength * (ratio - 1), min=1.0)
+    assert factor.min() > 1  # both rows are past the base: the scaling is in play
     expected = reference_selfextend(
         query * factor[:, None, :, None], key, value, query_positions=positions, key_positions=slot_pos,
         group_size=G, neighbor_window=W, inv_freq=inv_freq, scale=d**-0.5, mask=visible[:, None, None, :],

@@ -233,7 +233,7 @@ def _static_step(state: LayerState, query, key, value, key_row, positions, scale
         inv_freq=state.inv_freq,
         layout=state.layout,
         scale=scale,
-        log_scale_base=settings.pretrained_context if cfg.log_scale else None,
+        log_scaling=cfg.log_scaling(settings.pretrained_context),
         softcap=softcap,
         backend=settings.backend,
     )
@@ -349,7 +349,7 @@ def selfextend_attention_forward(
         key_valid=None if key_valid is None else key_valid.to(query.device),
         full_mask=full_mask,
         softcap=softcap,
-        log_scale_base=settings.pretrained_context if cfg.log_scale else None,
+        log_scaling=cfg.log_scaling(settings.pretrained_context),
         block_size=settings.block_size,
         key_cache=continued if static else previous,
         backend=settings.backend,

@@ -299,8 +299,9 @@ class NativeDecoder:
 
             turns["query_turn"] = table(grouped_query_position(positions, G, W) - positions)
             turns["key_turn"] = table(grouped_key_position(positions, G) - positions)
-            if cfg.log_scale:
-                factor = log_scale_factor(positions, settings.pretrained_context, torch.float32)
+            scaling = cfg.log_scaling(settings.pretrained_context)
+            if scaling is not None:
+                factor = log_scale_factor(positions, scaling, torch.float32)
                 turns["query_factor"] = factor.reshape(batch).contiguous()
             turns["boundary"] = max(0, n - W)
 

@@ -121,7 +121,7 @@ def paged_selfextend_attention(
             inv_freq=inv_freq,
             layout=layout,
             scale=scale,
-            log_scale_base=pretrained_context if cfg is not None and cfg.log_scale else None,
+            log_scaling=None if cfg is None else cfg.log_scaling(pretrained_context),
         )
         out[start:stop] = result[0].transpose(0, 1).to(out.dtype)
     return out
@@ -158,7 +158,7 @@ def _decode_rows_together(
     lengths = torch.tensor([seq_lens[i] for i in rows], device=query.device, dtype=torch.int32)
     q = query[[query_start_loc[i] for i in rows]].unsqueeze(2)  # (rows, heads, 1, d)
     positions = (lengths.long() - 1)[:, None]
-    q = log_scale(q, positions, pretrained_context if cfg.log_scale else None)
+    q = log_scale(q, positions, cfg.log_scaling(pretrained_context))
     # the kernel reads each row's keys in place through its block-table row: no gathered copy
     result = triton_kernels.decode(
         q, key_cache, value_cache, offsets=torch.zeros_like(lengths), group_size=cfg.group_size,

@@ -31,6 +31,7 @@ from typing import get_args
 
 import torch
 
+from ..config import LogScale
 from ..rope import Layout, grouped_key_position, grouped_query_position, log_scale, rotate
 from . import triton as triton_kernels
 from .lse import Kernel, attention_with_lse, merge_partials
@@ -130,7 +131,7 @@ def decode_step(
     inv_freq: torch.Tensor,
     layout: Layout,
     scale: float,
-    log_scale_base: int | None = None,
+    log_scaling: LogScale | None = None,
     softcap: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -148,7 +149,7 @@ def decode_step(
     pos = positions[:, -1:]  # (b, 1)
     slot = last_visible(key_row)  # (b,): the query's own slot
     if triton_decodes(query, inv_freq, layout, softcap, backend):
-        query = log_scale(query, pos, log_scale_base)
+        query = log_scale(query, pos, log_scaling)
         return triton_static_decode(
             query, key, value, slot - pos[:, 0], slot + 1, key_row[:, 0, 0, :], inv_freq, G, neighbor_window, scale
         )
@@ -160,7 +161,7 @@ def decode_step(
     new_key = key.gather(2, at)
     grouped.scatter_(2, at, rotate(new_key, grouped_key_position(pos, G) - pos, inv_freq, layout))
 
-    query = log_scale(query, pos, log_scale_base)
+    query = log_scale(query, pos, log_scaling)
     grouped_query = rotate(query, grouped_query_position(pos, G, neighbor_window) - pos, inv_freq, layout)
 
     visible = key_row[:, 0, 0, :]  # (b, n)

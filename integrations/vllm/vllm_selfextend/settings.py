@@ -41,7 +41,7 @@ class Settings:
     context_window: int
     group_size: int
     neighbor_window: int
-    log_scale: bool = False
+    log_scale: float = 0.0  # strength of log-scaled queries (SelfExtendConfig.log_scale)
     source: str = "rule of thumb"
 
     def config_for(self, n_tokens: int) -> SelfExtendConfig:
