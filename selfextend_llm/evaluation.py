@@ -25,7 +25,6 @@ from .tasks.needle import needle_prompt
 from .tasks.passkey import CHAT_INSTRUCTION, chat_passkey_messages, make_passkey_document, passkey_prompt
 from .tuning import choose_config
 
-
 #: ``se:G,W`` with optional log-scaled queries, ``+log`` (strength 1) or ``+log<strength>``.
 _SETTING = re.compile(r"se:(\d+),(\d+)(\+log(\d+(?:\.\d*)?|\.\d+)?)?")
 
