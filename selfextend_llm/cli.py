@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PERPLEXITY_TOLERANCE, SelfExtendConfig
+from .config import LOG_STRENGTHS, PERPLEXITY_TOLERANCE, SelfExtendConfig
 
 
 def _load(args: argparse.Namespace, **overrides):
@@ -176,7 +176,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     try:
         table, results = tune(
             model, lengths, tasks=args.tasks, depths=args.depths, prompts=args.prompts, screen=args.screen,
-            keep=args.keep, log=args.log, baselines=args.baselines, seed=args.seed, batch_size=args.batch_size,
+            keep=args.keep, log=args.log, log_strengths=args.log_strengths, baselines=args.baselines, seed=args.seed, batch_size=args.batch_size,
             out_dir=out_dir, settings=_settings(args.candidates), perplexity_texts=texts,
             perplexity_tolerance=None if args.no_perplexity_guard else args.perplexity_tolerance,
         )  # fmt: skip
@@ -310,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--log", choices=["on", "off", "both"], default="on", help="log-scaled queries past the window (default: on)"
     )
+    tune.add_argument(
+        "--log-strengths", type=float, nargs="+", default=list(LOG_STRENGTHS), metavar="S",
+        help="strengths of log scaling the generated candidates try (1: LongLM's log(pos)/log(L); default: "
+        f"{' '.join(f'{s:g}' for s in LOG_STRENGTHS)}); --candidates spells one as se:G,W+log0.5",
+    )  # fmt: skip
     tune.add_argument(
         "--candidates", nargs="+", help="search these (plain or se:G,W[+log[S]]) instead of the generated candidates"
     )

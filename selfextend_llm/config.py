@@ -20,6 +20,10 @@ MAX_MEASURED_GROUP = 64
 #: How far above the plain model's perplexity a tuned setting may go inside the trained window, where the
 #: model's own positions are exact (``tune``'s perplexity guard; issue 17's target).
 PERPLEXITY_TOLERANCE = 0.01
+#: Strengths of log-scaled queries that ``tune``'s generated candidates try past the window (``log="on"``).  On the
+#: embedded default the full scaling (1) helped multi-key needles and cost single-fact answers; half of it
+#: kept most of both and won at 24k, 28k, 64k and 128k (BENCHMARKS.md, round 8), the full one at 32k.
+LOG_STRENGTHS = (0.5, 1.0)
 
 
 class LogScale(NamedTuple):

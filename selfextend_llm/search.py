@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import MAX_MEASURED_GROUP, PERPLEXITY_TOLERANCE, SelfExtendConfig
+from .config import LOG_STRENGTHS, MAX_MEASURED_GROUP, PERPLEXITY_TOLERANCE, SelfExtendConfig
 from .evaluation import (
     TASKS,
     Method,
@@ -72,7 +72,9 @@ def chat_tasks(tasks: Sequence[str], length: int, trained: int) -> list[str] | N
     return chat + [t for t in tasks if t not in chat]
 
 
-def candidates(trained: int, length: int, *, log: str = "on") -> list[SelfExtendConfig | None]:
+def candidates(
+    trained: int, length: int, *, log: str = "on", strengths: Sequence[float] = LOG_STRENGTHS
+) -> list[SelfExtendConfig | None]:
     """Settings worth trying at ``length`` tokens on a model trained on ``trained``.
 
     Inside the window: plain and a few groupings with a wide neighbor window, 1/4 to 7/8 of it (grouping
@@ -82,10 +84,16 @@ def candidates(trained: int, length: int, *, log: str = "on") -> list[SelfExtend
     reaches the length and 1.5x, 2x, 3x and 4x that (on the embedded default the wide windows' best
     at 32k and 64k sat at 1.3x-1.5x the smallest; the small windows', the best on the chat pass key
     at 12k-32k, at 3x-4x: larger G keeps grouped positions farther from the window's edge).
-    ``log``: "on" (log-scaled queries beyond the window), "off" or "both".
+    ``log``: "on" (log-scaled queries beyond the window, at each of ``strengths``), "off" or "both" (without
+    and at each strength).
     """
     if log not in ("on", "off", "both"):
         raise ValueError(f"log must be 'on', 'off' or 'both', got {log!r}")
+    if not strengths or not all(isinstance(s, (int, float)) and 0 < s < math.inf for s in strengths):
+        raise ValueError(
+            f"log strengths must be positive numbers (1: LongLM's scaling), got {list(strengths)!r}; "
+            "for no log scaling use log='off' (--log off), for both log='both'"
+        )
     need = length + ANSWER_MARGIN
     windows = sorted({w for w in (trained // 32, trained // 16, trained // 8, trained // 4, trained // 2) if w >= 16})
     out: list[SelfExtendConfig | None] = []
@@ -97,14 +105,14 @@ def candidates(trained: int, length: int, *, log: str = "on") -> list[SelfExtend
             if 16 <= window < need:  # a window holding the whole call is exactly plain
                 out.append(SelfExtendConfig(group, window))
         return list(dict.fromkeys(out))
-    logs = {"on": [True], "off": [False], "both": [False, True]}[log]
+    logs = {"on": list(strengths), "off": [0.0], "both": [0.0, *strengths]}[log]
     for window in windows:
         smallest = math.ceil((need - window) / (trained - window))
         for group in sorted({smallest, math.ceil(1.5 * smallest), 2 * smallest, 3 * smallest, 4 * smallest}):
             if group > MAX_MEASURED_GROUP:
                 continue
-            for flag in logs:
-                cfg = SelfExtendConfig(group, window, log_scale=flag)
+            for strength in logs:
+                cfg = SelfExtendConfig(group, window, log_scale=strength)
                 if cfg.max_context(trained) >= need:
                     out.append(cfg)
     return out
@@ -426,6 +434,7 @@ def tune(
     screen: int = 1,
     keep: int = 3,
     log: str = "on",
+    log_strengths: Sequence[float] = LOG_STRENGTHS,
     baselines: Sequence[str] = (),
     settings: Sequence[SelfExtendConfig | None] | None = None,
     seed: int = 0,
@@ -459,7 +468,7 @@ def tune(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if settings is None:
-        plan = {n: candidates(trained, n, log=log) for n in sorted(set(lengths))}
+        plan = {n: candidates(trained, n, log=log, strengths=log_strengths) for n in sorted(set(lengths))}
     else:
         plan = {
             n: [

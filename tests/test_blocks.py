@@ -69,3 +69,29 @@ def test_block_path_with_left_padding_a_custom_mask_and_softcap(softcap, window)
     )  # fmt: skip
     real = key_valid[:, None, :, None].expand_as(out)  # padding rows' outputs are not used by anyone
     torch.testing.assert_close(out.double()[real], ref[real], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize(("n", "q_len", "kernel"), [(200, 200, "auto"), (200, 200, "math"), (201, 1, "auto")])
+def test_log_scaled_queries_at_any_strength_are_the_formula_on_scaled_queries(strength, n, q_len, kernel):
+    """A prefill and a decode step (the explicit CPU path) with log scaling at ``strength`` past a trained
+    window of 64: the float64 formula on queries multiplied by ``1 + strength * (log(pos + 1) / log(64) - 1)``."""
+    import math
+
+    from selfextend_llm.config import LogScale
+
+    q, k, v, inv_freq = _case(int(10 * strength) + q_len, n, q_len)
+    start = n - q_len
+    qpos = torch.arange(start, n)[None].expand(2, -1)
+    out, _ = selfextend_attention(
+        q, k, v, query_positions=qpos, query_start=start, group_size=4, neighbor_window=24,
+        inv_freq=inv_freq.float(), scale=0.25, log_scaling=LogScale(64, strength),
+        backend=kernel if kernel == "math" else "auto",
+    )  # fmt: skip
+    factor = torch.tensor([max(1.0, 1 + strength * (math.log(p + 1) / math.log(64) - 1)) for p in range(start, n)])
+    assert factor.max() > 1.1  # the scaling is in play for the late queries
+    ref = reference_selfextend(
+        q.double() * factor[None, None, :, None], k, v, query_positions=qpos, key_positions=torch.arange(n)[None],
+        group_size=4, neighbor_window=24, inv_freq=inv_freq, scale=0.25, rotated=True,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)

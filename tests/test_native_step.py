@@ -27,6 +27,7 @@ CONFIGS = {
     "plain": None,
     "grouped": SelfExtendConfig(3, 12),
     "grouped+log": SelfExtendConfig(4, 10, log_scale=True),
+    "grouped+log0.5": SelfExtendConfig(4, 10, log_scale=0.5),  # the C step takes the factor the strength gives
 }
 PROMPT, NEW = 100, 24  # the tiny models' trained window is 64: grouping from the first step
 

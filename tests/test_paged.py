@@ -4,6 +4,8 @@ kernels (``SELFEXTEND_TEST_DEVICE=cuda``)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -137,3 +139,25 @@ def test_decode_rows_of_one_grouping_share_one_launch(monkeypatch):
         pretrained_context=128, batch_decodes=True,
     )  # fmt: skip
     assert launches == [{0, 1, 2}]
+
+
+@pytest.mark.parametrize("batch_decodes", [None, True])
+def test_log_scaled_queries_at_half_strength_over_the_paged_cache(batch_decodes):
+    """vLLM's path with a strength from a table (half of LongLM's scaling) past a trained window of 128:
+    decode rows (one launch with ``batch_decodes``) and a prompt, each the formula on its scaled queries."""
+    seq_lens, q_lens, d = [300, 180, 260, 97], [1, 1, 1, 97], 32
+    cache, table, query, starts, raw, inv = _batch(2, seq_lens, q_lens, 4, 1, d, 16, torch.float32)
+    cfg = SelfExtendConfig(4, 32, log_scale=0.5)
+    out = paged_selfextend_attention(
+        query, cache, block_table=table, seq_lens=seq_lens, query_start_loc=starts, config_for=lambda n: cfg,
+        inv_freq=inv.float().to(query.device), scale=d**-0.5, pretrained_context=128, batch_decodes=batch_decodes,
+    )  # fmt: skip
+    scaled = []
+    for (q, k, v), n in zip(raw, seq_lens, strict=True):
+        pos = torch.arange(n - q.shape[2], n, dtype=torch.float64)
+        factor = torch.clamp(1 + 0.5 * (torch.log(pos + 1) / math.log(128) - 1), min=1.0)
+        scaled.append((q * factor[None, None, :, None], k, v))
+    assert scaled[0][0].abs().sum() > raw[0][0].abs().sum()  # the decode rows are past the window: scaled up
+    expected = _expected(scaled, seq_lens, lambda n: cfg, inv, d**-0.5)
+    atol = 2e-4 if query.is_cuda else 1e-5
+    torch.testing.assert_close(out.cpu().double(), expected, atol=atol, rtol=0)

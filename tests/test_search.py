@@ -3,6 +3,7 @@ not the embedded default (a tiny random Llama saved as a folder), found again by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -35,11 +36,19 @@ def test_candidates_reach_their_length_and_stay_in_measured_range(trained, facto
         assert cfg.max_context(trained) >= n + ANSWER_MARGIN
         assert cfg.group_size <= MAX_MEASURED_GROUP and cfg.neighbor_window < trained
         assert cfg.neighbor_window < n + ANSWER_MARGIN  # else it would be exactly plain, run twice
-        assert cfg.log_scale == (n > trained)  # log on past the window by default
+        assert (cfg.log_scale > 0) == (n > trained)  # log on past the window by default
+    far = candidates(trained, 4 * trained)
+    assert {c.log_scale for c in far} == {0.5, 1.0}  # at half and full strength: round 8's and LongLM's
+    for cfg in far:  # every grouping at both strengths, so the search compares like with like
+        assert dataclasses.replace(cfg, log_scale=1.5 - cfg.log_scale) in far
     both = candidates(trained, 4 * trained, log="both")
-    assert {c.log_scale for c in both} == {False, True}
+    assert {c.log_scale for c in both} == {0.0, 0.5, 1.0}
+    assert {c.log_scale for c in candidates(trained, 4 * trained, strengths=[2])} == {2.0}
     with pytest.raises(ValueError, match="log must be"):
         candidates(trained, n, log="yes")
+    for bad in ([], [0], [-1], [float("nan")]):
+        with pytest.raises(ValueError, match="log strengths must be positive.*log='off'"):
+            candidates(trained, 4 * trained, strengths=bad)
 
 
 def test_candidates_past_the_window_include_small_windows_and_large_groups():
@@ -183,6 +192,8 @@ def test_tune_any_model_saves_a_table_that_load_and_info_use(tiny_folder, tmp_pa
     ] >= 300 + ANSWER_MARGIN
     per_length = json.loads((tmp_path / "cache" / "tuned" / "tiny-llama" / "300.json").read_text())
     assert "yarn" in per_length["accuracy"] and "plain" not in per_length["accuracy"]  # plain only in-window
+    searched = [m for m in per_length["accuracy"] if m.startswith("se:")]  # generated: half and full log strength
+    assert {m.endswith("+log0.5") for m in searched} == {True, False} and all("+log" in m for m in searched)
     # the tiny model has a chat template: the chat pass key is a default task, and past the window it
     # ranks a chat entry of its own
     assert per_length["prompts"][per_length["best"]] == {"passkey": 2, "needle": 2, "chat": 2}
@@ -221,6 +232,8 @@ def test_tune_refuses_bad_candidates_and_lengths(tiny_folder, tmp_path, monkeypa
     assert "takes plain or se:G,W" in capsys.readouterr().err
     assert main([*base, "--lengths", "300", "--candidates", "se:2,32"]) == 2  # reach 224 < 300: nothing left
     assert "no setting reaches 300 tokens" in capsys.readouterr().err
+    assert main([*base, "--lengths", "300", "--log-strengths", "0"]) == 2
+    assert "log strengths must be positive" in capsys.readouterr().err
 
 
 def test_chat_task_asks_through_the_template_at_the_asked_length(default_model):
@@ -439,3 +452,19 @@ def test_in_window_candidates_include_the_wide_windows_the_perplexity_guard_keep
     assert all(c.neighbor_window < 4096 + ANSWER_MARGIN for c in short[1:]) and (2, 6144) not in {
         (c.group_size, c.neighbor_window) for c in short[1:]
     }
+
+
+def test_settings_spell_their_log_strength_and_parse_back():
+    """``se:G,W+log`` is strength 1, ``+log0.5`` half of it; the search's names parse back to the same setting."""
+    from selfextend_llm.evaluation import Method
+
+    for strength in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0):
+        cfg = SelfExtendConfig(16, 256, log_scale=strength)
+        assert Method.parse(method_name(cfg)).config == cfg
+    assert method_name(SelfExtendConfig(16, 256, log_scale=True)) == "se:16,256+log"
+    assert method_name(SelfExtendConfig(32, 4096, log_scale=0.5)) == "se:32,4096+log0.5"
+    assert Method.parse("se:16,256+log.5").config == SelfExtendConfig(16, 256, log_scale=0.5)
+    assert Method.parse(" se:8,2048+log1 ").config == SelfExtendConfig(8, 2048, log_scale=True)
+    for bad in ("se:8", "se:8,2048+", "se:8,2048+logx", "se:8,2048+log-1", "se:a,b", "se:8,2048 +log", "ntk"):
+        with pytest.raises(ValueError, match=r"unknown method .*se:G,W\[\+log\[STRENGTH\]\]"):
+            Method.parse(bad)

@@ -187,11 +187,12 @@ def test_cuda_graph_decode_has_no_host_sync():
     assert err < 2e-4, err
 
 
-def test_log_scaled_steps_share_per_forward_tables_exactly():
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_log_scaled_steps_share_per_forward_tables_exactly(strength):
     """Log-scaled queries (factor > 1 past the 64-token trained window) with the per-forward
     tables shared by the layers: step-by-step decoding, on both caches, equals one full forward."""
     model = tiny_model("llama")
-    se.apply(model, se.SelfExtendConfig(4, 12, log_scale=True))
+    se.apply(model, se.SelfExtendConfig(4, 12, log_scale=strength))
     ids = torch.randint(0, 97, (1, SEQ))
     errors = []
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -176,3 +178,26 @@ def test_sources_tuned_file_beats_shipped_table_beats_rule_of_thumb(tmp_path, mo
     path.write_text("{")  # a broken own file is an error that says what to do, not a silent fallback
     with pytest.raises(ValueError, match="re-create it with tune"):
         plan(name, 8192)
+
+
+def test_tables_keep_log_strengths_and_refuse_bad_ones(tmp_path):
+    """A strength survives the file; strengths 0 and 1 are written as false/true (as older tables say them),
+    and a table with a strength no setting accepts is refused as malformed, naming the file."""
+    from selfextend_llm.config import SelfExtendConfig
+    from selfextend_llm.tuning import TableEntry, TableError, TunedTable, read_table
+
+    entries = [
+        TableEntry(16_000, SelfExtendConfig(4, 512)),
+        TableEntry(28_000, SelfExtendConfig(6, 4096, log_scale=True)),
+        TableEntry(60_000, SelfExtendConfig(16, 256, log_scale=0.5)),
+    ]
+    path = TunedTable("m", 8192, entries).save(tmp_path / "m.json")
+    data = json.loads(path.read_text())
+    assert [e["log_scale"] for e in data["entries"]] == [False, True, 0.5]
+    again = read_table(path, "m", 8192)
+    assert again.entries == entries and again.lookup(50_000).config.log_scale == 0.5
+    for bad in (-1, "half", None):
+        data["entries"][2]["log_scale"] = bad
+        path.write_text(json.dumps(data))
+        with pytest.raises(TableError, match=f"{path}.*malformed table.*log_scale"):
+            read_table(path, "m", 8192)
