@@ -15,7 +15,8 @@ there, ``round7/perplexity_8192.json``: the search's :class:`~selfextend_llm.sea
 
 * ``selfextend_llm/tables/SmolLM2-135M-Instruct.json`` (``--write-table``): what ``load()`` ships;
 * ``results/tune/summary.md``: the chosen setting against plain, dynamic NTK and YaRN per length;
-* ``results/tune/heatmap.png``: every measured setting x length, one panel per task.
+* ``results/tune/heatmap.png``: every measured setting x length, one panel per task;
+* ``results/tune/log_strength.png``: accuracy against the strength of log-scaled queries, per grouping.
 """
 
 from __future__ import annotations
@@ -140,6 +141,48 @@ def heatmap(results: list[LengthResult], path: Path) -> Path:
     return path
 
 
+def strength_plot(results: list[LengthResult], path: Path, least: int = 3) -> Path:
+    """Accuracy against the strength of log-scaled queries, one line per length and grouping measured at
+    ``least`` strengths or more; points measured on fewer than :data:`FULL` prompts are hollow."""
+    plt = _pyplot()
+    lines: dict[tuple[int, int, int], dict[float, str]] = {}
+    for result in results:
+        for method in result.accuracy:
+            cfg = Method.parse(method).config
+            if cfg is not None:
+                key = (result.length, cfg.group_size, cfg.neighbor_window)
+                lines.setdefault(key, {})[cfg.log_scale] = method
+    lines = {k: v for k, v in lines.items() if len(v) >= least}
+    by_length = {r.length: r for r in results}
+    tasks = list(TABLE_TASKS)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False, sharey=True)
+    for ax, task in zip(axes.flat, tasks, strict=True):
+        for (length, group, window), methods in sorted(lines.items()):
+            result = by_length[length]
+            points = sorted(
+                (s, result.accuracy[m][task], result.prompts[m][task] >= FULL)
+                for s, m in methods.items()
+                if task in result.accuracy[m]
+            )
+            if len(points) < 2:
+                continue
+            (line,) = ax.plot(
+                [p[0] for p in points], [p[1] for p in points], label=f"{length // 1024}k G{group} W{window}"
+            )
+            for s, acc, full in points:
+                ax.plot([s], [acc], "o", color=line.get_color(), fillstyle="full" if full else "none")
+        ax.set_xlabel("log strength (0: off, 1: LongLM's log(pos)/log(L))")
+        ax.set_title(task)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("accuracy (hollow: 5-10 prompts)")
+    axes.flat[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="results/tune")
@@ -168,8 +211,9 @@ def main() -> None:
     text = summary(results)
     (folder / "summary.md").write_text(text)
     png = heatmap(results, folder / "heatmap.png")
+    strengths = strength_plot(results, folder / "log_strength.png")
     print(text)
-    print(f"summary: {folder / 'summary.md'}  heatmap: {png}")
+    print(f"summary: {folder / 'summary.md'}  heatmap: {png}  log strengths: {strengths}")
     if args.write_table:
         out = table.save(Path(__file__).resolve().parents[1] / "selfextend_llm" / "tables" / f"{MODEL}.json")
         print(f"table: {out}")
