@@ -21,6 +21,7 @@ def _load(args: argparse.Namespace, **overrides):
         target_context=args.target_context,
         group_size=args.group_size,
         neighbor_window=args.neighbor_window,
+        log_scale=args.log_scale,
         device=args.device,
         fast_generation=args.fast_generation,
         quantized_weights=args.quantized_weights,
@@ -228,7 +229,7 @@ def cmd_vllm_args(args: argparse.Namespace) -> int:
     plugin = _vllm_plugin()
     engine = plugin.engine_args(
         args.model, target_context=args.target_context, group_size=args.group_size,
-        neighbor_window=args.neighbor_window,
+        neighbor_window=args.neighbor_window, log_scale=args.log_scale,
     )  # fmt: skip
     print(json.dumps(engine, indent=2) if args.json else plugin.serve_command(engine, module=args.python_module))
     return 0
@@ -245,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--target-context", type=int, help="context length to plan G and W for")
     common.add_argument("--group-size", type=int, help="fix the group size G")
     common.add_argument("--neighbor-window", type=int, help="fix the neighbor window W")
+    common.add_argument(
+        "--log-scale", type=float, metavar="S",
+        help="with --group-size: strength of log-scaled queries (1: LongLM's log(pos)/log(L); default 0, off)",
+    )  # fmt: skip
     common.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     common.add_argument("--dtype", help="weights dtype, e.g. float32 or bfloat16 (default: bf16 on a GPU, else fp32)")
     common.add_argument("--tuned-table", help="a table from selfextend-llm tune (default: the model's own, if saved)")

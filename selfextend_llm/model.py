@@ -301,6 +301,7 @@ class SelfExtendModel:
             "self_extend": self.self_extend,
             "group_size": cfg.group_size if cfg else None,
             "neighbor_window": cfg.neighbor_window if cfg else None,
+            "log_scale": cfg.log_scale if cfg else None,  # strength of log-scaled queries (0: off)
             "formula_reach": cfg.max_context(self.pretrained_context) if cfg else self.pretrained_context,
             "context_window": self.context_window,
             "adaptive": self.adaptive,
@@ -730,7 +731,7 @@ def load_shared(**kwargs: Any) -> SelfExtendModel:
 
     The framework wrappers use it so that two chat models built with the same arguments share one model.
     """
-    key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+    key = tuple(sorted((k, str(v)) for k, v in kwargs.items() if v is not None))  # None is load's default
     with _SHARED_LOCK:
         if key not in _SHARED:
             _SHARED[key] = load(**kwargs)
@@ -766,12 +767,15 @@ def load(
     fast_generation: bool | None = None,
     tuned_table: str | os.PathLike | bool | None = None,
     quantized_weights: bool | None = None,
+    log_scale: float | bool | None = None,
 ) -> SelfExtendModel:
     """Load a model (the embedded SmolLM2 default when ``model`` is None) with SelfExtend applied.
 
     * ``target_context``: the context to plan for; G and W are chosen for it (tuned values for
       the embedded default) and it becomes ``context_window``.  Default: 4x the trained window.
-    * ``group_size`` / ``neighbor_window``: fix G and W yourself (then every call uses them).
+    * ``group_size`` / ``neighbor_window``: fix G and W yourself (then every call uses them);
+      ``log_scale`` with them: the strength of log-scaled queries (0 or False: off, the default; 1 or True:
+      LongLM's ``log(pos)/log(L)``; 0.5: half of its rise, what the embedded default's table runs at 28k-128k).
     * ``self_extend=False``: the same model, plain, for side-by-side comparison.
     * ``device_map="auto"`` spreads the layers over several GPUs (accelerate); ``tp_plan="auto"``
       splits the heads over the ranks of a ``torchrun`` job (transformers tensor parallelism).
@@ -790,6 +794,7 @@ def load(
     validation.optional_integer("target_context", target_context, minimum=1)
     validation.optional_integer("group_size", group_size, minimum=1)
     validation.optional_integer("neighbor_window", neighbor_window, minimum=1)
+    log_scale = validation.log_strength(log_scale, group_size)
     if not isinstance(self_extend, bool):
         raise TypeError(f"self_extend must be True or False, got {self_extend!r}")
     if fast_generation is not None and not isinstance(fast_generation, bool):
@@ -807,7 +812,7 @@ def load(
         return SelfExtendModel(lm, tok, config=None, context_window=trained, name=name, fast_generation=fast_generation)
     plan = tuning.plan(
         name, trained, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window,
-        tuned_table=tuned_table,
+        tuned_table=tuned_table, log_scale=log_scale,
     )  # fmt: skip
     hf_apply.apply(lm, plan.config, backend=backend)
     return SelfExtendModel(

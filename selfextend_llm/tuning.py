@@ -339,6 +339,7 @@ def plan(
     config: SelfExtendConfig | None = None,
     adaptive: bool = True,
     tuned_table: str | Path | TunedTable | bool | None = None,
+    log_scale: float | None = None,
 ) -> Plan:
     """Turn a caller's request into a :class:`Plan`, refusing what cannot be reached.
 
@@ -349,11 +350,18 @@ def plan(
       table's setting for its length, ``adaptive=False`` (``apply``) fixes the rule of thumb.
     * ``tuned_table``: a table file (or table) to use instead of the one found for ``model_name``;
       False for none (rule of thumb only).
+    * ``log_scale``: the strength of log-scaled queries of a grouping fixed by ``group_size`` (refused
+      without one: the table's entries carry their own).
     """
     trained = pretrained_context
+    if log_scale is not None and (config is not None or group_size is None):
+        raise ValueError(
+            "log_scale goes with group_size (a SelfExtendConfig carries its own log_scale); without a fixed grouping "
+            "each length takes the table's setting, strength included"
+        )
     if config is None and group_size is not None:
         window = neighbor_window or SelfExtendConfig.for_target(trained, target_context or 4 * trained).neighbor_window
-        config = SelfExtendConfig(group_size, window)
+        config = SelfExtendConfig(group_size, window, log_scale=log_scale or 0.0)
     if config is not None:
         reach = config.max_context(trained)
         if target_context is not None and target_context > reach:

@@ -56,6 +56,21 @@ def number(
     return float(value)
 
 
+def log_strength(value: Any, group_size: int | None) -> float | None:
+    """``log_scale`` beside a fixed ``group_size``: True/False or a strength >= 0 (None: not fixed).
+
+    A strength belongs to a grouping: without ``group_size`` each call takes its length's setting from the
+    model's table, strength included, so a strength alone is refused rather than silently dropped."""
+    if value is None:
+        return None
+    if group_size is None:
+        raise ValueError(
+            f"log_scale={_show(value)} fixes the strength of log-scaled queries of a grouping you fix: pass group_size "
+            "(and neighbor_window) too, or leave log_scale out to take the tuned table's setting for each length"
+        )
+    return float(value) if isinstance(value, bool) else number("log_scale", value, minimum=0)
+
+
 def stops(value: Any) -> list[str]:
     """``stop``: None, a string or a list of strings; empty strings are dropped (they would stop at once)."""
     if value is None:

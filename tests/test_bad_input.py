@@ -108,9 +108,22 @@ def test_explicit_settings_are_kept_or_refused():
         selfextend_llm.load(target_context="32k")
     with pytest.raises(TypeError, match="fast_generation must be True, False or None"):
         selfextend_llm.load(fast_generation="yes")
+    # a log strength goes with a fixed grouping, and is a number >= 0 (refused before the model loads)
+    with pytest.raises(ValueError, match=r"log_scale=0.5 fixes the strength .* pass group_size"):
+        selfextend_llm.load(log_scale=0.5)
+    with pytest.raises(ValueError, match="log_scale must be >= 0, got -1"):
+        selfextend_llm.load(group_size=4, log_scale=-1)
+    with pytest.raises(TypeError, match="log_scale must be a number, got str"):
+        selfextend_llm.load(group_size=4, log_scale="half")
     # a window the model can take is kept exactly, at any target
     lm = selfextend_llm.load(neighbor_window=3000, target_context=20_000)
     assert lm.config.neighbor_window == 3000
+    # a fixed grouping with a strength is what every call runs, and what describe() reports
+    fixed = selfextend_llm.load(group_size=4, neighbor_window=1024, log_scale=0.5)
+    assert fixed.config == SelfExtendConfig(4, 1024, log_scale=0.5) and not fixed.adaptive
+    assert fixed.plan.config_for(20_000) == fixed.config
+    assert fixed.describe()["log_scale"] == 0.5
+    assert selfextend_llm.load(group_size=4, neighbor_window=1024, log_scale=True).config.log_scale == 1.0
     assert SelfExtendConfig.for_target(8192, 60_000, neighbor_window=5000).neighbor_window == 5000
 
 
@@ -122,6 +135,11 @@ def test_framework_classes_refuse_a_window_the_model_cannot_take():
         ChatSelfExtend(neighbor_window=100000)
     with pytest.raises(ValueError, match="neighbor_window=100000"):
         SelfExtendLLM(neighbor_window=100000)
+    # a log strength reaches load() from both, and is refused there without a fixed grouping
+    with pytest.raises(ValueError, match="log_scale=0.5 fixes the strength"):
+        ChatSelfExtend(log_scale=0.5)
+    with pytest.raises(ValueError, match="log_scale=0.5 fixes the strength"):
+        SelfExtendLLM(log_scale=0.5)
 
 
 def test_apply_refuses_unreachable_targets():
@@ -140,6 +158,9 @@ def test_cli_errors_are_one_line_and_name_the_fix(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: neighbor_window=100000 must be smaller")
     assert "Traceback" not in out.stderr
+    out = subprocess.run([*run, "info", "--log-scale", "0.5"], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: log_scale=0.5 fixes the strength")
     # the server extra missing: hide fastapi from the child process
     blocker = tmp_path / "sitecustomize.py"
     blocker.write_text("import sys\nsys.modules['fastapi'] = None\n")

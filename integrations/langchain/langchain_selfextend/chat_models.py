@@ -66,8 +66,13 @@ class ChatSelfExtend(BaseChatModel):
     model: str | None = None
     """Hugging Face id or local path; None for the embedded SmolLM2 default."""
     target_context: int | None = None
+    """Context to plan G and W for (default: 4x the trained window); the advertised window."""
     group_size: int | None = None
+    """Fixed group size G (default: the model's tuned table, length by length)."""
     neighbor_window: int | None = None
+    """Fixed neighbor window W (keys this close keep their exact positions)."""
+    log_scale: float | None = None
+    """With ``group_size``: strength of log-scaled queries (1: LongLM's log(pos)/log(L); default off)."""
     gguf_file: str | None = None
     device: str | None = None
     fast_generation: bool | None = None
@@ -93,6 +98,7 @@ class ChatSelfExtend(BaseChatModel):
                 target_context=self.target_context,
                 group_size=self.group_size,
                 neighbor_window=self.neighbor_window,
+                log_scale=self.log_scale,
                 gguf_file=self.gguf_file,
                 device=self.device,
                 fast_generation=self.fast_generation,

@@ -205,6 +205,10 @@ def test_engine_args_plan_like_load_and_carry_the_settings(folder):
     fixed = Settings(**fixed_args["hf_overrides"]["selfextend"])
     assert fixed.config_for(100).group_size == 4 and fixed.context_window == (8192 - 512) * 4 + 512
     assert fixed.source == "fixed by the caller"
+    # a strength of log-scaled queries travels with a fixed grouping to every worker, as load() runs it
+    half = Settings(**vllm_selfextend.engine_args(folder, group_size=32, neighbor_window=4096, log_scale=0.5)[
+        "hf_overrides"]["selfextend"])  # fmt: skip
+    assert half.config_for(60_000) == selfextend_llm.SelfExtendConfig(32, 4096, log_scale=0.5)
     flags = vllm_selfextend.serve_flags(args)
     assert flags[0] == folder and json.loads(flags[flags.index("--hf-overrides") + 1]) == args["hf_overrides"]
 
@@ -220,6 +224,8 @@ def test_bad_input_fails_before_any_engine(folder, tmp_path):
         vllm_selfextend.engine_args(folder, group_size=2, neighbor_window=1024, target_context=WINDOW * 4)
     with pytest.raises(ValueError, match="beyond the planned SelfExtend window"):
         vllm_selfextend.engine_args(folder, target_context=WINDOW, max_model_len=WINDOW * 2)
+    with pytest.raises(ValueError, match="log_scale=0.5 fixes the strength .* pass group_size"):
+        vllm_selfextend.engine_args(folder, log_scale=0.5)
     base = json.loads((Path(folder) / "config.json").read_text())
     cases = {
         "sliding-window": {**base, "sliding_window": 4096, "model_type": "mistral"},

@@ -65,13 +65,15 @@ def engine_args(
     target_context: int | None = None,
     group_size: int | None = None,
     neighbor_window: int | None = None,
+    log_scale: float | bool | None = None,
     **more: Any,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM(**...)`` serving ``model`` (a transformers folder) with SelfExtend.
 
     G and W come from the project's own tuning, as ``selfextend_llm.load`` chooses them for a call of
     ``target_context`` tokens (the measured table for the embedded default, else the rule of thumb), or
-    are fixed by ``group_size``/``neighbor_window``; every request runs that one setting
+    are fixed by ``group_size``/``neighbor_window`` (and ``log_scale``, the strength of log-scaled queries);
+    every request runs that one setting
     (:class:`~vllm_selfextend.settings.Settings` says why).  ``max_model_len`` is the
     planned window (``target_context``, default 4x the trained one); the model config's
     ``max_position_embeddings`` is raised to it (vLLM sizes its rotary tables by it) and the settings
@@ -81,7 +83,10 @@ def engine_args(
     starts.
     """
     folder = str(Path(model).expanduser()) if model is not None else _default_model()
-    settings = plan(folder, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window)
+    settings = plan(
+        folder, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window,
+        log_scale=log_scale,
+    )  # fmt: skip
     overrides = {**more.pop("hf_overrides", {}), KEY: settings.to_override()}
     overrides["max_position_embeddings"] = settings.context_window
     args: dict[str, Any] = {

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from selfextend_llm import tuning
+from selfextend_llm import tuning, validation
 from selfextend_llm.config import SelfExtendConfig
 from selfextend_llm.hf.apply import SLIDING_LAYER_TYPES, SUPPORTED_ROPE_TYPES, UnsupportedModelError
 
@@ -128,14 +128,19 @@ def plan(
     target_context: int | None = None,
     group_size: int | None = None,
     neighbor_window: int | None = None,
+    log_scale: float | bool | None = None,
 ) -> Settings:
-    """G and W for serving ``folder``, planned as ``selfextend_llm.load`` plans them; refuses what cannot reach."""
+    """G and W for serving ``folder``, planned as ``selfextend_llm.load`` plans them; refuses what cannot reach.
+
+    ``log_scale``: with ``group_size``, the strength of log-scaled queries (as in ``load``)."""
+    log_scale = validation.log_strength(log_scale, group_size)
     config = read_config(folder)
     name = model_name(folder)
     trained = check_servable(config, name)
     chosen = tuning.plan(
-        name, trained, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window
-    )
+        name, trained, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window,
+        log_scale=log_scale,
+    )  # fmt: skip
     cfg = chosen.config
     source = tuning.SOURCE_FIXED if group_size is not None else chosen.source_for(chosen.context_window)
     return Settings(

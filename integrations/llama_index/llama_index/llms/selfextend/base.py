@@ -89,6 +89,10 @@ class SelfExtendLLM(FunctionCallingLLM):
     target_context: int | None = Field(default=None, description="Context to plan G and W for.")
     group_size: int | None = Field(default=None, description="Fixed SelfExtend group size G.")
     neighbor_window: int | None = Field(default=None, description="Fixed SelfExtend neighbor window W.")
+    log_scale: float | None = Field(
+        default=None,
+        description="With group_size: strength of log-scaled queries (1: LongLM's log(pos)/log(L); default off).",
+    )
     gguf_file: str | None = Field(default=None, description="A GGUF file to load.")
     device: str | None = Field(default=None, description="Torch device; default cuda when available.")
     fast_generation: bool | None = Field(
@@ -112,6 +116,7 @@ class SelfExtendLLM(FunctionCallingLLM):
             target_context=self.target_context,
             group_size=self.group_size,
             neighbor_window=self.neighbor_window,
+            log_scale=self.log_scale,
             gguf_file=self.gguf_file,
             device=self.device,
             fast_generation=self.fast_generation,
