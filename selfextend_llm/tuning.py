@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import validation
 from .config import SelfExtendConfig, check_reach
 
 #: Tables shipped with the package, one JSON file per model name (same format ``tune`` writes).
@@ -354,11 +355,11 @@ def plan(
       without one: the table's entries carry their own).
     """
     trained = pretrained_context
-    if log_scale is not None and (config is not None or group_size is None):
+    if config is not None and log_scale is not None:
         raise ValueError(
-            "log_scale goes with group_size (a SelfExtendConfig carries its own log_scale); without a fixed grouping "
-            "each length takes the table's setting, strength included"
+            "pass log_scale inside the SelfExtendConfig (SelfExtendConfig(G, W, log_scale=...)), not beside it"
         )
+    log_scale = validation.log_strength(log_scale, group_size)
     if config is None and group_size is not None:
         window = neighbor_window or SelfExtendConfig.for_target(trained, target_context or 4 * trained).neighbor_window
         config = SelfExtendConfig(group_size, window, log_scale=log_scale or 0.0)

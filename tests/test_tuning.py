@@ -201,3 +201,15 @@ def test_tables_keep_log_strengths_and_refuse_bad_ones(tmp_path):
         path.write_text(json.dumps(data))
         with pytest.raises(TableError, match=f"{path}.*malformed table.*log_scale"):
             read_table(path, "m", 8192)
+
+
+def test_plan_takes_a_log_strength_with_a_fixed_grouping_only():
+    from selfextend_llm.config import SelfExtendConfig
+    from selfextend_llm.tuning import plan
+
+    fixed = plan("m", 8192, group_size=4, neighbor_window=512, log_scale=0.5)
+    assert fixed.config == SelfExtendConfig(4, 512, log_scale=0.5) and fixed.config_for(20_000) == fixed.config
+    with pytest.raises(ValueError, match="log_scale=0.5 fixes the strength .* pass group_size"):
+        plan("m", 8192, log_scale=0.5)
+    with pytest.raises(ValueError, match=r"inside the SelfExtendConfig \(SelfExtendConfig\(G, W, log_scale"):
+        plan("m", 8192, config=SelfExtendConfig(4, 512), log_scale=0.5)
