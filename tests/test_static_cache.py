@@ -120,16 +120,17 @@ def test_decode_step_allocates_no_square_tensor():
     assert seen.shapes and not big, big
 
 
-@pytest.mark.parametrize("family", ["llama", "cohere"])
-def test_compiled_decode_fullgraph_equals_dynamic(family):
+@pytest.mark.parametrize(("family", "strength"), [("llama", 0.0), ("cohere", 0.0), ("llama", 0.5)])
+def test_compiled_decode_fullgraph_equals_dynamic(family, strength):
     """generate() compiles its decode step with fullgraph=True (any graph break or host sync
-    would fail it) and gives the dynamic cache's tokens; a second call reuses the graph.
+    would fail it) and gives the dynamic cache's tokens; a second call reuses the graph; log-scaled
+    queries at half strength (a constant of the graph) too.
     (Not Gemma 3: transformers' static sliding-window layers recompile at every step.)"""
     torch._dynamo.reset()
     model = tiny_model(family)
     ids, mask = _padded_pair(110, 97, seed=1)
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, attention_mask=mask)
-    se.apply(model, se.SelfExtendConfig(3, 12))
+    se.apply(model, se.SelfExtendConfig(3, 12, log_scale=strength))
     compile_config = CompileConfig(fullgraph=True, dynamic=False)
     compile_config._compile_all_devices = True
     with torch.no_grad():
@@ -162,12 +163,13 @@ def test_cache_buckets():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA graphs, sync debug mode)")
-def test_cuda_graph_decode_has_no_host_sync():
+@pytest.mark.parametrize("strength", [0.0, 0.5])
+def test_cuda_graph_decode_has_no_host_sync(strength):
     """Decode steps compiled with CUDA graphs (mode="reduce-overhead") run with the sync debug
-    mode on "error", and their logits match a full forward."""
+    mode on "error", and their logits match a full forward (log-scaled queries on or off)."""
     torch._dynamo.reset()
     model = tiny_model("llama").cuda()
-    se.apply(model, se.SelfExtendConfig(3, 12))
+    se.apply(model, se.SelfExtendConfig(3, 12, log_scale=strength))
     ids = torch.randint(0, 97, (1, SEQ), device="cuda")
     with torch.no_grad():
         full = model(ids).logits.double()
