@@ -154,7 +154,7 @@ def test_log_scaled_queries_at_half_strength_over_the_paged_cache(batch_decodes)
     )  # fmt: skip
     scaled = []
     for (q, k, v), n in zip(raw, seq_lens, strict=True):
-        pos = torch.arange(n - q.shape[2], n, dtype=torch.float64)
+        pos = torch.arange(n - q.shape[2], n, dtype=torch.float64, device="cpu")  # beside the CPU reference
         factor = torch.clamp(1 + 0.5 * (torch.log(pos + 1) / math.log(128) - 1), min=1.0)
         scaled.append((q * factor[None, None, :, None], k, v))
     assert scaled[0][0].abs().sum() > raw[0][0].abs().sum()  # the decode rows are past the window: scaled up
