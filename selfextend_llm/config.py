@@ -22,7 +22,8 @@ MAX_MEASURED_GROUP = 64
 PERPLEXITY_TOLERANCE = 0.01
 #: Strengths of log-scaled queries that ``tune``'s generated candidates try past the window (``log="on"``).  On the
 #: embedded default the full scaling (1) helped multi-key needles and cost single-fact answers; half of it
-#: kept most of both and won at 24k, 28k, 64k and 128k (BENCHMARKS.md, round 8), the full one at 32k.
+#: kept most of both and was chosen at 28k, 64k and 128k and for 24k chat calls (BENCHMARKS.md, round 8), the full
+#: one at 32k.
 LOG_STRENGTHS = (0.5, 1.0)
 
 
