@@ -104,7 +104,8 @@ def _over_plain(result: LengthResult, method: str) -> str:
 
 
 def _spelled(method: str) -> str:
-    return method.replace("se:", "G").replace(",", " W").replace("+log", " +log")
+    cfg = Method.parse(method).config
+    return method if cfg is None else cfg.label
 
 
 def heatmap(results: list[LengthResult], path: Path) -> Path:
