@@ -33,8 +33,9 @@ from transformers import DynamicCache
 
 from . import validation
 from .config import SelfExtendConfig
+from .engine.sampling import Sampling, pick
 from .hf import apply as hf_apply
-from .model import MIN_SAMPLING_TEMPERATURE, Completion, Prompt, SelfExtendModel, StreamChunk
+from .model import Completion, Prompt, SelfExtendModel, StreamChunk
 from .stopping import emittable, find_stop, normalize_stops
 
 log = logging.getLogger("selfextend_llm.batching")
@@ -61,12 +62,13 @@ class _Request:
     ids: list[int]
     max_new: int
     stops: list[str]
-    temperature: float
-    top_p: float | None
+    sampling: Sampling
     generator: torch.Generator | None
     config: SelfExtendConfig | None
     deadline: float | None
     constraint: Any = None  # structured.Constraint: JSON valid by construction
+    chat: bool = False
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
@@ -120,7 +122,9 @@ class RequestHandle:
         for chunk in self:
             text.append(chunk.text)
             last = chunk
-        return Completion("".join(text), last.prompt_tokens, last.completion_tokens, last.finish_reason)
+        return Completion(
+            "".join(text), last.prompt_tokens, last.completion_tokens, last.finish_reason, last.cached_tokens
+        )
 
     def cancel(self) -> None:
         """Stop generating for this request (a client hung up); its row leaves at the next step."""
@@ -186,6 +190,9 @@ class ContinuousBatcher:
         seed: int | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         timeout: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
         response_format: Mapping[str, Any] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
     ) -> RequestHandle:
@@ -196,6 +203,8 @@ class ContinuousBatcher:
         if self._draining or self._stopped:
             raise ShuttingDownError("the server is shutting down and takes no new requests; retry elsewhere")
         validation.generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        validation.sampling_extras(top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty)
+        sampling = Sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
         if timeout is not None:
             validation.number("timeout", timeout, minimum=0.0, exclusive_minimum=True)
         stops = normalize_stops(stop)
@@ -206,12 +215,9 @@ class ContinuousBatcher:
         max_new = max(1, min(max_new_tokens, self.model.context_window - len(ids)))
         plan = self.model.plan
         config = None if plan is None else plan.config_for(len(ids) + max_new, not isinstance(prompt, str))
-        generator = None
-        if seed is not None and temperature >= MIN_SAMPLING_TEMPERATURE:
-            generator = torch.Generator(device=self.model.device).manual_seed(seed)
         request = _Request(
-            ids, max_new, stops, temperature, top_p, generator, config,
-            None if timeout is None else time.monotonic() + timeout, constraint,
+            ids, max_new, stops, sampling, sampling.generator(self.model.device), config,
+            None if timeout is None else time.monotonic() + timeout, constraint, not isinstance(prompt, str),
         )  # fmt: skip
         with self._lock:
             if len(self._waiting) >= self.max_queue:
@@ -313,11 +319,51 @@ class ContinuousBatcher:
         request.events.put(error)
 
     def _admit(self) -> None:
-        """Start prefilling waiting requests while rows are free."""
+        """Start prefilling waiting requests while rows are free.
+
+        A request that shares its first tokens with one being prefilled now waits for that prefill (which
+        goes into the prefix cache) rather than computing the same keys beside it: sixteen questions about
+        one document read it once."""
+        cache = self.model.prefix_cache
+        deferred: list[_Request] = []
         while self._waiting and self.running < self.max_batch:
             with self._lock:
                 request = self._waiting.popleft()
-            self._prefills.append(_Prefill(request))
+            hit = cache.lookup(request.ids, self._accepts(request)) if cache.enabled else None
+            if hit is None and cache.enabled and self._shares_prefill(request):
+                deferred.append(request)
+                continue
+            job = _Prefill(request)
+            if hit is not None:
+                request.config, request.cached_tokens = hit.entry.config, hit.length
+                keys, values = hit.kv()
+                for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+                    job.cache.update(k, v, layer)
+                job.done_tokens = hit.length
+            self._prefills.append(job)
+        if deferred:
+            with self._lock:
+                self._waiting.extendleft(reversed(deferred))
+
+    def _accepts(self, request: _Request):
+        n, total = len(request.ids), len(request.ids) + request.max_new
+        return lambda cached, shared: self.model._continues(request.config, n, total, cached, shared)
+
+    def _shares_prefill(self, request: _Request) -> bool:
+        """Whether a request being prefilled shares most of this one's prompt (at least half, and more
+        than a prefill chunk): then waiting for its keys beats computing them twice."""
+        ids = torch.tensor(request.ids)
+        need = max(self.prefill_chunk, len(request.ids) // 2)
+        for job in self._prefills:
+            other = torch.tensor(job.request.ids)
+            n = min(len(ids) - 1, len(other))
+            if n < need:
+                continue
+            differ = (ids[:n] != other[:n]).nonzero()
+            shared = n if differ.numel() == 0 else int(differ[0, 0])
+            if shared >= need and self._accepts(request)(job.request.config, shared):
+                return True
+        return False
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         with torch.inference_mode():
@@ -347,6 +393,11 @@ class ContinuousBatcher:
         if end < len(request.ids):
             return 0
         self._prefills.remove(job)
+        if self.model.prefix_cache.enabled:  # the prompt's keys, for the next request that starts with it
+            layers = job.cache.layers
+            self.model.prefix_cache.store(
+                request.ids, request.config, [x.keys for x in layers], [x.values for x in layers]
+            )
         token = self._sample(logits, [request])[0]
         if self._emit(request, token):
             return 1
@@ -410,19 +461,17 @@ class ContinuousBatcher:
         return len(tokens)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Request]) -> list[int]:
-        """Each row's next token with its own temperature, top_p and seed."""
+        """Each row's next token with its own sampling and seed (:func:`.engine.sampling.pick`, the
+        single path's sampler too)."""
         for i, request in enumerate(rows):
             if request.constraint is not None:
                 request.constraint.mask_(logits[i])  # JSON valid by construction
         tokens = logits.argmax(-1).tolist()
         for i, request in enumerate(rows):
-            if request.temperature >= MIN_SAMPLING_TEMPERATURE:
-                probs = torch.softmax(logits[i] / request.temperature, -1)
-                if request.top_p is not None and request.top_p < 1.0:
-                    sorted_p, order = probs.sort(descending=True)
-                    drop = sorted_p.cumsum(0) - sorted_p > request.top_p
-                    probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
-                tokens[i] = int(torch.multinomial(probs, 1, generator=request.generator))
+            sampling = request.sampling
+            if not sampling.greedy or sampling.penalised:
+                history = torch.tensor(request.ids + request.generated) if sampling.penalised else None
+                tokens[i] = pick(logits[i], sampling, request.generator, history)
             if request.constraint is not None:
                 request.constraint.accept(tokens[i])
         return tokens
@@ -439,7 +488,7 @@ class ContinuousBatcher:
             if end > request.shown:
                 request.events.put(StreamChunk(text[request.shown : end]))
             reason = "length" if length and cut is None else "stop"
-            request.events.put(StreamChunk("", reason, len(request.ids), len(ids)))
+            request.events.put(StreamChunk("", reason, len(request.ids), len(ids), request.cached_tokens))
             return True
         upto = emittable(text, request.stops)
         while upto > request.shown and text[upto - 1] == "\ufffd":  # half of a multi-byte character

@@ -55,6 +55,17 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def recompile_limit_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "too many compiled shapes": each cache bucket and grouping is a graph, and
+    dynamo refuses the ninth under ``fullgraph`` (not a ``TorchDynamoException``)."""
+    errors: list[type[BaseException]] = []
+    for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit", "RecompileLimitExceeded", "CacheLimitExceeded"):
+        err = getattr(torch._dynamo.exc, name, None)
+        if isinstance(err, type) and issubclass(err, BaseException):
+            errors.append(err)
+    return tuple(errors)
+
+
 class FastGeneration:
     """Per-model state of the fast path: whether it is on, the cache kept, first-call timings."""
 
@@ -71,7 +82,10 @@ class FastGeneration:
         self._cache = None
         self._cache_key: tuple | None = None
         params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        #: The name ``generate`` takes the cache under ("cache" from transformers 5.24 on).
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        #: How often the compiled graphs were dropped on reaching dynamo's recompile limit.
+        self.compile_resets = 0
 
     @property
     def active(self) -> bool:
@@ -99,17 +113,32 @@ class FastGeneration:
             with torch.inference_mode():  # generate makes the cache's tensors inference tensors
                 self._cache.reset()
         if not (device.type == "cuda" if self.compile is None else self.compile):
-            return {self._cache_arg: self._cache}
+            return {self.cache_arg: self._cache}
         config = CompileConfig(fullgraph=True, dynamic=False)
         if device.type != "cuda":
             config._compile_all_devices = True  # transformers compiles only on accelerators by default
-        return {self._cache_arg: self._cache, "compile_config": config}
+        return {self.cache_arg: self._cache, "compile_config": config}
 
     def timed(self, batch: int, total_tokens: int, started: float) -> None:
         """Record the wall time of the first call in a bucket (the one that compiled)."""
         key = (batch, cache_bucket(total_tokens))
         if self.active and key not in self.first_calls:
             self.first_calls[key] = time.perf_counter() - started
+
+    def forget_compiled(self, err: BaseException) -> None:
+        """Drop every compiled graph after dynamo's recompile limit (``err``): the next calls compile
+        their own shapes afresh, so the number of shapes a process meets is unbounded and the set of
+        graphs alive at once stays bounded (the call that hit the limit finishes on the dynamic cache)."""
+        torch.compiler.reset()
+        self.compile_resets += 1
+        self.first_calls.clear()
+        self._cache = self._cache_key = None
+        warnings.warn(
+            f"{type(err).__name__}: more compiled shapes than torch._dynamo.config.recompile_limit; the compiled "
+            "decode graphs were dropped and are compiled again as calls need them (this call finishes uncompiled)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def disable(self, err: BaseException) -> None:
         """Turn the fast path off for this model after ``err``, with one warning."""
@@ -128,5 +157,6 @@ class FastGeneration:
             "enabled": self.enabled,
             "active": self.active,
             "failed": self.failed,
+            "compile_resets": self.compile_resets,
             "first_call_seconds": {f"batch {b}, cache {n}": round(s, 2) for (b, n), s in self.first_calls.items()},
         }

@@ -24,7 +24,9 @@ from . import tools as tools_mod
 from . import tuning, validation
 from .attention import Backend, check_backend
 from .config import SelfExtendConfig
-from .generation import FastGeneration, compile_errors
+from .engine import prefix_cache as prefix_mod
+from .engine.sampling import Sampling, SamplingProcessor
+from .generation import FastGeneration, compile_errors, recompile_limit_errors
 from .hf import apply as hf_apply
 from .hf import native_step
 from .kernels import native
@@ -36,9 +38,8 @@ if TYPE_CHECKING:
 
 Prompt = str | Sequence[Mapping[str, Any]]
 
-#: Temperatures below this decode greedily: sampling at, say, 1e-300 divides logits into infinities
-#: (NaN probabilities), while its distribution is the argmax anyway.
-MIN_SAMPLING_TEMPERATURE = 1e-4
+#: Sampling arguments taken by every generate entry point (beyond max_new_tokens and stop).
+SAMPLING_ARGUMENTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of text or a stop string) or "length"
+    #: Prompt tokens whose keys and values came from the prefix cache (not computed again).
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -59,6 +62,7 @@ class StreamChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -73,6 +77,9 @@ class _Call:
     kwargs: dict[str, Any]
     #: The prompts are chat messages (through the chat template): the table's chat entries apply.
     chat: bool = False
+    sampling: Sampling = Sampling()
+    #: Filled by the run: prompt tokens reused from the prefix cache.
+    cached_tokens: int = 0
 
 
 class ContextWindowExceededError(ValueError):
@@ -120,6 +127,7 @@ class SelfExtendModel:
         fast_generation: bool | None = None,
         neighbor_window: int | None = None,
         plan: tuning.Plan | None = None,
+        prefix_cache_bytes: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -158,6 +166,13 @@ class SelfExtendModel:
         self._batcher_lock = threading.Lock()
         self._solo_calls = 0  # complete_shared() calls on the single-sequence path right now
         self._grammars: Any = None  # compiled JSON grammars (structured.JSONGrammars), made on first use
+        #: Keys and values of recent prompts, reused for calls that share their first tokens
+        #: (:mod:`selfextend_llm.engine.prefix_cache`); ``prefix_cache_bytes=0`` turns it off.
+        self.prefix_cache = prefix_mod.PrefixCache(
+            prefix_mod.default_budget(self.device) if prefix_cache_bytes is None else prefix_cache_bytes
+        )
+        #: What the last generation ran (grouping, cached tokens, path): ``describe()["last_call"]``.
+        self.last_call: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- properties
     @property
@@ -312,6 +327,9 @@ class SelfExtendModel:
             ),
             "device": str(self.device),
             "fast_generation": self.fast.describe(),
+            "prefix_cache": self.prefix_cache.describe(),
+            # group_size / neighbor_window above are the load-time setting; what the last call ran:
+            "last_call": self.last_call,
             "quantized_weights": _weights(self.model),
             # the CPU decode step's C kernels: built, with which flags, or why not (PyTorch runs instead)
             "cpu_kernels": (
@@ -400,6 +418,28 @@ class SelfExtendModel:
         if config is not None:
             settings.config = config
 
+    def grouping_for(self, total_tokens: int, chat: bool = False) -> SelfExtendConfig | None:
+        """The grouping a call of ``total_tokens`` (prompt + new tokens) runs with a fresh prompt
+        (None: the plain model); a call that continues a cached prefix may keep the prefix's own."""
+        return None if self.plan is None else self.plan.config_for(total_tokens, chat)
+
+    def _continues(
+        self, wanted: SelfExtendConfig | None, prompt_tokens: int, total_tokens: int,
+        cached: SelfExtendConfig | None, shared: int,
+    ) -> bool:  # fmt: skip
+        """Whether a call that would run ``wanted`` may continue ``shared`` tokens computed under ``cached``.
+
+        The same grouping always.  Another one only when the prefix is most of the prompt (a document
+        asked about again, a chat that goes on: computing it again would cost what reuse saves) and
+        its reach covers the call; a short shared head (a chat template's system turn) never changes the
+        grouping of a call.  A plain prefix reaches the trained window."""
+        if cached == wanted:
+            return True
+        if self.plan is None or 2 * shared < prompt_tokens:
+            return False
+        reach = self.pretrained_context if cached is None else cached.max_context(self.pretrained_context)
+        return total_tokens <= min(reach, self.context_window)
+
     def _configure_for(self, total_tokens: int, chat: bool = False) -> None:
         if self.plan is not None:
             self.use_grouping(self.plan.config_for(total_tokens, chat))
@@ -409,27 +449,23 @@ class SelfExtendModel:
         """The token ids that end a generation (the generation config may list several)."""
         return frozenset(_as_list(self.model.generation_config.eos_token_id))
 
-    def _gen_kwargs(
-        self, max_new_tokens: int, temperature: float, top_p: float | None, seed: int | None, **extra: Any
-    ) -> dict[str, Any]:
-        # the arguments were checked by _prepare, before any work
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-        if temperature >= MIN_SAMPLING_TEMPERATURE:
-            kwargs.update(do_sample=True, temperature=temperature)
-            if top_p is not None:
-                kwargs["top_p"] = top_p
-            if seed is not None:
-                torch.manual_seed(seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    def _gen_kwargs(self, max_new_tokens: int, **extra: Any) -> dict[str, Any]:
+        """``generate`` arguments: always greedy for transformers; sampling, when asked for, is our
+        :class:`~.engine.sampling.SamplingProcessor` (the batcher's sampler), added by :meth:`_start`."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+            "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+        }  # fmt: skip
         kwargs.update(extra)
         return kwargs
 
     def _prepare(
-        self, prompts: Sequence[Prompt], max_new_tokens: int, tools, temperature: float, top_p, seed
+        self, prompts: Sequence[Prompt], max_new_tokens: int, tools, sampling: Sampling
     ) -> tuple[list[list[int]], int]:
         """Check every argument, encode the prompts, check they fit: all before any generation."""
-        validation.generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        validation.generation(
+            max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed
+        )
         if not _is_prompt_list(prompts):
             raise TypeError("prompts must be a non-empty list of prompts (strings or message lists)")
         encoded = [self.encode(p, tools=tools) for p in prompts]
@@ -453,26 +489,39 @@ class SelfExtendModel:
             mask[row, width - len(e) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _generate(self, ids, mask, max_new: int, criteria, kwargs: dict[str, Any], streamer=None) -> torch.Tensor:
+    def _generate(
+        self, call: _Call, criteria, streamer=None, prefix: prefix_mod.Hit | None = None
+    ) -> tuple[torch.Tensor, Any, str]:
         """``model.generate`` on the fast path where it is on, else (or if it fails to compile) the dynamic one.
 
-        A compile failure can come after some tokens were streamed; generation then resumes from
-        them on the dynamic cache, so the stream neither repeats nor loses a token.
+        Returns the sequences, the cache they leave (for the prefix cache) and which path ran.  With
+        ``prefix``, the cache starts with the prefix's keys and values and only the rest of the prompt
+        is computed.  A compile failure can come after some tokens were streamed; generation then
+        resumes from them on the dynamic cache, so the stream neither repeats nor loses a token.
         """
+        ids, mask, max_new, kwargs = call.ids, call.mask, call.max_new, call.kwargs
         extra = {} if streamer is None else {"streamer": streamer}
         fast = self.fast.generate_kwargs(ids.shape[0], ids.shape[1] + max_new)
         if fast:
+            cache = fast[self.fast.cache_arg]
+            if prefix is not None:
+                _load_prefix(cache, prefix)
+                if self.self_extend:  # the grouped-key mirrors describe the previous call's keys
+                    hf_apply.clear_cache(self.model)
             started = time.perf_counter()
             try:
                 out = self.model.generate(
                     input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **fast, **kwargs, **extra
                 )
                 self.fast.timed(ids.shape[0], ids.shape[1] + max_new, started)
-                return out
+                return out, cache, "static cache" + (", compiled" if "compile_config" in fast else "")
+            except recompile_limit_errors() as err:  # too many shapes: forget the compiled ones, keep the path
+                self.fast.forget_compiled(err)
             except compile_errors() as err:
                 self.fast.disable(err)
-                if self.self_extend:
-                    hf_apply.clear_cache(self.model, keep_static=self.fast.active)
+            if self.self_extend:
+                hf_apply.clear_cache(self.model, keep_static=self.fast.active)
+            prefix = None  # the failed call may have written past it: compute everything again
             if streamer is not None and streamer.generated:
                 done = torch.tensor([streamer.generated], dtype=ids.dtype, device=ids.device)
                 streamer.next_tokens_are_prompt = True  # the resumed call's input is not news
@@ -480,8 +529,19 @@ class SelfExtendModel:
                 kwargs = {**kwargs, "max_new_tokens": max_new - done.shape[1]}
                 if kwargs["max_new_tokens"] < 1:
                     streamer.end()
-                    return ids
-        return self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **kwargs, **extra)
+                    return ids, None, "dynamic cache"
+        from transformers import DynamicCache
+
+        # No config: every layer keeps all its keys (sliding layers too; their mask still slides), so
+        # what the call leaves can be reused whole.
+        cache = DynamicCache()
+        if prefix is not None:
+            _load_prefix(cache, prefix)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **{self.fast.cache_arg: cache},
+            **kwargs, **extra,
+        )  # fmt: skip
+        return out, cache, "dynamic cache"
 
     def _start(
         self,
@@ -496,6 +556,9 @@ class SelfExtendModel:
     ) -> _Call:
         """Everything a call needs, checked and encoded before any work (and before taking the lock)."""
         stops = normalize_stops(stop)
+        extras = {k: generate_kwargs.pop(k, None) for k in ("top_k", "min_p", "repetition_penalty")}
+        validation.sampling_extras(**extras)
+        sampling = Sampling(temperature, top_p, seed=seed, **extras)
         response_format = generate_kwargs.pop("response_format", None)
         tool_choice = generate_kwargs.pop("tool_choice", None)
         checked, must_call = None, None
@@ -505,9 +568,9 @@ class SelfExtendModel:
             checked, must_call = prepared[0][1], prepared[0][2]
         # a bad schema or tool fails here, before any work
         constraint = self.constraint(response_format, tools=checked, must_call=must_call)
-        encoded, max_new = self._prepare(prompts, max_new_tokens, checked, temperature, top_p, seed)
+        encoded, max_new = self._prepare(prompts, max_new_tokens, checked, sampling)
         ids, mask = self._batch_tensors(encoded)
-        kwargs = self._gen_kwargs(max_new, temperature, top_p, seed, **generate_kwargs)
+        kwargs = self._gen_kwargs(max_new, **generate_kwargs)
         if constraint is not None:
             from .structured import ConstrainedLogits
 
@@ -515,8 +578,11 @@ class SelfExtendModel:
                 self.constraint(response_format, tools=checked, must_call=must_call) for _ in encoded[1:]
             ]
             kwargs["logits_processor"] = [ConstrainedLogits(rows, ids.shape[1])]
+        if not sampling.greedy or sampling.penalised:  # after the constraint: it picks among allowed tokens
+            generators = [sampling.generator(self.device) for _ in encoded]
+            kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), SamplingProcessor(sampling, generators)]
         chat = all(not isinstance(p, str) for p in prompts)
-        return _Call(encoded, ids, mask, max_new, stops, kwargs, chat)
+        return _Call(encoded, ids, mask, max_new, stops, kwargs, chat, sampling)
 
     def constraint(
         self,
@@ -547,15 +613,105 @@ class SelfExtendModel:
         return self._grammars.constraint(response_format)
 
     def _run(self, call: _Call, criteria: _StopCriteria, streamer: _RecordingStreamer | None = None) -> torch.Tensor:
-        """Generate for a prepared call (the caller holds the lock): grouping for its length, then the
-        generation, then the per-call grouped-key caches dropped whatever happened."""
-        self._configure_for(call.ids.shape[1] + call.max_new, call.chat)
+        """Generate for a prepared call (the caller holds the lock): grouping for its length (or the
+        cached prefix's), the generation, then the sequence's keys and values into the prefix cache and
+        the per-call grouped-key caches dropped whatever happened."""
+        total = call.ids.shape[1] + call.max_new
+        config = self.grouping_for(total, call.chat)
+        hit = None
+        if call.ids.shape[0] == 1:
+            accepts = functools.partial(self._continues, config, len(call.encoded[0]), total)
+            hit = self.prefix_cache.lookup(call.encoded[0], accepts)
+            if hit is not None:
+                config = hit.entry.config
+        call.cached_tokens = 0 if hit is None else hit.length
+        self.use_grouping(config)
+        started = time.perf_counter()
         try:
             with torch.inference_mode():
-                return self._generate(call.ids, call.mask, call.max_new, criteria, call.kwargs, streamer)
+                out, cache, path = self._generate(call, criteria, streamer, hit)
+                if cache is not None and out.shape[0] == 1:
+                    self._keep_prefix(out[0], cache, config)
         finally:
             if self.self_extend:
                 hf_apply.clear_cache(self.model, keep_static=self.fast.active)
+        self.last_call = _call_record(config, self.plan is not None, call, path, time.perf_counter() - started)
+        return out
+
+    def _keep_prefix(self, sequence: torch.Tensor, cache: Any, config: SelfExtendConfig | None) -> None:
+        """Store the keys and values a call computed (prompt and answer but its last token, which was never
+        fed back) in the prefix cache; copies, since a static cache is reset and reused."""
+        if not self.prefix_cache.enabled:
+            return
+        n = min(int(sequence.shape[0]) - 1, int(cache.get_seq_length()))
+        layers = getattr(cache, "layers", None)
+        if n < self.prefix_cache.min_tokens or not layers or any(getattr(x, "keys", None) is None for x in layers):
+            return
+        per_token = sum(
+            (layer.keys[:, :, :1].numel() + layer.values[:, :, :1].numel()) * layer.keys.element_size()
+            for layer in layers
+        )
+        if per_token * n > self.prefix_cache.max_bytes or any(layer.keys.shape[2] < n for layer in layers):
+            return
+        keys = [layer.keys[:, :, :n].clone() for layer in layers]
+        values = [layer.values[:, :, :n].clone() for layer in layers]
+        self.prefix_cache.store(sequence[:n], config, keys, values)
+
+    # ----------------------------------------------------------------- prompt caches on disk
+    def _fingerprint(self) -> dict[str, Any]:
+        cfg = hf_apply.text_config(self.model)
+        return {
+            "model": self.model_name, "layers": int(cfg.num_hidden_layers),
+            "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+            "vocab": int(cfg.vocab_size), "trained": self.pretrained_context, "dtype": str(self.model.dtype),
+        }  # fmt: skip
+
+    def cached_prefix(self, prompt: Prompt) -> int:
+        """How many leading tokens of ``prompt`` the prefix cache holds now (any grouping)."""
+        hit = self.prefix_cache.peek(self.encode(prompt))
+        return 0 if hit is None else hit.length
+
+    def cache_prompt(self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None) -> int:
+        """Compute and keep the keys and values of ``prompt`` now (a document before its questions);
+        returns how many of its tokens are cached.  Later calls that start with it skip them."""
+        if not self.prefix_cache.enabled:
+            raise ValueError("the prefix cache is off (prefix_cache_bytes=0); load with a budget to cache prompts")
+        self.complete(prompt, max_new_tokens=1, tools=tools)
+        hit = self.prefix_cache.peek(self.encode(prompt, tools=tools))
+        return 0 if hit is None else hit.length
+
+    def save_prompt_cache(self, prompt: Prompt, path: str | os.PathLike) -> int:
+        """Write the keys and values of ``prompt`` to ``path`` (computing them first if not cached), for
+        :meth:`load_prompt_cache` in a later process; returns the tokens saved."""
+        ids = self.encode(prompt)
+        hit = self.prefix_cache.peek(ids)
+        if hit is None or hit.length < len(ids):
+            self.cache_prompt(prompt)
+            hit = self.prefix_cache.peek(ids)
+        if hit is None or hit.length < len(ids):
+            raise ValueError(
+                f"prompt of {len(ids)} tokens could not be kept: its keys and values are larger than the prefix "
+                f"cache budget ({self.prefix_cache.max_bytes} bytes); load with a larger prefix_cache_bytes"
+            )
+        keys, values = hit.kv()
+        entry = prefix_mod.PrefixEntry(hit.entry.tokens[: hit.length], hit.entry.config, keys, values)
+        prefix_mod.save(entry, path, model_name=self.model_name, fingerprint=self._fingerprint())
+        return hit.length
+
+    def load_prompt_cache(self, path: str | os.PathLike) -> int:
+        """Read a file of :meth:`save_prompt_cache` into the prefix cache; returns its length in tokens."""
+        entry = prefix_mod.load(
+            path, model_name=self.model_name, fingerprint=self._fingerprint(), device=self.device,
+            dtype=self.model.dtype,
+        )  # fmt: skip
+        self.prefix_cache.store(entry.tokens, entry.config, entry.keys, entry.values)
+        hit = self.prefix_cache.peek(entry.tokens.tolist())
+        if hit is None or hit.length < entry.length:
+            raise ValueError(
+                f"{os.fspath(path)!r} holds {entry.nbytes} bytes of keys and values, more than the prefix cache "
+                f"budget ({self.prefix_cache.max_bytes}); load the model with a larger prefix_cache_bytes"
+            )
+        return entry.length
 
     def complete_batch(
         self,
@@ -581,7 +737,7 @@ class SelfExtendModel:
             if cut is not None:
                 text = text[:cut]
             reason = "stop" if cut is not None or len(new) < call.max_new else "length"
-            results.append(Completion(text, len(e), len(new), reason))
+            results.append(Completion(text, len(e), len(new), reason, call.cached_tokens))
         return results
 
     def complete(self, prompt: Prompt, **kwargs: Any) -> Completion:
@@ -604,7 +760,7 @@ class SelfExtendModel:
         continuous batcher instead of waiting for the model, so N concurrent calls cost about one batched
         generation rather than N in a row.  Extra ``generate`` keyword arguments always take the single path.
         """
-        known = {"max_new_tokens", "stop", "temperature", "top_p", "seed", "tools", "tool_choice", "response_format"}
+        known = {"max_new_tokens", "stop", *SAMPLING_ARGUMENTS, "tools", "tool_choice", "response_format"}
         with self._batcher_lock:  # claim the single path atomically: calls arriving together batch
             batcher = self._batcher
             solo = not self._solo_calls and (batcher is None or batcher.running + batcher.queue_depth == 0)
@@ -678,7 +834,10 @@ class SelfExtendModel:
                 raise result["error"]
             n_new = len(self._until_eos(result.get("new", [])))
             reason = "stop" if scan.stopped or n_new < call.max_new else "length"
-            yield StreamChunk("", finish_reason=reason, prompt_tokens=len(call.encoded[0]), completion_tokens=n_new)
+            yield StreamChunk(
+                "", finish_reason=reason, prompt_tokens=len(call.encoded[0]), completion_tokens=n_new,
+                cached_tokens=call.cached_tokens,
+            )  # fmt: skip
         finally:
             cancel.set()
             if worker is not None:
@@ -706,6 +865,33 @@ class _RecordingStreamer(TextIteratorStreamer):
         if not (self.skip_prompt and self.next_tokens_are_prompt):
             self.generated.extend(value.reshape(-1).tolist())
         super().put(value)
+
+
+def _load_prefix(cache: Any, prefix: prefix_mod.Hit) -> None:
+    """Write a cached prefix's keys and values into a fresh cache (static or dynamic), as its first tokens."""
+    keys, values = prefix.kv()
+    position = torch.arange(prefix.length, device=keys[0].device)
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+        cache.update(k, v, layer, {"cache_position": position})
+
+
+def _call_record(
+    config: SelfExtendConfig | None, extended: bool, call: _Call, path: str, seconds: float
+) -> dict[str, Any]:
+    """``describe()["last_call"]``: what one generation actually ran."""
+    return {
+        "prompt_tokens": max(len(e) for e in call.encoded),
+        "rows": len(call.encoded),
+        "chat": call.chat,
+        "grouping": "plain" if config is None else config.label,
+        "group_size": None if config is None else config.group_size,
+        "neighbor_window": None if config is None else config.neighbor_window,
+        "log_scale": None if config is None else config.log_scale,
+        "self_extend": extended and config is not None,
+        "cached_tokens": call.cached_tokens,
+        "path": path,
+        "seconds": round(seconds, 3),
+    }
 
 
 def _table_lines(entries: Sequence[Any]) -> list[str]:
@@ -768,6 +954,7 @@ def load(
     tuned_table: str | os.PathLike | bool | None = None,
     quantized_weights: bool | None = None,
     log_scale: float | bool | None = None,
+    prefix_cache_bytes: int | None = None,
 ) -> SelfExtendModel:
     """Load a model (the embedded SmolLM2 default when ``model`` is None) with SelfExtend applied.
 
@@ -789,11 +976,15 @@ def load(
     * ``quantized_weights``: keep a GGUF file's 4-/8-bit blocks for the linear layers (CPU decode
       reads ~4x fewer bytes; prefill computes the same numbers as fp32).  Default: on for a GGUF
       file on the CPU in float32.  ``False``: fp32 copies.  ``describe()["quantized_weights"]``.
+    * ``prefix_cache_bytes``: memory for the keys and values of recent prompts, reused by calls that start
+      with the same tokens (a second question about one document computes only the question).  Default:
+      an eighth of the free memory, at most 8 GiB (``SELFEXTEND_PREFIX_CACHE_BYTES`` overrides); 0: off.
     """
     check_backend(backend)  # before the (slow) load
     validation.optional_integer("target_context", target_context, minimum=1)
     validation.optional_integer("group_size", group_size, minimum=1)
     validation.optional_integer("neighbor_window", neighbor_window, minimum=1)
+    validation.optional_integer("prefix_cache_bytes", prefix_cache_bytes, minimum=0)
     log_scale = validation.log_strength(log_scale, group_size)
     if not isinstance(self_extend, bool):
         raise TypeError(f"self_extend must be True or False, got {self_extend!r}")
@@ -809,7 +1000,10 @@ def load(
             raise ValueError(
                 f"target_context={target_context} needs SelfExtend: the plain model is trained on {trained} tokens"
             )
-        return SelfExtendModel(lm, tok, config=None, context_window=trained, name=name, fast_generation=fast_generation)
+        return SelfExtendModel(
+            lm, tok, config=None, context_window=trained, name=name, fast_generation=fast_generation,
+            prefix_cache_bytes=prefix_cache_bytes,
+        )  # fmt: skip
     plan = tuning.plan(
         name, trained, target_context=target_context, group_size=group_size, neighbor_window=neighbor_window,
         tuned_table=tuned_table, log_scale=log_scale,
@@ -818,6 +1012,7 @@ def load(
     return SelfExtendModel(
         lm, tok, config=plan.config, context_window=plan.context_window, name=name, adaptive=plan.adaptive,
         fast_generation=fast_generation, neighbor_window=plan.neighbor_window, plan=plan,
+        prefix_cache_bytes=prefix_cache_bytes,
     )  # fmt: skip
 
 

@@ -160,6 +160,15 @@ def generation(
     )
 
 
+def sampling_extras(*, top_k: Any = None, min_p: Any = None, repetition_penalty: Any = None) -> None:
+    """The sampling dials beyond temperature and top_p (:class:`selfextend_llm.engine.sampling.Sampling`)."""
+    optional_integer("top_k", top_k, minimum=0)  # 0: every token (vLLM's -1 is refused: say 0 or None)
+    if min_p is not None:
+        number("min_p", min_p, minimum=0.0, maximum=1.0)
+    if repetition_penalty is not None:
+        number("repetition_penalty", repetition_penalty, minimum=0.0, exclusive_minimum=True)
+
+
 def missing_extra(package: str, extra: str) -> ImportError:
     """The error for an optional dependency that is not installed, naming the install that fixes it."""
     return ImportError(f"{package} is not installed; run: pip install 'selfextend-llm[{extra}]'")

@@ -1,0 +1,10 @@
+"""The generation engine's parts shared by every path (single calls, the batcher, the server).
+
+* :mod:`.sampling`: one sampler (temperature, top-p, top-k, min-p, repetition penalty, a seed per request);
+* :mod:`.prefix_cache`: the keys and values of recent prompts, reused by calls that share their first tokens.
+"""
+
+from .prefix_cache import PrefixCache
+from .sampling import Sampling
+
+__all__ = ["PrefixCache", "Sampling"]
