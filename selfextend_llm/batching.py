@@ -69,6 +69,7 @@ class _Request:
     constraint: Any = None  # structured.Constraint: JSON valid by construction
     chat: bool = False
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    failed: BaseException | None = None  # this row's own error (its constraint): it leaves with it
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
@@ -465,7 +466,10 @@ class ContinuousBatcher:
         single path's sampler too)."""
         for i, request in enumerate(rows):
             if request.constraint is not None:
-                request.constraint.mask_(logits[i])  # JSON valid by construction
+                try:
+                    request.constraint.mask_(logits[i])  # JSON valid by construction
+                except ValueError as err:  # no valid continuation: this row fails, the others go on
+                    request.failed, request.constraint = err, None
         tokens = logits.argmax(-1).tolist()
         for i, request in enumerate(rows):
             sampling = request.sampling
@@ -478,6 +482,9 @@ class ContinuousBatcher:
 
     def _emit(self, request: _Request, token: int) -> bool:
         """Send what ``token`` makes safe to show; True when the request is finished."""
+        if request.failed is not None:
+            request.events.put(request.failed)
+            return True
         eos = token in self.model.eos_ids
         ids = request.generated + ([] if eos else [token])
         text = self.model.tokenizer.decode(ids, skip_special_tokens=True)

@@ -10,7 +10,7 @@ alone gave none (BENCHMARKS.md "Constrained decoding").  The same :class:`Constr
 llguidance was chosen over xgrammar by measured per-token cost on this machine's CPU
 (``benchmarks/constrained_decoding.py``: 44-74 us per token against xgrammar's 190 us on schemas; both far
 below a 40 ms decode step) and because it compiles schemas lazily (no per-schema precompute on the
-request path).  Optional: ``pip install 'selfextend-llm[json]'``.
+request path).  A core dependency: structured output and forced tool calls work from the default install.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .validation import missing_extra
+from . import validation
 
 
 def _llguidance():
@@ -30,7 +30,10 @@ def _llguidance():
         import llguidance.hf
         import llguidance.torch
     except ModuleNotFoundError as err:
-        raise missing_extra("llguidance", "json") from err
+        raise ImportError(
+            "llguidance is missing, though selfextend-llm depends on it (a --no-deps install?); run: pip install "
+            "'llguidance>=0.7'"
+        ) from err
     return llguidance
 
 
@@ -57,8 +60,10 @@ def schema_of(response_format: Mapping[str, Any] | None) -> dict[str, Any] | Non
         schema = inner.get("schema") if isinstance(inner, Mapping) else None
         if not isinstance(schema, Mapping):
             raise ValueError("response_format {'type': 'json_schema'} needs json_schema.schema, a JSON schema object")
+        validation.json_schema(schema, "response_format's schema")
         return dict(schema)
     if kind is None or kind == "object":  # a bare JSON schema
+        validation.json_schema(response_format, "response_format's schema")
         return dict(response_format)
     raise ValueError(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'")
 
@@ -129,8 +134,15 @@ class JSONGrammars:
         return self._new(grammar)
 
 
+class UnsatisfiableError(ValueError):
+    """The grammar has no valid continuation (an unsatisfiable schema, or a token the grammar refused)."""
+
+
 class Constraint:
-    """One request's grammar state: masks logits to valid continuations, advances on each token."""
+    """One request's grammar state: masks logits to valid continuations, advances on each token.
+
+    A matcher in error (nothing valid can follow) raises :class:`UnsatisfiableError` rather than
+    letting end-of-text through: a cut document reported as finished would be silent garbage."""
 
     def __init__(self, llg: Any, matcher: Any, vocab_size: int, eos: int | None):
         self._llg, self.matcher, self.vocab_size, self.eos = llg, matcher, vocab_size, eos
@@ -140,6 +152,11 @@ class Constraint:
         """Forbid, in place, every token of ``logits`` (``vocab`` or ``1 x vocab``) that breaks the grammar.
         Once the document is complete only end-of-text is left."""
         row = logits.view(1, -1)
+        if self.matcher.is_error():
+            raise UnsatisfiableError(
+                f"the constraint has no valid continuation ({self.matcher.get_error()}); check that the schema can "
+                "be satisfied"
+            )
         if self.finished and self.eos is not None:
             keep = row[0, self.eos].clone()
             row.fill_(float("-inf"))
@@ -160,7 +177,7 @@ class Constraint:
     @property
     def finished(self) -> bool:
         """The document is complete (only end-of-text may follow)."""
-        return self.matcher.is_stopped()
+        return self.matcher.is_stopped() and not self.matcher.is_error()
 
 
 def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:

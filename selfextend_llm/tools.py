@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import validation
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _UNCLOSED = re.compile(r"<tool_call>\s*(.*)$", re.S)
@@ -67,6 +69,7 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
             raise ValueError(
                 f"tools[{i}] ({name!r}): parameters must be a JSON schema of type 'object', got {params!r}"
             )
+        validation.json_schema(params, f"tools[{i}] ({name!r}) parameters")
         entry: dict[str, Any] = {"name": name, "parameters": dict(params)}
         if fn.get("description"):
             entry["description"] = str(fn["description"])

@@ -14,6 +14,13 @@ from typing import Any
 
 #: Roles a chat message may have (OpenAI's, plus "developer", its new name for "system").
 ROLES = ("system", "developer", "user", "assistant", "tool")
+#: Stop strings a call may have, and characters each (every stop is searched for at every step of every
+#: row of a batch: ten thousand of them slowed every request beside them).  OpenAI takes 4.
+MAX_STOPS = 64
+MAX_STOP_CHARS = 512
+#: No tokenizer here averages more characters a token (BPE merges top out near 16 for runs of one
+#: character): a text longer than ``window * MAX_CHARS_PER_TOKEN`` cannot fit, and is refused untokenized.
+MAX_CHARS_PER_TOKEN = 32
 
 
 def _show(value: Any) -> str:
@@ -79,9 +86,13 @@ def stops(value: Any) -> list[str]:
         value = [value]
     if isinstance(value, (bytes, Mapping)) or not isinstance(value, Sequence):
         raise TypeError(f"stop must be a string or a list of strings, got {type(value).__name__} {_show(value)}")
+    if len(value) > MAX_STOPS:
+        raise ValueError(f"stop has {len(value)} strings; at most {MAX_STOPS} are taken: keep the ones that matter")
     for item in value:
         if not isinstance(item, str):
             raise TypeError(f"stop strings must be str, got {type(item).__name__} {_show(item)} in stop")
+        if len(item) > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string has {len(item)} characters; at most {MAX_STOP_CHARS} are taken")
         _unicode("stop", item)
     return [s for s in value if s]
 
@@ -167,6 +178,62 @@ def sampling_extras(*, top_k: Any = None, min_p: Any = None, repetition_penalty:
         number("min_p", min_p, minimum=0.0, maximum=1.0)
     if repetition_penalty is not None:
         number("repetition_penalty", repetition_penalty, minimum=0.0, exclusive_minimum=True)
+
+
+#: Limits on a JSON schema for constrained decoding (``response_format``, tool parameters).  Nesting past
+#: ~1000 levels (through ``$ref``) overflows llguidance's stack and kills the process; grammar work grows
+#: with the schema's size (10k properties: 17 s before the first token).  OpenAI's structured outputs
+#: take 10 levels and 5000 properties; these leave room for real schemas and keep a grammar under 1 s.
+MAX_SCHEMA_DEPTH = 64  # levels of JSON nesting (an object property is two: "properties", then the name)
+MAX_SCHEMA_CHARS = 64 * 1024
+MAX_SCHEMA_NODES = 100_000  # nodes visited with every $ref expanded where used
+
+
+def json_schema(schema: Any, what: str = "the JSON schema") -> None:
+    """A schema small and shallow enough to compile quickly and safely (see :data:`MAX_SCHEMA_DEPTH`).
+
+    Depth counts nested objects and arrays, following local ``$ref`` pointers (a recursive schema, one
+    whose ``$ref`` comes back to itself, counts each pointer once per path)."""
+    import json
+
+    try:
+        size = len(json.dumps(schema))
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{what} is not plain JSON ({type(err).__name__}): send a JSON schema object") from None
+    if size > MAX_SCHEMA_CHARS:
+        raise ValueError(
+            f"{what} is {size} characters of JSON; at most {MAX_SCHEMA_CHARS} are taken: simplify it (fewer "
+            "properties or enum values)"
+        )
+    limit, visited = MAX_SCHEMA_DEPTH, [0]
+
+    def resolve(ref: str) -> Any:
+        node: Any = schema
+        for part in ref[2:].split("/") if ref.startswith("#/") else ():
+            part = part.replace("~1", "/").replace("~0", "~")
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node if ref.startswith("#") else None
+
+    def depth(node: Any, level: int, refs: frozenset[str]) -> None:
+        visited[0] += 1
+        if visited[0] > MAX_SCHEMA_NODES:
+            raise ValueError(
+                f"{what} expands to more than {MAX_SCHEMA_NODES} nodes once its $ref pointers are followed; simplify it"
+            )
+        if level > limit:
+            raise ValueError(f"{what} nests more than {limit} levels deep (counting $ref pointers); flatten it")
+        if isinstance(node, Mapping):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref not in refs:
+                depth(resolve(ref), level + 1, refs | {ref})
+            for key, value in node.items():
+                if key not in ("$defs", "definitions"):  # definitions count where they are used
+                    depth(value, level + 1, refs)
+        elif isinstance(node, list):
+            for value in node:
+                depth(value, level, refs)
+
+    depth(schema, 0, frozenset())
 
 
 def missing_extra(package: str, extra: str) -> ImportError:

@@ -96,11 +96,12 @@ def test_lru_budget_and_subsumed_entries():
     cache.store(list(range(3000, 3000 + 50)), None, *kv(50))  # already held by a longer entry: not kept
     assert len(cache) == 3
     cache.store(list(range(3000, 3000 + 120)), None, *kv(120))  # extends an entry: replaces it
-    assert len(cache) == 3 and max(e.length for e in cache.entries()) == 120
+    # the extension replaced its prefix, and (120 tokens being more than 100) pushed the oldest out
+    assert [(e.tokens[0].item(), e.length) for e in cache.entries()] == [(2000, 100), (3000, 120)]
     hit = cache.lookup(list(range(3000, 3060)) + [7], lambda c, n: True)
     assert hit is not None and hit.length == 60
     assert cache.lookup(list(range(3000, 3060)), lambda c, n: c == SelfExtendConfig(2, 8)) is None
-    with pytest.raises(ValueError, match="must hold 5 tokens"):
+    with pytest.raises(ValueError, match="must hold 20 tokens"):
         cache.store(list(range(5)) * 4, None, *kv(3))
     with pytest.raises(ValueError, match="whole number of bytes"):
         pc.PrefixCache(-1)

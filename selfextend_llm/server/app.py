@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -77,31 +78,57 @@ def _error(status: int, message: str, type_: str, code: str | None = None, param
     return JSONResponse(error_body(message, type_, code, param), status_code=status)
 
 
+class ClientGone(Exception):
+    """The client hung up before its answer was ready: logged and counted as 499 (nginx's "client closed
+    request"), never as a server error."""
+
+
+#: Status recorded for a request whose client hung up (no response could be sent).
+CLIENT_CLOSED = 499
+
+
 class _Guard:
     """Key check, body-size limit, access log and latency metrics, as plain ASGI middleware.
 
     Not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` hides the client's
     disconnect from the handler, and a non-streamed request must see it to cancel its generation.
+    The body limit counts the bytes as they arrive, so a chunked body (no Content-Length) is held to
+    it too; the key is compared in constant time.
     """
 
     def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics):
         self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
+        self._expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    def _too_large(self, size: str) -> JSONResponse:
+        return _error(
+            413, f"request body of {size} bytes is over the limit of {self.max_body_bytes} bytes; send a smaller one",
+            "invalid_request_error", "request_too_large",
+        )  # fmt: skip
 
     def _refusal(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
-        if (
-            self.api_key is not None
-            and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}"
-        ):
+        if self._expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self._expected):
             return _error(401, "missing or wrong API key", "invalid_request_error", "invalid_api_key")
         length = headers.get(b"content-length")
         if length is not None:
             text = length.decode("latin-1")
             if not text.isdigit() or int(text) > self.max_body_bytes:
-                return _error(
-                    413, f"request body of {text!r} bytes is not a size up to the limit of {self.max_body_bytes}",
-                    "invalid_request_error", "request_too_large",
-                )  # fmt: skip
+                return self._too_large(repr(text))
         return None
+
+    async def _read_body(self, receive: Any) -> tuple[list[dict], bool]:
+        """The body's messages as they came, or (…, False) once more than the limit has arrived."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages, True
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return messages, False
+            if not message.get("more_body", False):
+                return messages, True
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -115,6 +142,17 @@ class _Guard:
 
         try:
             refusal = self._refusal(dict(scope["headers"])) if path.startswith(PROTECTED) else None
+            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                body, within = await self._read_body(receive)
+                if not within:
+                    refusal = self._too_large(f"more than {self.max_body_bytes}")
+                else:  # replay the body, then hand the live channel on (the handler waits for a disconnect)
+                    pending = iter(body)
+
+                    async def replayed() -> dict:
+                        return next(pending, None) or await receive()
+
+                    receive = replayed
             if refusal is not None:
                 await refusal(scope, receive, recorded)
             else:
@@ -250,6 +288,11 @@ def create_app(
         # the library's own checks (validation.py): they name the argument and what is allowed
         return _error(400, str(err), "invalid_request_error")
 
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, _: ClientGone):
+        log.info(json.dumps({"event": "client_closed", "path": request.url.path}))
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the status goes to the log and metrics
+
     @app.exception_handler(Exception)
     async def internal(_: Request, err: Exception):
         log.exception("internal error")
@@ -300,15 +343,37 @@ def create_app(
             max_new_tokens=max_tokens or 1, temperature=req.temperature, top_p=req.top_p, seed=req.seed
         )
         validation.stops(req.stop)
+        validation.sampling_extras(**req.sampling)
         return {
             "max_new_tokens": max_tokens or min(1024, model.context_window),
             "temperature": req.temperature,
             "top_p": req.top_p,
             "stop": req.stop,
             "seed": req.seed,
+            **req.sampling,
         }
 
-    def _submit(prompt: Any, params: dict[str, Any]) -> RequestHandle:
+    def _check_length(prompt: Any) -> None:
+        """A prompt that cannot fit the window whatever its tokens are is refused before it is tokenized
+        (a 7 MB body would hold a worker for seconds to learn what its size already says)."""
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(str(m.get("content") or "")) for m in prompt)
+        limit = model.context_window * validation.MAX_CHARS_PER_TOKEN
+        if chars > limit:
+            raise APIError(
+                400,
+                f"the prompt has {chars} characters, more than any prompt that fits this model's "
+                f"{model.context_window}-token window (at most {validation.MAX_CHARS_PER_TOKEN} characters a token); "
+                "send a shorter one",
+                "invalid_request_error", "context_length_exceeded", "messages",
+            )  # fmt: skip
+
+    async def _submit(prompt: Any, params: dict[str, Any]) -> RequestHandle:
+        """Tokenize, template, build the grammar and queue, in a worker thread: the event loop (health,
+        streams of other clients) never waits for one request's preparation."""
+        _check_length(prompt)
+        return await asyncio.to_thread(_submit_now, prompt, params)
+
+    def _submit_now(prompt: Any, params: dict[str, Any]) -> RequestHandle:
         if app.state.batcher.closed and not app.state.draining:  # served again after a shutdown
             app.state.batcher = new_batcher()
         try:
@@ -324,14 +389,16 @@ def create_app(
         prompt: Any, params: dict[str, Any], respond: Responder, stream: bool, request: Request, tools: bool = False
     ):
         """The whole response, or an SSE stream of it; chat and text completions alike."""
-        handle = _submit(prompt, params)
+        handle = await _submit(prompt, params)
         if stream:
             return StreamingResponse(_sse(request, handle, respond, tools), media_type="text/event-stream")
         chunks = await _collect(request, handle)
         last = chunks[-1]
         text = "".join(chunk.text for chunk in chunks)
         content, calls = _tool_calls(model, text) if tools else (text, [])
-        return respond.whole(content, last.finish_reason, last.prompt_tokens, last.completion_tokens, calls)
+        return respond.whole(
+            content, last.finish_reason, last.prompt_tokens, last.completion_tokens, calls, last.cached_tokens
+        )
 
     async def _collect(request: Request, handle: RequestHandle) -> list[StreamChunk]:
         """All chunks of a non-streamed request; a hang-up cancels it, a timeout is a 504."""
@@ -340,6 +407,10 @@ def create_app(
             return [chunk async for chunk in iterate_in_thread(iter(handle))]
         except RequestTimeoutError as err:
             raise APIError(504, str(err), "timeout_error", "request_timeout") from err
+        except Exception:
+            if watcher.done() and not watcher.cancelled():  # the client hung up: not a server error
+                raise ClientGone() from None
+            raise
         finally:
             watcher.cancel()
 
@@ -374,7 +445,9 @@ def create_app(
                     reason = "tool_calls" if calls else reason
                 payloads = respond.chunk(text, None) if tools and text else []
                 payloads += [respond.tool_call_chunk(calls)] if calls else []
-                payloads += respond.chunk("" if tools else text, reason, chunk.prompt_tokens, chunk.completion_tokens)
+                payloads += respond.chunk(
+                    "" if tools else text, reason, chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens
+                )
                 for payload in payloads:
                     yield f"data: {json.dumps(payload)}\n\n".encode()
         except Exception as err:  # the status line is sent: the error goes in the stream, in OpenAI's shape
@@ -382,7 +455,7 @@ def create_app(
             yield f"data: {json.dumps(error_body(str(err) or type(err).__name__, kind))}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
-    def _refuse_unsupported(req: SamplingParams) -> None:
+    def _refuse_unsupported(req: Any) -> None:
         bad = req.unsupported()
         if bad is not None:
             raise APIError(400, f"{bad} is not supported by this server; leave it out (or at its default)", param=bad)
@@ -432,7 +505,7 @@ def create_app(
         handles: list[RequestHandle] = []
         try:  # all in the running batch at once; one refused prompt withdraws the others
             for p in prompts:
-                handles.append(_submit(p, params))
+                handles.append(await _submit(p, params))
         except APIError:
             for handle in handles:
                 handle.cancel()
@@ -442,28 +515,36 @@ def create_app(
             respond.choice("".join(c.text for c in chunks), chunks[-1].finish_reason, i)
             for i, chunks in enumerate(results)
         ]
-        used = [(chunks[-1].prompt_tokens, chunks[-1].completion_tokens) for chunks in results]
-        return respond.many(choices, sum(u[0] for u in used), sum(u[1] for u in used))
+        last = [chunks[-1] for chunks in results]
+        return respond.many(
+            choices,
+            sum(c.prompt_tokens for c in last),
+            sum(c.completion_tokens for c in last),
+            sum(c.cached_tokens for c in last),
+        )
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
+        _refuse_unsupported(req)
         if req.model is not None:
             _check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send either prompt (text) or messages (chat)", param="prompt")
-        ids = (
-            model.tokenize(req.prompt) if req.prompt is not None else model.encode([_message(m) for m in req.messages])
-        )
+        prompt = req.prompt if req.prompt is not None else [_message(m) for m in req.messages]
+        _check_length(prompt)
+        # in a worker thread: a long text must not stall health checks and other clients' streams
+        ids = await asyncio.to_thread(model.tokenize if isinstance(prompt, str) else model.encode, prompt)
         return {"count": len(ids), "max_model_len": model.context_window, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
+        _refuse_unsupported(req)
         if req.model is not None:
             _check_model(req.model)
         vocab = len(model.tokenizer)
         bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens")
-        return {"prompt": model.tokenizer.decode(req.tokens)}
+        return {"prompt": await asyncio.to_thread(model.tokenizer.decode, req.tokens)}
 
     return app

@@ -27,14 +27,35 @@ class Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class SamplingParams(BaseModel):
-    """What both endpoints take; unknown fields are ignored, as OpenAI's own clients send extras."""
+#: Fields OpenAI's and vLLM's clients send that change nothing here, accepted by name (any other unknown
+#: field is refused: a parameter is never silently ignored).  ``user``/``metadata``/``store``/
+#: ``service_tier`` are bookkeeping; ``parallel_tool_calls`` is what this server does anyway (every call
+#: the model writes comes back).
+NO_EFFECT_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
-    model_config = ConfigDict(extra="ignore")
+
+def _unknown_fields(model: BaseModel) -> str | None:
+    """The first field of a request that no model here declares, or None."""
+    extra = sorted(k for k in (model.model_extra or {}) if k not in NO_EFFECT_FIELDS)
+    return extra[0] if extra else None
+
+
+class SamplingParams(BaseModel):
+    """What both endpoints take.
+
+    Every field is honoured or refused by name: unknown fields are a 400 (``unsupported``), except the
+    bookkeeping ones in :data:`NO_EFFECT_FIELDS`.  ``top_k``, ``min_p`` and ``repetition_penalty`` are
+    vLLM's and llama-server's extensions (``extra_body`` in the OpenAI client); ``top_k`` -1 means
+    every token, as in vLLM."""
+
+    model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -46,7 +67,6 @@ class SamplingParams(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
 
     def unsupported(self) -> str | None:
         """The first parameter set to something this server does not do, or None."""
@@ -58,12 +78,21 @@ class SamplingParams(BaseModel):
             return "presence_penalty" if self.presence_penalty else "frequency_penalty"
         if self.logit_bias:
             return "logit_bias"
-        return None
+        return _unknown_fields(self)
 
     @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
         return bool((self.stream_options or {}).get("include_usage"))
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The sampling extensions as the engine takes them (``top_k`` -1 and 0: every token)."""
+        return {
+            "top_k": None if self.top_k in (None, -1, 0) else self.top_k,
+            "min_p": self.min_p or None,
+            "repetition_penalty": None if self.repetition_penalty in (None, 1.0) else self.repetition_penalty,
+        }
 
 
 class ChatRequest(SamplingParams):
@@ -96,20 +125,27 @@ class CompletionRequest(SamplingParams):
 
 
 class TokenizeRequest(BaseModel):
-    """``POST /tokenize``: a text prompt, or chat messages counted through the chat template."""
+    """``POST /tokenize``: a text prompt, or chat messages counted through the chat template (unknown
+    fields are refused, as on the completion endpoints)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
+
+    def unsupported(self) -> str | None:
+        return _unknown_fields(self)
 
 
 class DetokenizeRequest(BaseModel):
     """``POST /detokenize``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     tokens: list[int]
+
+    def unsupported(self) -> str | None:
+        return _unknown_fields(self)
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -117,11 +153,13 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage block; ``cached_tokens``: prompt tokens whose keys came from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -167,14 +205,19 @@ class Responder:
         prompt_tokens: int,
         completion_tokens: int,
         tool_calls: list[dict[str, Any]] | None = None,
+        cached_tokens: int = 0,
     ) -> dict[str, Any]:
         """The non-streamed response."""
         choice = self.choice(text, finish_reason, 0, tool_calls)
-        return {**self._base(False), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+        used = usage(prompt_tokens, completion_tokens, cached_tokens)
+        return {**self._base(False), "choices": [choice], "usage": used}
 
-    def many(self, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def many(
+        self, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
         """A response with several choices (a list of prompts to ``/v1/completions``)."""
-        return {**self._base(False), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+        used = usage(prompt_tokens, completion_tokens, cached_tokens)
+        return {**self._base(False), "choices": choices, "usage": used}
 
     def tool_call_chunk(self, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
         """A streamed delta carrying whole tool calls (OpenAI's ``delta.tool_calls`` with indexes)."""
@@ -182,7 +225,12 @@ class Responder:
         return {**self._base(True), "choices": [{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": None}]}
 
     def chunk(
-        self, text: str, finish_reason: str | None, prompt_tokens: int = 0, completion_tokens: int = 0
+        self,
+        text: str,
+        finish_reason: str | None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cached_tokens: int = 0,
     ) -> list[dict[str, Any]]:
         """Payloads for one streamed piece: none, the piece, and (last piece) the usage chunk."""
         payloads = []
@@ -197,5 +245,6 @@ class Responder:
             choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
             payloads.append({**self._base(True), "choices": [choice]})
         if finish_reason is not None and self.include_usage:
-            payloads.append({**self._base(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            used = usage(prompt_tokens, completion_tokens, cached_tokens)
+            payloads.append({**self._base(True), "choices": [], "usage": used})
         return payloads
