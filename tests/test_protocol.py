@@ -14,7 +14,11 @@ def test_whole_responses_differ_only_in_the_choice_shape():
     ]
     assert text["object"] == "text_completion" and text["id"].startswith("cmpl-")
     assert text["choices"] == [{"index": 0, "text": "hi", "finish_reason": "length", "logprobs": None}]
-    assert chat["usage"] == text["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert chat["usage"] == text["usage"] == {
+        "prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 0},
+    }  # fmt: skip
+    reused = Responder("chat", "m").whole("hi", "stop", 500, 2, cached_tokens=480)
+    assert reused["usage"]["prompt_tokens_details"] == {"cached_tokens": 480}
 
 
 def test_chat_stream_sends_the_role_once_skips_empty_pieces_and_ends_with_usage():
