@@ -135,8 +135,20 @@ def load_pretrained(
     try:
         if gguf is not None:
             folder = _dequantised_folder(Path(source) / gguf)
-            tok = AutoTokenizer.from_pretrained(folder)
-            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement)
+            try:
+                tok = AutoTokenizer.from_pretrained(folder)
+                lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement)
+            except Exception as err:  # a damaged cache (a disk filled mid-write, a file cut by hand): rebuild it
+                warnings.warn(
+                    f"the cached dequantised folder {folder} could not be read ({type(err).__name__}: {err}); "
+                    "rebuilding it from the GGUF file",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                shutil.rmtree(folder, ignore_errors=True)
+                folder = _dequantised_folder(Path(source) / gguf)
+                tok = AutoTokenizer.from_pretrained(folder)
+                lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement)
         else:
             tok = AutoTokenizer.from_pretrained(source)
             lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
@@ -202,7 +214,8 @@ def _dequantised_folder(gguf_path: Path) -> str:
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    remove_stale_temporaries(target.parent, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -214,6 +227,54 @@ def _dequantised_folder(gguf_path: Path) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+#: A temporary folder or file of another process older than this is taken for the leftover of a killed load.
+STALE_AFTER_S = 6 * 3600
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, stem: str) -> list[Path]:
+    """Delete what killed loads left in ``folder``: ``<stem>.tmp-<pid>-*`` folders and ``*.<pid>.tmp`` files
+    whose process is gone (or, without a live owner known, older than :data:`STALE_AFTER_S`).
+
+    A first load killed mid-write (Ctrl-C, OOM) left a 538 MB folder there for ever before."""
+    import time
+
+    removed = []
+    for path in folder.glob(f"{stem}.*"):
+        name = path.name[len(stem) + 1 :]
+        if path.is_dir() and name.startswith("tmp-"):
+            pid_text = name[4:].split("-", 1)[0]
+        elif path.is_file() and name.endswith(".tmp"):
+            pid_text = name[:-4].rsplit(".", 1)[-1]
+        elif path.is_dir() and "." not in name and not (path / "config.json").is_file():
+            pid_text = ""  # mkdtemp's random suffix (folders of older versions)
+        else:
+            continue
+        owner = int(pid_text) if pid_text.isdigit() else None
+        if owner == os.getpid():
+            continue
+        try:
+            old = time.time() - path.stat().st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        if (owner is not None and not _alive(owner)) or (owner is None and old):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 #: Written beside ``config.json`` by :func:`export_folder`: the name the tuned table knows the model by.

@@ -196,7 +196,18 @@ def attach(model: torch.nn.Module, gguf_path: str | Path, cache: str | Path | No
         result.kept["*"] = f"the compiled kernels do not run here ({why})"
         return result
     cache = None if cache is None else Path(cache)
-    found = _load(cache) if cache is not None and cache.is_file() else None
+    found = None
+    if cache is not None and cache.is_file():
+        try:
+            found = _load(cache)
+        except Exception as err:  # cut short (a killed write of an older version, a full disk): rebuild it
+            warnings.warn(
+                f"the cached quantised blocks {cache} could not be read ({type(err).__name__}: {err}); rebuilding "
+                "them from the GGUF file",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            cache.unlink(missing_ok=True)
     modules = {name: (parent, attr) for name, parent, attr in _all_targets(model)}
     if found is not None and not all(
         name in modules and _spot_check(w, getattr(*modules[name]).weight.detach()) for name, w in found.items()
@@ -206,6 +217,9 @@ def attach(model: torch.nn.Module, gguf_path: str | Path, cache: str | Path | No
         found = _from_gguf(model, Path(gguf_path), result)
         if cache is not None and found:
             cache.parent.mkdir(parents=True, exist_ok=True)
+            from ..loading import remove_stale_temporaries
+
+            remove_stale_temporaries(cache.parent, cache.name)
             _save(cache, found)
     for name, packed in found.items():
         parent, attr = modules[name]
