@@ -351,10 +351,13 @@ class ContinuousBatcher:
         return lambda cached, shared: self.model._continues(request.config, n, total, cached, shared)
 
     def _shares_prefill(self, request: _Request) -> bool:
-        """Whether a request being prefilled shares most of this one's prompt (at least half, and more
-        than a prefill chunk): then waiting for its keys beats computing them twice."""
+        """Whether a request being prefilled shares most of this one's prompt (at least half, and at least
+        the prefix cache's shortest entry): then waiting for its keys beats computing them twice.
+
+        Short prompts too: sixteen chat requests share the template's system prompt, and on a CPU the
+        prefill is bound by arithmetic, so the second copy of those keys costs as much as the first."""
         ids = torch.tensor(request.ids)
-        need = max(self.prefill_chunk, len(request.ids) // 2)
+        need = max(self.model.prefix_cache.min_tokens, len(request.ids) // 2)
         for job in self._prefills:
             other = torch.tensor(job.request.ids)
             n = min(len(ids) - 1, len(other))

@@ -26,6 +26,7 @@ from .attention import Backend, check_backend
 from .config import SelfExtendConfig
 from .engine import prefix_cache as prefix_mod
 from .engine.sampling import Sampling, SamplingProcessor
+from .engine.threads import in_passing_thread
 from .generation import FastGeneration, compile_errors, recompile_limit_errors
 from .hf import apply as hf_apply
 from .hf import native_step
@@ -958,6 +959,9 @@ def load(
 ) -> SelfExtendModel:
     """Load a model (the embedded SmolLM2 default when ``model`` is None) with SelfExtend applied.
 
+    The work runs in a thread that ends with it (:mod:`selfextend_llm.engine.threads`: the thread that
+    computes next, a server's batcher, gets the CPUs' OpenMP pools to itself, twice as fast on 2 cores).
+
     * ``target_context``: the context to plan for; G and W are chosen for it (tuned values for
       the embedded default) and it becomes ``context_window``.  Default: 4x the trained window.
     * ``group_size`` / ``neighbor_window``: fix G and W yourself (then every call uses them);
@@ -980,6 +984,29 @@ def load(
       with the same tokens (a second question about one document computes only the question).  Default:
       an eighth of the free memory, at most 8 GiB (``SELFEXTEND_PREFIX_CACHE_BYTES`` overrides); 0: off.
     """
+    options = {k: v for k, v in locals().items() if k != "model"}
+    return in_passing_thread(_load, model, **options)
+
+
+def _load(
+    model: str | None,
+    *,
+    target_context: int | None,
+    group_size: int | None,
+    neighbor_window: int | None,
+    gguf_file: str | None,
+    device: str | torch.device | None,
+    dtype: torch.dtype | str | None,
+    self_extend: bool,
+    device_map: str | dict | None,
+    tp_plan: str | None,
+    backend: Backend,
+    fast_generation: bool | None,
+    tuned_table: str | os.PathLike | bool | None,
+    quantized_weights: bool | None,
+    log_scale: float | bool | None,
+    prefix_cache_bytes: int | None,
+) -> SelfExtendModel:
     check_backend(backend)  # before the (slow) load
     validation.optional_integer("target_context", target_context, minimum=1)
     validation.optional_integer("group_size", group_size, minimum=1)
