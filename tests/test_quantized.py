@@ -54,6 +54,16 @@ def test_linear_matches_float64_on_both_paths(fmt, rows):
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
     if x.reshape(-1, x.shape[-1]).shape[0] > q.PRODUCT_ROWS:  # the prefill path: the fp32 model's own numbers
         assert torch.equal(got, F.linear(x, weight, bias))
+    if rows > q.PRODUCT_ROWS:  # a batched decode step (one token a row): the product, four rows at a time
+        step = torch.randn(rows, 1, weight.shape[1])
+        with torch.inference_mode():
+            got = q.quantized_linear(step, packed, bias)
+        exact = step.double() @ weight.double().T + bias.double()
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+        if q.native.library() is not None:  # each row is what it would be alone
+            with torch.inference_mode():
+                alone = torch.cat([q.quantized_linear(step[i : i + 1], packed, bias) for i in range(rows)])
+            assert torch.equal(got, alone)
 
 
 def test_product_path_takes_views_with_an_offset():

@@ -12,6 +12,8 @@ Two paths, chosen by the number of rows (tokens) in the call:
 * up to :data:`PRODUCT_ROWS` rows (decode): one compiled kernel multiplies each block by the input
   and applies the scale and minimum per block, without materialising the fp32 weight; the result
   differs from ``x @ W.T`` only in summation order (~1e-6 relative);
+* a batched decode step (up to :data:`CHUNKED_ROWS` rows of one token each): the same product, four
+  rows at a time;
 * more rows (prefill): the weight is dequantised by a compiled elementwise kernel (bit-identical to
   the dequantisation the loader did) and multiplied by ``F.linear``: the same numbers as the fp32
   model, and for long prompts the dequantisation is <1% of the call.
@@ -44,7 +46,8 @@ BLOCK = 32
 #: Calls with at most this many rows use the fused product; more rows dequantise and call
 #: ``F.linear`` (measured on 2 CPU cores, 1536x576: the product wins to 4 rows, loses from 8).
 PRODUCT_ROWS = 4
-#: Up to this many rows the C product runs four rows at a time, where it builds: a batched decode step
+#: Up to this many rows of one token each the C product runs four rows at a time, where it builds: a batched
+#: decode step
 #: (the continuous batcher's 8-32 rows) then reads the 4-bit codes a few times instead of writing and
 #: reading a dequantised fp32 copy of every weight.  All 211 layers of the default on 2 cores, 16 rows:
 #: 89 ms against 180 ms dequantised; 32 rows: 163 against 190 (``benchmarks/server_load.py`` notes).
@@ -225,7 +228,10 @@ def quantized_linear(
         if bias is not None:
             out = out + bias
     else:
-        out = _chunked_product(rows, weight) if rows.shape[0] <= CHUNKED_ROWS else None
+        # one token a row (a batched decode step, x: (batch, 1, in)): the C product; a prompt's tokens keep
+        # the fp32 model's own numbers (greedy answers stay token for token what they were)
+        decode = x.dim() == 3 and shape[1] == 1 and rows.shape[0] <= CHUNKED_ROWS
+        out = _chunked_product(rows, weight) if decode else None
         if out is None:
             out = F.linear(rows, dequantize(weight), bias)
         elif bias is not None:

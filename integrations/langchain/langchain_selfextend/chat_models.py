@@ -28,10 +28,13 @@ from selfextend_llm.tools import check_tools, closed_schema, resolve_choice
 from ._messages import to_chat_dicts
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> UsageMetadata:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> UsageMetadata:
+    """LangChain's usage block; ``cache_read``: prompt tokens whose keys came from the prefix cache (a second
+    question about one document reads it from there)."""
     return UsageMetadata(
-        input_tokens=prompt_tokens, output_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-    )
+        input_tokens=prompt_tokens, output_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
+        input_token_details={"cache_read": cached_tokens},
+    )  # fmt: skip
 
 
 def _extract_json(text: str) -> Any:
@@ -86,6 +89,12 @@ class ChatSelfExtend(BaseChatModel):
     max_retries: int = 2
     """Accepted for API compatibility with hosted models; local generation has nothing to retry."""
     top_p: float | None = None
+    top_k: int | None = None
+    """Sample among the k likeliest tokens only (None or 0: all)."""
+    min_p: float | None = None
+    """Drop tokens below ``min_p`` times the likeliest one's probability."""
+    repetition_penalty: float | None = None
+    """Penalise tokens already in the prompt or answer (>1 discourages repeats; transformers' rule)."""
     seed: int | None = None
     selfextend_model: SelfExtendModel | None = Field(default=None, exclude=True, alias="client")
     """An already loaded :class:`selfextend_llm.SelfExtendModel` to use instead of loading one."""
@@ -184,6 +193,9 @@ class ChatSelfExtend(BaseChatModel):
             "stop": list(stop or []) + list(self.stop or []) or None,
             "top_p": kwargs.pop("top_p", self.top_p),
             "seed": kwargs.pop("seed", self.seed),
+            "top_k": kwargs.pop("top_k", self.top_k),
+            "min_p": kwargs.pop("min_p", self.min_p),
+            "repetition_penalty": kwargs.pop("repetition_penalty", self.repetition_penalty),
             "tools": tools,
             "tool_choice": tool_choice,  # forced choices are held to one valid call (constrained decoding)
         }
@@ -193,7 +205,9 @@ class ChatSelfExtend(BaseChatModel):
             params["max_time"] = self.timeout
         return chat, params
 
-    def _message(self, text: str, prompt_tokens: int, completion_tokens: int, finish: str, tools: bool) -> AIMessage:
+    def _message(
+        self, text: str, prompt_tokens: int, completion_tokens: int, finish: str, tools: bool, cached_tokens: int = 0
+    ) -> AIMessage:
         content, parsed = self.selfextend_model.parse_tool_calls(text) if tools else (text, [])
         calls = [{"name": c.name, "args": c.arguments, "id": c.id} for c in parsed if c.error is None]
         invalid = [
@@ -205,7 +219,7 @@ class ChatSelfExtend(BaseChatModel):
             content=content,
             tool_calls=calls,
             invalid_tool_calls=invalid,
-            usage_metadata=_usage(prompt_tokens, completion_tokens),
+            usage_metadata=_usage(prompt_tokens, completion_tokens, cached_tokens),
             response_metadata={
                 "model_name": self.model_name,
                 "finish_reason": "tool_calls" if calls else finish,
@@ -225,8 +239,9 @@ class ChatSelfExtend(BaseChatModel):
         chat, params = self._call_args(messages, stop, kwargs)
         done = self.selfextend_model.complete_shared(chat, **params)  # concurrent calls share decode steps
         message = self._message(
-            done.text, done.prompt_tokens, done.completion_tokens, done.finish_reason, bool(params["tools"])
-        )
+            done.text, done.prompt_tokens, done.completion_tokens, done.finish_reason, bool(params["tools"]),
+            done.cached_tokens,
+        )  # fmt: skip
         return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": self.model_name})
 
     def _stream(
@@ -262,7 +277,7 @@ class ChatSelfExtend(BaseChatModel):
                     message=AIMessageChunk(
                         content=content,
                         tool_call_chunks=call_chunks,
-                        usage_metadata=_usage(piece.prompt_tokens, piece.completion_tokens),
+                        usage_metadata=_usage(piece.prompt_tokens, piece.completion_tokens, piece.cached_tokens),
                         response_metadata={
                             "model_name": self.model_name,
                             "finish_reason": "tool_calls" if call_chunks else piece.finish_reason,
