@@ -210,3 +210,39 @@ def test_log_scaled_steps_share_per_forward_tables_exactly(strength):
     with torch.no_grad():
         effect = (model(ids).logits.double() - full).abs().max().item()
     assert effect > 2e-4 and effect > 20 * max(errors), (effect, errors)
+
+
+def test_the_recompile_limit_drops_compiled_graphs_and_the_call_still_answers(default_model, monkeypatch):
+    """Dynamo's ``FailOnRecompileLimitHit`` (the ninth shape on a GPU) is not a ``TorchDynamoException``: it
+    must not escape ``complete()`` nor turn the fast path off; the graphs are dropped and the call answers
+    on the dynamic cache, with the tokens the fast path gives."""
+    from selfextend_llm.generation import recompile_limit_errors
+
+    errors = recompile_limit_errors()
+    assert errors and any(e.__name__ == "FailOnRecompileLimitHit" for e in errors)
+    model = default_model
+    if not model.fast.active:
+        pytest.skip("the fast path is off here")
+    prompt = "Name three colours of the sea:"
+    model.prefix_cache.clear()
+    want = model.complete(prompt, max_new_tokens=10)
+    model.prefix_cache.clear()
+    real, hits = model.model.generate, []
+
+    def generate(*args, **kwargs):
+        cache = kwargs.get(model.fast.cache_arg)
+        if isinstance(cache, StaticCache) and not hits:
+            hits.append(1)
+            raise errors[0]("recompile limit reached (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "generate", generate)
+    resets = model.fast.compile_resets
+    with pytest.warns(RuntimeWarning, match="recompile_limit"):
+        got = model.complete(prompt, max_new_tokens=10)
+    assert hits and got.text == want.text
+    assert model.fast.compile_resets == resets + 1 and model.fast.active  # still on, for the next calls
+    assert model.describe()["last_call"]["path"] == "dynamic cache"
+    model.prefix_cache.clear()
+    again = model.complete(prompt, max_new_tokens=10)  # the next call is back on the static cache
+    assert again.text == want.text and model.describe()["last_call"]["path"].startswith("static cache")
