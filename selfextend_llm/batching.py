@@ -216,6 +216,8 @@ class ContinuousBatcher:
         max_new = max(1, min(max_new_tokens, self.model.context_window - len(ids)))
         plan = self.model.plan
         config = None if plan is None else plan.config_for(len(ids) + max_new, not isinstance(prompt, str))
+        if constraint is not None:  # the answer closes validly before max_new (structured.Closers)
+            constraint.budget = max_new
         request = _Request(
             ids, max_new, stops, sampling, sampling.generator(self.model.device), config,
             None if timeout is None else time.monotonic() + timeout, constraint, not isinstance(prompt, str),
@@ -480,7 +482,7 @@ class ContinuousBatcher:
                 history = torch.tensor(request.ids + request.generated) if sampling.penalised else None
                 tokens[i] = pick(logits[i], sampling, request.generator, history)
             if request.constraint is not None:
-                request.constraint.accept(tokens[i])
+                request.constraint.accept(tokens[i], self.model.tokenizer.decode([tokens[i]]))
         return tokens
 
     def _emit(self, request: _Request, token: int) -> bool:

@@ -578,7 +578,9 @@ class SelfExtendModel:
             rows = [constraint] + [
                 self.constraint(response_format, tools=checked, must_call=must_call) for _ in encoded[1:]
             ]
-            kwargs["logits_processor"] = [ConstrainedLogits(rows, ids.shape[1])]
+            for row in rows:  # the answer closes validly before max_new_tokens (structured.Closers)
+                row.budget = max_new
+            kwargs["logits_processor"] = [ConstrainedLogits(rows, ids.shape[1], self.tokenizer.decode)]
         if not sampling.greedy or sampling.penalised:  # after the constraint: it picks among allowed tokens
             generators = [sampling.generator(self.device) for _ in encoded]
             kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), SamplingProcessor(sampling, generators)]

@@ -88,6 +88,15 @@ class JSONGrammars:
         self.eos = tokenizer.eos_token_id
         self.vocab_size = vocab_size
         self._checked: dict[str, str] = {}
+        self._hf_tokenizer = tokenizer
+        self._closers: Closers | None = None
+
+    @property
+    def closers(self) -> Closers:
+        """The tokenizer's closing tokens, classified once (~0.2 s over a 49k vocabulary) on first use."""
+        if self._closers is None:
+            self._closers = Closers.of(self._hf_tokenizer, self.vocab_size)
+        return self._closers
 
     def _compiled(self, key: str, make: Any, what: str) -> str:
         """A grammar checked against this tokenizer once (``make()`` builds it on a miss)."""
@@ -109,8 +118,9 @@ class JSONGrammars:
             "the JSON schema (send {'type': 'json_object'} for any object)",
         )
 
-    def _new(self, grammar: str) -> Constraint:
-        return Constraint(self._llg, self._llg.LLMatcher(self._tokenizer, grammar), self.vocab_size, self.eos)
+    def _new(self, grammar: str, tail: int = 1) -> Constraint:
+        matcher = self._llg.LLMatcher(self._tokenizer, grammar)
+        return Constraint(self._llg, matcher, self.vocab_size, self.eos, closers=self.closers, tail=tail)
 
     def constraint(self, response_format: Mapping[str, Any] | None) -> Constraint | None:
         """A fresh per-request constraint (None: free text).  A bad schema raises ``ValueError`` now."""
@@ -131,7 +141,76 @@ class JSONGrammars:
             lambda: self._llg.LLMatcher.grammar_from_lark(lark),
             "a tool's parameters schema",
         )
-        return self._new(grammar)
+        return self._new(grammar, tail=TOOL_CALL_TAIL)
+
+
+#: Tokens a constraint keeps in hand for what follows the JSON: end-of-text (1), or a tool call's closing
+#: ``\n</tool_call>`` and end-of-text.
+TOOL_CALL_TAIL = 8
+#: Extra tokens of slack before the closing mode starts (a required key the grammar still has to write).
+CLOSING_SLACK = 4
+
+
+class Closers:
+    """The vocabulary's tokens that end JSON quickly, best first: how a constrained answer closes in budget.
+
+    ``close``: tokens made only of ``"``, ``}`` and ``]`` (the more brackets, the better); ``values``: the
+    shortest complete values (``0``, ``""``, ``null``, ``[]``, ``{}``, ...), for a key that still needs one."""
+
+    def __init__(self, close: list[int], values: list[int], text: dict[int, str]):
+        self.close, self.values, self.text = close, values, text
+
+    @classmethod
+    def of(cls, tokenizer: Any, vocab_size: int) -> Closers:
+        close: list[tuple[int, int]] = []
+        values: list[tuple[int, int]] = []
+        texts: dict[int, str] = {}
+        shortest = {"0": 0, '""': 1, "[]": 2, "{}": 3, "null": 4, "1": 5, "true": 6, "false": 7}
+        ids = list(range(min(vocab_size, len(tokenizer))))
+        for token, raw in zip(ids, tokenizer.batch_decode([[t] for t in ids]), strict=True):
+            text = raw.strip()
+            if text and set(text) <= set('"}]'):
+                close.append((-len(text), token))
+                texts[token] = raw
+            elif text in shortest:
+                values.append((shortest[text], token))
+        return cls([t for _, t in sorted(close)], [t for _, t in sorted(values)], texts)
+
+
+class _Scanner:
+    """How many JSON structures the text so far leaves open (objects, arrays, a string): a lower bound on
+    the tokens still needed to close it."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.in_string = self.escaped = False
+
+    def feed(self, text: str) -> None:
+        for ch in text:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.stack.append(ch)
+            elif ch in "}]" and self.stack:
+                self.stack.pop()
+
+    @property
+    def open(self) -> int:
+        return len(self.stack) + self.in_string
+
+    def open_after(self, text: str) -> int:
+        """What :attr:`open` would be after ``text`` (this scanner unchanged)."""
+        other = _Scanner()
+        other.stack, other.in_string, other.escaped = list(self.stack), self.in_string, self.escaped
+        other.feed(text)
+        return other.open
 
 
 class UnsatisfiableError(ValueError):
@@ -144,9 +223,16 @@ class Constraint:
     A matcher in error (nothing valid can follow) raises :class:`UnsatisfiableError` rather than
     letting end-of-text through: a cut document reported as finished would be silent garbage."""
 
-    def __init__(self, llg: Any, matcher: Any, vocab_size: int, eos: int | None):
+    def __init__(
+        self, llg: Any, matcher: Any, vocab_size: int, eos: int | None, *, closers: Closers | None = None, tail: int = 1
+    ):
         self._llg, self.matcher, self.vocab_size, self.eos = llg, matcher, vocab_size, eos
         self._bitmask = llg.torch.allocate_token_bitmask(1, vocab_size)
+        self.closers, self.tail = closers, tail
+        #: Tokens this answer may still take (None: no limit); set by the caller from ``max_tokens``.
+        self.budget: int | None = None
+        self.used = 0
+        self._scanner = _Scanner()
 
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
         """Forbid, in place, every token of ``logits`` (``vocab`` or ``1 x vocab``) that breaks the grammar.
@@ -163,6 +249,8 @@ class Constraint:
             row[0, self.eos] = keep
             return logits
         self._llg.torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+        if self._closing():
+            self._close(row)
         if row.dtype == torch.float32:
             self._llg.torch.apply_token_bitmask_inplace(row, self._bitmask.to(row.device))
         else:  # mask through a boolean row for half precision
@@ -170,9 +258,40 @@ class Constraint:
             row.masked_fill_(~allowed, float("-inf"))
         return logits
 
-    def accept(self, token: int) -> None:
+    def accept(self, token: int, text: str | None = None) -> None:
+        """Advance on ``token`` (``text``: its decoded text, which tracks how much JSON is left open)."""
+        self.used += 1
+        if text is not None:
+            self._scanner.feed(text)
         if not self.matcher.is_stopped():
             self.matcher.consume_token(token)
+
+    def _closing(self) -> bool:
+        """Whether the budget left is down to what closing the document takes (plus a little slack)."""
+        if self.budget is None or self.closers is None:
+            return False
+        left = self.budget - self.used
+        return left <= self._scanner.open + self.tail + CLOSING_SLACK
+
+    def _close(self, row: torch.Tensor) -> None:
+        """Keep only the allowed token that closes the most (else the shortest allowed value), when there is one.
+
+        Inside a string ``]]]`` is only text: each candidate is judged by how many structures it leaves
+        open afterwards, and only one that closes something counts."""
+        allowed = _unpack(self._bitmask, row.shape[-1])
+        now, best = self._scanner.open, None
+        for token in self.closers.close:
+            if token < allowed.shape[0] and allowed[token]:
+                after = self._scanner.open_after(self.closers.text[token])
+                if after < now and (best is None or after < best[0]):
+                    best = (after, token)
+        if best is None:
+            best = next(((0, t) for t in self.closers.values if t < allowed.shape[0] and allowed[t]), None)
+        if best is not None:
+            keep = row[0, best[1]].clone()
+            row.fill_(float("-inf"))
+            row[0, best[1]] = keep
+        # else nothing that closes is allowed here (a required key, a literal): the grammar's own choice goes on
 
     @property
     def finished(self) -> bool:
@@ -187,15 +306,17 @@ def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 class ConstrainedLogits:
-    """``model.generate`` logits processor applying one :class:`Constraint` per batch row."""
+    """``model.generate`` logits processor applying one :class:`Constraint` per batch row (``decode``: the
+    tokenizer's decode, which lets each constraint see how much JSON is open)."""
 
-    def __init__(self, constraints: list[Constraint], prompt_len: int):
-        self.constraints, self.prompt_len = constraints, prompt_len
+    def __init__(self, constraints: list[Constraint], prompt_len: int, decode: Any = None):
+        self.constraints, self.prompt_len, self.decode = constraints, prompt_len, decode
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] > self.prompt_len:
             for row, constraint in enumerate(self.constraints):
-                constraint.accept(int(input_ids[row, -1]))
+                token = int(input_ids[row, -1])
+                constraint.accept(token, None if self.decode is None else self.decode([token]))
         for row, constraint in enumerate(self.constraints):
             constraint.mask_(scores[row])
         return scores

@@ -88,3 +88,54 @@ def test_templates_without_a_system_role_get_the_instruction_in_the_first_user_t
     merged = default_model.with_instruction([{"role": "system", "content": "Be brief."}, *ASK], "Answer in JSON.")
     assert [m["role"] for m in merged] == ["user"]
     assert merged[0]["content"].startswith("Answer in JSON.\n\nBe brief.\n\nDescribe a person")
+
+
+NOTES = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "notes": {
+            "type": "array",
+            "items": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        },  # fmt: skip
+    },
+    "required": ["title", "notes"],
+}
+
+
+@pytest.mark.parametrize("budget", [12, 20, 40])
+def test_a_constrained_answer_closes_validly_within_max_tokens(default_model, budget):
+    """Unbounded strings and arrays would run to the cut; near the end of the budget the constraint takes
+    the tokens that close the document instead (held-out agent checks failed with JSON cut at 120-160)."""
+    fmt = {"type": "json_schema", "json_schema": {"schema": NOTES}}
+    ask = [{"role": "user", "content": "Write a long title and many notes about the sea."}]
+    for seed in range(2):
+        got = default_model.complete(ask, max_new_tokens=budget, response_format=fmt, temperature=1.0, seed=seed)
+        data = json.loads(got.text)  # valid, not cut
+        assert set(data) == {"title", "notes"} and got.completion_tokens <= budget
+    batcher = ContinuousBatcher(default_model)
+    try:
+        got = batcher.submit(ask, max_new_tokens=budget, response_format=fmt, temperature=1.0, seed=7).result()
+    finally:
+        batcher.close()
+    assert set(json.loads(got.text)) == {"title", "notes"}
+
+
+def test_a_forced_tool_call_closes_validly_within_max_tokens(default_model):
+    tools = [{"type": "function", "function": {"name": "write", "parameters": NOTES}}]
+    ask = [{"role": "user", "content": "Write notes about the sea with the tool."}]
+    got = default_model.complete(ask, max_new_tokens=30, tools=tools, tool_choice="required", temperature=1.0, seed=3)
+    _, calls = default_model.parse_tool_calls(got.text)
+    assert len(calls) == 1 and calls[0].error is None and calls[0].name == "write", got.text
+
+
+def test_a_matcher_in_error_raises_instead_of_ending_the_document(default_model):
+    from selfextend_llm.structured import UnsatisfiableError
+
+    constraint = default_model.constraint({"type": "json_object"})
+    bad = default_model.tokenizer.encode("hello", add_special_tokens=False)[0]  # an object cannot start so
+    constraint.accept(bad)
+    import torch
+
+    with pytest.raises(UnsatisfiableError, match="no valid continuation"):
+        constraint.mask_(torch.zeros(constraint.vocab_size))
