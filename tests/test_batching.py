@@ -149,3 +149,26 @@ def test_real_model_batched_pass_keys_equal_alone(default_model):
     assert got == alone
     for text, key in zip(got, keys, strict=False):
         assert key in text
+
+
+@pytest.mark.parametrize(
+    "dials",
+    [{"temperature": 0.9}, {"temperature": 1.0, "top_k": 5}, {"temperature": 0.8, "top_p": 0.9, "min_p": 0.05},
+     {"temperature": 1.0, "repetition_penalty": 1.3}, {"temperature": 0.0, "repetition_penalty": 1.5}],
+)  # fmt: skip
+def test_seeded_sampling_is_the_same_alone_and_batched(tiny, dials):
+    """One sampler (engine/sampling.py) for the single path and the batcher: a seed gives one answer, whichever
+    path runs it and whatever runs beside it (before: transformers' implicit top_k=50 alone, the whole
+    vocabulary batched)."""
+    prompts = _prompts(4)
+    alone = [tiny.complete(p, max_new_tokens=14, seed=100 + i, **dials).text for i, p in enumerate(prompts)]
+    batcher = ContinuousBatcher(tiny, max_batch=8)
+    try:
+        handles = [batcher.submit(p, max_new_tokens=14, seed=100 + i, **dials) for i, p in enumerate(prompts)]
+        got = [h.result().text for h in handles]
+    finally:
+        batcher.close()
+    assert got == alone
+    if dials.get("temperature"):  # the seed matters: another one gives another answer somewhere
+        other = [tiny.complete(p, max_new_tokens=14, seed=7 + i, **dials).text for i, p in enumerate(prompts)]
+        assert other != alone
