@@ -33,6 +33,7 @@ from transformers import DynamicCache
 
 from . import validation
 from .config import SelfExtendConfig
+from .engine.prefix_cache import shared_length
 from .engine.sampling import Sampling, pick
 from .hf import apply as hf_apply
 from .model import Completion, Prompt, SelfExtendModel, StreamChunk
@@ -214,8 +215,7 @@ class ContinuousBatcher:
         ids = self.model.encode(prompt, tools=tools)
         self.model.check_fits(len(ids))
         max_new = max(1, min(max_new_tokens, self.model.context_window - len(ids)))
-        plan = self.model.plan
-        config = None if plan is None else plan.config_for(len(ids) + max_new, not isinstance(prompt, str))
+        config = self.model.grouping_for(len(ids) + max_new, not isinstance(prompt, str))
         if constraint is not None:  # the answer closes validly before max_new (structured.Closers)
             constraint.budget = max_new
         request = _Request(
@@ -339,9 +339,7 @@ class ContinuousBatcher:
             job = _Prefill(request)
             if hit is not None:
                 request.config, request.cached_tokens = hit.entry.config, hit.length
-                keys, values = hit.kv()
-                for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-                    job.cache.update(k, v, layer)
+                hit.load_into(job.cache)
                 job.done_tokens = hit.length
             self._prefills.append(job)
         if deferred:
@@ -358,15 +356,11 @@ class ContinuousBatcher:
 
         Short prompts too: sixteen chat requests share the template's system prompt, and on a CPU the
         prefill is bound by arithmetic, so the second copy of those keys costs as much as the first."""
-        ids = torch.tensor(request.ids)
         need = max(self.model.prefix_cache.min_tokens, len(request.ids) // 2)
         for job in self._prefills:
-            other = torch.tensor(job.request.ids)
-            n = min(len(ids) - 1, len(other))
-            if n < need:
+            if min(len(request.ids) - 1, len(job.request.ids)) < need:
                 continue
-            differ = (ids[:n] != other[:n]).nonzero()
-            shared = n if differ.numel() == 0 else int(differ[0, 0])
+            shared = min(shared_length(request.ids, job.request.ids), len(request.ids) - 1)
             if shared >= need and self._accepts(request)(job.request.config, shared):
                 return True
         return False

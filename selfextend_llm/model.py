@@ -441,10 +441,6 @@ class SelfExtendModel:
         reach = self.pretrained_context if cached is None else cached.max_context(self.pretrained_context)
         return total_tokens <= min(reach, self.context_window)
 
-    def _configure_for(self, total_tokens: int, chat: bool = False) -> None:
-        if self.plan is not None:
-            self.use_grouping(self.plan.config_for(total_tokens, chat))
-
     @functools.cached_property
     def eos_ids(self) -> frozenset[int]:
         """The token ids that end a generation (the generation config may list several)."""
@@ -506,7 +502,7 @@ class SelfExtendModel:
         if fast:
             cache = fast[self.fast.cache_arg]
             if prefix is not None:
-                _load_prefix(cache, prefix)
+                prefix.load_into(cache)
                 if self.self_extend:  # the grouped-key mirrors describe the previous call's keys
                     hf_apply.clear_cache(self.model)
             started = time.perf_counter()
@@ -537,7 +533,7 @@ class SelfExtendModel:
         # what the call leaves can be reused whole.
         cache = DynamicCache()
         if prefix is not None:
-            _load_prefix(cache, prefix)
+            prefix.load_into(cache)
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **{self.fast.cache_arg: cache},
             **kwargs, **extra,
@@ -668,11 +664,6 @@ class SelfExtendModel:
             "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
             "vocab": int(cfg.vocab_size), "trained": self.pretrained_context, "dtype": str(self.model.dtype),
         }  # fmt: skip
-
-    def cached_prefix(self, prompt: Prompt) -> int:
-        """How many leading tokens of ``prompt`` the prefix cache holds now (any grouping)."""
-        hit = self.prefix_cache.peek(self.encode(prompt))
-        return 0 if hit is None else hit.length
 
     def cache_prompt(self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None) -> int:
         """Compute and keep the keys and values of ``prompt`` now (a document before its questions);
@@ -868,14 +859,6 @@ class _RecordingStreamer(TextIteratorStreamer):
         if not (self.skip_prompt and self.next_tokens_are_prompt):
             self.generated.extend(value.reshape(-1).tolist())
         super().put(value)
-
-
-def _load_prefix(cache: Any, prefix: prefix_mod.Hit) -> None:
-    """Write a cached prefix's keys and values into a fresh cache (static or dynamic), as its first tokens."""
-    keys, values = prefix.kv()
-    position = torch.arange(prefix.length, device=keys[0].device)
-    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-        cache.update(k, v, layer, {"cache_position": position})
 
 
 def _call_record(

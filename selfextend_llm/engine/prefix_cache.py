@@ -52,11 +52,7 @@ class PrefixEntry:
 
     def shared_prefix(self, tokens: torch.Tensor) -> int:
         """How many leading tokens ``tokens`` shares with this entry."""
-        n = min(self.length, int(tokens.shape[0]))
-        if n == 0:
-            return 0
-        differ = (self.tokens[:n] != tokens[:n]).nonzero()
-        return n if differ.numel() == 0 else int(differ[0, 0])
+        return shared_length(self.tokens, tokens)
 
 
 @dataclass
@@ -70,6 +66,14 @@ class Hit:
         """Per-layer keys and values of the reused tokens (views: never written to)."""
         n = self.length
         return [k[:, :, :n] for k in self.entry.keys], [v[:, :, :n] for v in self.entry.values]
+
+    def load_into(self, cache: Any) -> None:
+        """Write the reused keys and values into a fresh transformers cache (static or dynamic) as its first
+        tokens: the single path's cache and a batcher prefill start this way."""
+        keys, values = self.kv()
+        position = torch.arange(self.length, device=keys[0].device)
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            cache.update(k, v, layer, {"cache_position": position})
 
 
 class PrefixCache:
@@ -199,6 +203,16 @@ class PrefixCache:
             "hits": self.hits,
             "reused_tokens": self.reused_tokens,
         }
+
+
+def shared_length(a: Sequence[int] | torch.Tensor, b: Sequence[int] | torch.Tensor) -> int:
+    """How many leading tokens two token sequences have in common."""
+    a, b = _as_tensor(a), _as_tensor(b)
+    n = min(int(a.shape[0]), int(b.shape[0]))
+    if n == 0:
+        return 0
+    differ = (a[:n] != b[:n]).nonzero()
+    return n if differ.numel() == 0 else int(differ[0, 0])
 
 
 def _as_tensor(tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:

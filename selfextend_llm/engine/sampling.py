@@ -23,7 +23,8 @@ MIN_SAMPLING_TEMPERATURE = 1e-4
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a request picks each token (checked by :func:`selfextend_llm.validation.sampling`).
+    """How a request picks each token (checked by :func:`selfextend_llm.validation.generation` and
+    :func:`selfextend_llm.validation.sampling_extras` before it is made).
 
     * ``temperature``: 0 (or below ``1e-4``) is greedy;
     * ``top_p``: nucleus sampling, the smallest set of tokens whose probabilities reach ``top_p``;
