@@ -126,3 +126,26 @@ def test_prompt_cache_on_disk_skips_the_prefill_in_another_model(tokenizer, tmp_
     writer.save_prompt_cache(DOC, path)
     with pytest.raises(ValueError, match="another shape"):
         other.load_prompt_cache(path)
+
+
+def test_budget_errors_say_what_to_change(tokenizer, tmp_path, monkeypatch):
+    off = _model(tokenizer, prefix_cache_bytes=0)
+    with pytest.raises(ValueError, match="prefix cache is off"):
+        off.cache_prompt(DOC)
+    small = _model(tokenizer, prefix_cache_bytes=4096)  # far below one 260-token prompt's keys
+    with pytest.raises(ValueError, match="larger prefix_cache_bytes"):
+        small.save_prompt_cache(DOC, tmp_path / "doc.kv")
+    _model(tokenizer).save_prompt_cache(DOC, tmp_path / "doc.kv")
+    with pytest.raises(ValueError, match="larger prefix_cache_bytes"):
+        small.load_prompt_cache(tmp_path / "doc.kv")
+    monkeypatch.setenv("SELFEXTEND_PREFIX_CACHE_BYTES", "lots")
+    with pytest.raises(ValueError, match="whole number of bytes"):
+        pc.default_budget(torch.device("cpu"))
+    monkeypatch.setenv("SELFEXTEND_PREFIX_CACHE_BYTES", "-5")
+    with pytest.raises(ValueError, match=">= 0"):
+        pc.default_budget(torch.device("cpu"))
+    monkeypatch.setenv("SELFEXTEND_PREFIX_CACHE_BYTES", "0")
+    assert pc.default_budget(torch.device("cpu")) == 0
+    torch.save({"format": 0}, tmp_path / "old.kv")
+    with pytest.raises(ValueError, match="save it again with this version"):
+        small.load_prompt_cache(tmp_path / "old.kv")

@@ -129,6 +129,8 @@ def test_health_answers_while_a_long_text_is_tokenized(server, default_model):
 def test_long_stop_lists_unknown_fields_and_sampling_extensions(server, default_model):
     r = _post(server, "/v1/chat/completions", _chat(stop=[f"s{i}" for i in range(10_000)]))
     assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"]
+    r = _post(server, "/v1/chat/completions", _chat(stop=["x" * (validation.MAX_STOP_CHARS + 1)]))
+    assert r.status_code == 400 and f"at most {validation.MAX_STOP_CHARS}" in r.json()["error"]["message"]
     r = _post(server, "/v1/chat/completions", _chat(mirostat_tau=5.0))
     assert r.status_code == 400 and r.json()["error"]["param"] == "mirostat_tau"
     r = _post(server, "/tokenize", {"prompt": "hi", "add_special_tokens": False})
