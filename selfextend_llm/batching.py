@@ -1,6 +1,11 @@
 """Continuous batching over one :class:`SelfExtendModel`: many requests share every decode step.
 
-A scheduler thread runs the model.  Requests wait in a bounded queue; at each step boundary
+A scheduler thread runs the model.  A request that finds nothing else running takes the single-sequence
+fast path (the static cache: compiled steps on a GPU, the C step on the CPU) inside that thread, so one
+client gets what :meth:`SelfExtendModel.complete` gets; as soon as another request waits, the lone one
+stops after its current token and hands over: the keys and values it computed become its row's cache,
+only its last token is computed again, and it goes on in the batch (same tokens, same sampler state,
+same constraint).  Otherwise requests wait in a bounded queue; at each step boundary
 waiting requests are admitted and prefilled, a chunk of at most ``prefill_chunk`` tokens per step
 (so a 16k-token prompt never stalls the running batch for its whole prefill), and finished ones
 leave.  Each running request is one row of a left-padded batch: its own positions (SelfExtend
@@ -20,6 +25,7 @@ the batch is a plain dynamic cache, so every SelfExtend path (CPU, Triton, block
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -33,10 +39,10 @@ from transformers import DynamicCache
 
 from . import validation
 from .config import SelfExtendConfig
-from .engine.prefix_cache import shared_length
+from .engine.prefix_cache import Hit, PrefixEntry, free_memory, shared_length
 from .engine.sampling import Sampling, pick
 from .hf import apply as hf_apply
-from .model import Completion, Prompt, SelfExtendModel, StreamChunk
+from .model import Completion, Prompt, SelfExtendModel, StreamChunk, TokenRecorder, _Call
 from .stopping import emittable, find_stop, normalize_stops
 
 log = logging.getLogger("selfextend_llm.batching")
@@ -52,6 +58,10 @@ class QueueFullError(RuntimeError):
 
 class ShuttingDownError(RuntimeError):
     """The batcher is draining (SIGTERM) and takes no new requests."""
+
+
+class KVBudgetError(RuntimeError):
+    """A request whose keys and values alone exceed the batcher's KV memory budget: it could never run."""
 
 
 class RequestTimeoutError(TimeoutError):
@@ -96,6 +106,37 @@ class _Prefill:
     request: _Request
     cache: DynamicCache = field(default_factory=DynamicCache)
     done_tokens: int = 0
+    #: The tokens to prefill: the prompt, or for a request handed over from the single path its prompt
+    #: and every token it generated (the last one's keys are computed here, then it samples the next).
+    tokens: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens is None:
+            self.tokens = self.request.ids
+
+
+class _SoloWatch:
+    """Stopping criteria of a lone request on the single path: emits its text as the batcher does, and
+    stops it when it finishes, leaves, or another request waits (then it hands over, see the module doc)."""
+
+    def __init__(self, batcher: ContinuousBatcher, request: _Request, call: _Call):
+        self.batcher, self.request, self.call = batcher, request, call
+        self.seen, self.tokens, self.finished = len(request.ids), 0, False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
+        request = self.request
+        request.cached_tokens = self.call.cached_tokens  # the run's prefix lookup: the last chunk reports it
+        if not self.finished:
+            for token in input_ids[0, self.seen :].tolist():  # one token a step (more after a resume)
+                self.seen, self.tokens = self.seen + 1, self.tokens + 1
+                if self.batcher._emit(request, token):
+                    self.finished = True
+                    break
+                request.generated.append(token)
+        batcher = self.batcher
+        batcher._expire_waiting()  # a client that gave up while this one runs leaves the queue now
+        stop = self.finished or request.gone(time.monotonic()) or batcher._others_wait() or batcher._stopped
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class RequestHandle:
@@ -140,6 +181,11 @@ class ContinuousBatcher:
     * ``max_batch``: running requests at most (all groupings together);
     * ``max_queue``: waiting requests at most; past it :meth:`submit` raises :class:`QueueFullError`;
     * ``prefill_chunk``: prompt tokens prefilled per step, so long prompts do not starve the batch;
+    * ``kv_budget_bytes``: memory the running requests' keys and values may take (None: half the memory
+      free when the batcher starts, or ``$SELFEXTEND_KV_BUDGET_BYTES``).  A request is admitted only while
+      what runs, with it, stays inside (its prompt and ``max_new_tokens``, left padding included); past it
+      it waits its turn, and one that alone exceeds the budget is refused at :meth:`submit`
+      (:class:`KVBudgetError`), never run out of memory;
     * ``on_step``: called after every step with ``(queue depth, running, new tokens)`` (metrics).
     """
 
@@ -150,11 +196,16 @@ class ContinuousBatcher:
         max_batch: int = 32,
         max_queue: int = 256,
         prefill_chunk: int = 512,
+        kv_budget_bytes: int | None = None,
         on_step: Any = None,
     ):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
             validation.optional_integer(name, value, minimum=1)
+        validation.optional_integer("kv_budget_bytes", kv_budget_bytes, minimum=1)
         self.model, self.max_batch, self.max_queue, self.prefill_chunk = model, max_batch, max_queue, prefill_chunk
+        #: The KV memory budget in bytes, and what one token of one row takes (keys, values, grouped keys).
+        self.kv_budget_bytes = default_kv_budget(model.device) if kv_budget_bytes is None else kv_budget_bytes
+        self.kv_bytes_per_token = kv_bytes_per_token(model)
         self.on_step = on_step
         self._waiting: deque[_Request] = deque()
         self._prefills: list[_Prefill] = []
@@ -164,6 +215,9 @@ class ContinuousBatcher:
         self._draining = False
         self._stopped = False
         self._step_seconds = 0.05
+        #: Requests run alone on the single fast path, and how many of them handed over to the batch.
+        self.solo_runs, self.handovers = 0, 0
+        self._solo_request: _Request | None = None
         self._thread = threading.Thread(target=self._loop, daemon=True, name="selfextend-batcher")
         self._thread.start()
 
@@ -179,7 +233,9 @@ class ContinuousBatcher:
 
     @property
     def running(self) -> int:
-        return sum(len(b.rows) for b in self._batches.values()) + len(self._prefills)
+        """Requests being generated (the lone one on the single path included)."""
+        solo = self._solo_request is not None
+        return sum(len(b.rows) for b in self._batches.values()) + len(self._prefills) + solo
 
     def submit(
         self,
@@ -216,6 +272,13 @@ class ContinuousBatcher:
         self.model.check_fits(len(ids))
         max_new = max(1, min(max_new_tokens, self.model.context_window - len(ids)))
         config = self.model.grouping_for(len(ids) + max_new, not isinstance(prompt, str))
+        need = (len(ids) + max_new) * self.kv_bytes_per_token
+        if need > self.kv_budget_bytes:
+            raise KVBudgetError(
+                f"{len(ids)} prompt tokens and {max_new} new ones need {need / 2**20:.0f} MiB of keys and values, "
+                f"more than this server's KV budget of {self.kv_budget_bytes / 2**20:.0f} MiB; send a shorter "
+                f"prompt or max_tokens, or raise the budget ({KV_BUDGET_ENV} or kv_budget_bytes)"
+            )
         if constraint is not None:  # the answer closes validly before max_new (structured.Closers)
             constraint.budget = max_new
         request = _Request(
@@ -263,6 +326,7 @@ class ContinuousBatcher:
             self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
             if self.on_step is not None:
                 self.on_step(self.queue_depth, self.running, new_tokens)
+        self._fail_running(ShuttingDownError("the server shut down before this request finished"))
         for request in list(self._waiting):
             self._fail(request, ShuttingDownError("the server shut down before this request ran"))
         self._waiting.clear()
@@ -275,6 +339,10 @@ class ContinuousBatcher:
         rows never wait for more than one chunk per prefill."""
         new_tokens = 0
         self._expire()
+        if not self.running and (len(self._waiting) == 1 or (self._waiting and self.max_batch == 1)):
+            with self._lock:
+                request = self._waiting.popleft()
+            return self._solo(request)
         self._admit()
         for job in list(self._prefills):
             new_tokens += self._prefill_step(job)
@@ -287,6 +355,64 @@ class ContinuousBatcher:
                 hf_apply.clear_cache(self.model.model, keep_static=self.model.fast.active)
         return new_tokens
 
+    def _others_wait(self) -> bool:
+        """Whether a lone request on the single path should hand over: another one waits and could join."""
+        return bool(self._waiting) and self.max_batch > 1 and not self._stopped
+
+    def _solo(self, request: _Request) -> int:
+        """Run a lone request on the single-sequence fast path (:meth:`SelfExtendModel._run`: prefix
+        reuse, the grouping for its length, the static cache) until it finishes or another request waits;
+        then it joins the batch from the keys and values it computed.  Returns the tokens it generated."""
+        model = self.model
+        ids = torch.tensor([request.ids], device=model.device)
+        kwargs = model._gen_kwargs(request.max_new)
+        constraints = [] if request.constraint is None else [request.constraint]
+        kwargs.update(model._processors(constraints, len(request.ids), request.sampling, [request.generator]))
+        call = _Call(
+            [request.ids], ids, torch.ones_like(ids), request.max_new, request.stops, kwargs, request.chat,
+            request.sampling,
+        )  # fmt: skip
+        watch, handover = _SoloWatch(self, request, call), {}
+        self.solo_runs += 1
+        self._solo_request = request
+        try:
+            model._run(call, watch, TokenRecorder(), handover)
+        except Exception as err:  # this request's fault (a constraint with no way on, out of memory)
+            self._fail(request, err)
+            return watch.tokens
+        finally:
+            self._solo_request = None
+        if watch.finished:
+            return watch.tokens
+        if request.gone(time.monotonic()):
+            self._finish_early(request)
+            return watch.tokens
+        self._hand_over(request, call.grouping, handover.get("kv"))
+        return watch.tokens
+
+    def _hand_over(self, request: _Request, config: SelfExtendConfig | None, kv: Any) -> None:
+        """Continue a request stopped on the single path in the batch: its row's cache is what it computed
+        (prompt and answer but the last token), so one token is computed again before the next is sampled.
+        Without those keys (a call that failed over to another path) the prefix cache, or a full prefill,
+        gives them."""
+        self.handovers += 1
+        request.config = config
+        tokens = request.ids + request.generated
+        if request.constraint is not None:  # the single path's constraint sees a token when the next is masked
+            last = request.generated[-1]
+            request.constraint.accept(last, self.model.tokenizer.decode([last]))
+        job = _Prefill(request, tokens=tokens)
+        if kv is not None and kv[0] == len(tokens) - 1:
+            n, keys, values = kv
+            Hit(PrefixEntry(torch.tensor(tokens[:n]), config, keys, values), n).load_into(job.cache)
+            job.done_tokens = n
+        elif self.model.prefix_cache.enabled:
+            hit = self.model.prefix_cache.lookup(tokens[:-1], lambda cached, shared: cached == config)
+            if hit is not None:
+                hit.load_into(job.cache)
+                job.done_tokens = hit.length
+        self._prefills.insert(0, job)
+
     def _fail_running(self, error: BaseException) -> None:
         for job in self._prefills:
             self._fail(job.request, error)
@@ -296,12 +422,20 @@ class ContinuousBatcher:
                 self._fail(request, error)
         self._batches.clear()
 
+    def _expire_waiting(self) -> None:
+        """Cancelled and timed-out requests leave the queue."""
+        now = time.monotonic()
+        with self._lock:  # submit() appends from other threads
+            gone = [r for r in self._waiting if r.gone(now)]
+            for request in gone:
+                self._waiting.remove(request)
+        for request in gone:
+            self._finish_early(request)
+
     def _expire(self) -> None:
         """Cancelled and timed-out requests leave, wherever they are."""
         now = time.monotonic()
-        for request in [r for r in self._waiting if r.gone(now)]:
-            self._waiting.remove(request)
-            self._finish_early(request)
+        self._expire_waiting()
         for job in [j for j in self._prefills if j.request.gone(now)]:
             self._prefills.remove(job)
             self._finish_early(job.request)
@@ -330,6 +464,8 @@ class ContinuousBatcher:
         cache = self.model.prefix_cache
         deferred: list[_Request] = []
         while self._waiting and self.running < self.max_batch:
+            if not self._fits(self._waiting[0]):  # first come first served: the rest wait behind it
+                break
             with self._lock:
                 request = self._waiting.popleft()
             hit = cache.lookup(request.ids, self._accepts(request)) if cache.enabled else None
@@ -345,6 +481,20 @@ class ContinuousBatcher:
         if deferred:
             with self._lock:
                 self._waiting.extendleft(reversed(deferred))
+
+    def kv_in_use(self, extra: _Request | None = None) -> int:
+        """Bytes of keys and values the running requests (and ``extra``) take at most: each grouping's batch
+        is left-padded to its longest row's prompt and ``max_new_tokens``."""
+        longest: dict[SelfExtendConfig | None, list[int]] = {}
+        rows = [r for b in self._batches.values() for r in b.rows] + [j.request for j in self._prefills]
+        for request in rows + ([] if extra is None else [extra]):
+            longest.setdefault(request.config, []).append(len(request.ids) + request.max_new)
+        return sum(len(v) * max(v) for v in longest.values()) * self.kv_bytes_per_token
+
+    def _fits(self, request: _Request) -> bool:
+        """Whether ``request`` may start now inside the KV budget (alone it always may: :meth:`submit`
+        refused those that never fit)."""
+        return not self.running or self.kv_in_use(request) <= self.kv_budget_bytes
 
     def _accepts(self, request: _Request):
         n, total = len(request.ids), len(request.ids) + request.max_new
@@ -375,10 +525,10 @@ class ContinuousBatcher:
 
     def _prefill_step(self, job: _Prefill) -> int:
         """One chunk of a prefilling request; on its last chunk, its first token, then it joins a batch."""
-        request, device = job.request, self.model.device
+        request, device, tokens = job.request, self.model.device, job.tokens
         start = job.done_tokens
-        end = min(len(request.ids), start + self.prefill_chunk)
-        ids = torch.tensor([request.ids[start:end]], device=device)
+        end = min(len(tokens), start + self.prefill_chunk)
+        ids = torch.tensor([tokens[start:end]], device=device)
         try:
             self.model.use_grouping(request.config)
             logits = self._forward(
@@ -390,14 +540,12 @@ class ContinuousBatcher:
             self._fail(request, err)
             return 0
         job.done_tokens = end
-        if end < len(request.ids):
+        if end < len(tokens):
             return 0
         self._prefills.remove(job)
-        if self.model.prefix_cache.enabled:  # the prompt's keys, for the next request that starts with it
+        if self.model.prefix_cache.enabled and tokens is request.ids:  # for the next request that starts so
             layers = job.cache.layers
-            self.model.prefix_cache.store(
-                request.ids, request.config, [x.keys for x in layers], [x.values for x in layers]
-            )
+            self.model.prefix_cache.store(tokens, request.config, [x.keys for x in layers], [x.values for x in layers])
         token = self._sample(logits, [request])[0]
         if self._emit(request, token):
             return 1
@@ -503,6 +651,36 @@ class ContinuousBatcher:
             request.events.put(StreamChunk(text[request.shown : upto]))
             request.shown = upto
         return False
+
+
+#: Environment variable overriding the batcher's default KV memory budget (bytes).
+KV_BUDGET_ENV = "SELFEXTEND_KV_BUDGET_BYTES"
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """Half the memory free now on ``device`` (the rest: activations, the prefix cache, copies while rows
+    join), or ``$SELFEXTEND_KV_BUDGET_BYTES``."""
+    env = os.environ.get(KV_BUDGET_ENV)
+    if env is None:
+        return max(1, free_memory(device) // 2)
+    try:
+        value = int(env)
+    except ValueError:
+        raise ValueError(f"{KV_BUDGET_ENV} must be a whole number of bytes, got {env!r}") from None
+    if value < 1:
+        raise ValueError(f"{KV_BUDGET_ENV} must be >= 1 byte, got {value}")
+    return value
+
+
+def kv_bytes_per_token(model: SelfExtendModel) -> int:
+    """Bytes one token of one row keeps: keys and values of every layer, and with SelfExtend on the grouped
+    copy of the keys its attention keeps between steps."""
+    cfg = hf_apply.text_config(model.model)
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    tensors = 3 if model.self_extend else 2
+    return int(cfg.num_hidden_layers) * kv_heads * head_dim * tensors * model.model.dtype.itemsize
 
 
 def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -203,6 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(
         _load(args), host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
         max_queue=args.max_queue, request_timeout=args.request_timeout or None, cors_origins=args.cors_origin,
+        kv_budget_bytes=None if args.kv_budget_mib is None else int(args.kv_budget_mib * 2**20),
     )  # fmt: skip
     return 0
 
@@ -362,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=32, help="requests generated together (continuous batching)")
     srv.add_argument("--max-queue", type=int, default=256, help="requests that may wait; past it: 429 + Retry-After")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: no limit)")
+    srv.add_argument(
+        "--kv-budget-mib", type=float, default=None,
+        help="memory the running requests' keys and values may take (default: half the free memory; past it "
+        "requests wait, and one that alone exceeds it gets a 503)",
+    )  # fmt: skip
     srv.set_defaults(func=cmd_serve)
     exp = sub.add_parser("export", help="write a model (default: the embedded one) as a transformers folder")
     exp.add_argument("out_dir", help="folder to write (new or empty)")

@@ -41,6 +41,10 @@ Prompt = str | Sequence[Mapping[str, Any]]
 
 #: Sampling arguments taken by every generate entry point (beyond max_new_tokens and stop).
 SAMPLING_ARGUMENTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+#: The arguments the batcher takes (:meth:`SelfExtendModel.complete_shared`); others are ``generate``'s.
+SHARED_ARGUMENTS = frozenset(
+    {"max_new_tokens", "stop", *SAMPLING_ARGUMENTS, "tools", "tool_choice", "response_format", "timeout"}
+)
 
 
 @dataclass
@@ -81,6 +85,8 @@ class _Call:
     sampling: Sampling = Sampling()
     #: Filled by the run: prompt tokens reused from the prefix cache.
     cached_tokens: int = 0
+    #: Filled by the run: the grouping it ran (a cached prefix's own, or the one for its length).
+    grouping: SelfExtendConfig | None = None
 
 
 class ContextWindowExceededError(ValueError):
@@ -165,7 +171,6 @@ class SelfExtendModel:
         self._lock = threading.Lock()
         self._batcher: ContinuousBatcher | None = None
         self._batcher_lock = threading.Lock()
-        self._solo_calls = 0  # complete_shared() calls on the single-sequence path right now
         self._grammars: Any = None  # compiled JSON grammars (structured.JSONGrammars), made on first use
         #: Keys and values of recent prompts, reused for calls that share their first tokens
         #: (:mod:`selfextend_llm.engine.prefix_cache`); ``prefix_cache_bytes=0`` turns it off.
@@ -568,20 +573,31 @@ class SelfExtendModel:
         encoded, max_new = self._prepare(prompts, max_new_tokens, checked, sampling)
         ids, mask = self._batch_tensors(encoded)
         kwargs = self._gen_kwargs(max_new, **generate_kwargs)
+        rows = []
         if constraint is not None:
-            from .structured import ConstrainedLogits
-
             rows = [constraint] + [
                 self.constraint(response_format, tools=checked, must_call=must_call) for _ in encoded[1:]
             ]
             for row in rows:  # the answer closes validly before max_new_tokens (structured.Closers)
                 row.budget = max_new
-            kwargs["logits_processor"] = [ConstrainedLogits(rows, ids.shape[1], self.tokenizer.decode)]
-        if not sampling.greedy or sampling.penalised:  # after the constraint: it picks among allowed tokens
-            generators = [sampling.generator(self.device) for _ in encoded]
-            kwargs["logits_processor"] = [*kwargs.get("logits_processor", []), SamplingProcessor(sampling, generators)]
+        generators = [sampling.generator(self.device) for _ in encoded]
+        kwargs.update(self._processors(rows, ids.shape[1], sampling, generators))
         chat = all(not isinstance(p, str) for p in prompts)
         return _Call(encoded, ids, mask, max_new, stops, kwargs, chat, sampling)
+
+    def _processors(
+        self, constraints: Sequence[Any], prompt_len: int, sampling: Sampling, generators: Sequence[Any]
+    ) -> dict[str, Any]:
+        """``generate``'s ``logits_processor`` for rows' constraints (one per row, or none) and sampling:
+        the constraint first, so the sampler picks among allowed tokens (the batcher's order)."""
+        processors: list[Any] = []
+        if constraints:
+            from .structured import ConstrainedLogits
+
+            processors.append(ConstrainedLogits(list(constraints), prompt_len, self.tokenizer.decode))
+        if not sampling.greedy or sampling.penalised:
+            processors.append(SamplingProcessor(sampling, generators))
+        return {"logits_processor": processors} if processors else {}
 
     def constraint(
         self,
@@ -611,10 +627,15 @@ class SelfExtendModel:
             return self._grammars.tool_call(tools or [], must_call or None)
         return self._grammars.constraint(response_format)
 
-    def _run(self, call: _Call, criteria: _StopCriteria, streamer: _RecordingStreamer | None = None) -> torch.Tensor:
+    def _run(
+        self, call: _Call, criteria: Any, streamer: Any = None, handover: dict[str, Any] | None = None
+    ) -> torch.Tensor:
         """Generate for a prepared call (the caller holds the lock): grouping for its length (or the
         cached prefix's), the generation, then the sequence's keys and values into the prefix cache and
-        the per-call grouped-key caches dropped whatever happened."""
+        the per-call grouped-key caches dropped whatever happened.
+
+        With ``handover`` (a dict), ``handover["kv"]`` gets what the call computed (``(n, keys, values)``
+        or None), whatever the prefix cache's budget: the batcher continues a lone request from it."""
         total = call.ids.shape[1] + call.max_new
         config = self.grouping_for(total, call.chat)
         hit = None
@@ -623,38 +644,46 @@ class SelfExtendModel:
             hit = self.prefix_cache.lookup(call.encoded[0], accepts)
             if hit is not None:
                 config = hit.entry.config
-        call.cached_tokens = 0 if hit is None else hit.length
+        call.cached_tokens, call.grouping = 0 if hit is None else hit.length, config
         self.use_grouping(config)
         started = time.perf_counter()
         try:
             with torch.inference_mode():
                 out, cache, path = self._generate(call, criteria, streamer, hit)
                 if cache is not None and out.shape[0] == 1:
-                    self._keep_prefix(out[0], cache, config)
+                    self._keep_prefix(out[0], cache, config, handover)
         finally:
             if self.self_extend:
                 hf_apply.clear_cache(self.model, keep_static=self.fast.active)
         self.last_call = _call_record(config, self.plan is not None, call, path, time.perf_counter() - started)
         return out
 
-    def _keep_prefix(self, sequence: torch.Tensor, cache: Any, config: SelfExtendConfig | None) -> None:
+    def _keep_prefix(
+        self, sequence: torch.Tensor, cache: Any, config: SelfExtendConfig | None, handover: dict | None = None
+    ) -> None:
         """Store the keys and values a call computed (prompt and answer but its last token, which was never
-        fed back) in the prefix cache; copies, since a static cache is reset and reused."""
-        if not self.prefix_cache.enabled:
+        fed back) in the prefix cache, and in ``handover`` when given (see :meth:`_run`); copies, since a
+        static cache is reset and reused."""
+        store = self.prefix_cache.enabled
+        if not store and handover is None:
             return
         n = min(int(sequence.shape[0]) - 1, int(cache.get_seq_length()))
         layers = getattr(cache, "layers", None)
-        if n < self.prefix_cache.min_tokens or not layers or any(getattr(x, "keys", None) is None for x in layers):
+        if n < 1 or not layers or any(getattr(x, "keys", None) is None for x in layers):
             return
         per_token = sum(
             (layer.keys[:, :, :1].numel() + layer.values[:, :, :1].numel()) * layer.keys.element_size()
             for layer in layers
         )
-        if per_token * n > self.prefix_cache.max_bytes or any(layer.keys.shape[2] < n for layer in layers):
+        store = store and n >= self.prefix_cache.min_tokens and per_token * n <= self.prefix_cache.max_bytes
+        if not (store or handover is not None) or any(layer.keys.shape[2] < n for layer in layers):
             return
         keys = [layer.keys[:, :, :n].clone() for layer in layers]
         values = [layer.values[:, :, :n].clone() for layer in layers]
-        self.prefix_cache.store(sequence[:n], config, keys, values)
+        if handover is not None:
+            handover["kv"] = (n, keys, values)
+        if store:
+            self.prefix_cache.store(sequence[:n], config, keys, values)
 
     # ----------------------------------------------------------------- prompt caches on disk
     def _fingerprint(self) -> dict[str, Any]:
@@ -750,24 +779,22 @@ class SelfExtendModel:
     def complete_shared(self, prompt: Prompt, **kwargs: Any) -> Completion:
         """:meth:`complete`, sharing decode steps with concurrent calls (framework ``batch()``, thread pools).
 
-        Alone, a call takes the fast single-sequence path; while another generation runs, it joins the
-        continuous batcher instead of waiting for the model, so N concurrent calls cost about one batched
-        generation rather than N in a row.  Extra ``generate`` keyword arguments always take the single path.
+        The call goes through the model's :meth:`batcher`: alone it runs the fast single-sequence path
+        there, and when others arrive they share its decode steps, so N concurrent calls cost about one
+        batched generation rather than N in a row.  Extra ``generate`` keyword arguments (which only
+        ``model.generate`` understands) take :meth:`complete` instead.
         """
-        known = {"max_new_tokens", "stop", *SAMPLING_ARGUMENTS, "tools", "tool_choice", "response_format"}
-        with self._batcher_lock:  # claim the single path atomically: calls arriving together batch
-            batcher = self._batcher
-            solo = not self._solo_calls and (batcher is None or batcher.running + batcher.queue_depth == 0)
-            solo = solo or bool(set(kwargs) - known)
-            if solo:
-                self._solo_calls += 1
-        if not solo:
-            return self.batcher().submit(prompt, **kwargs).result()
-        try:
+        if set(kwargs) - SHARED_ARGUMENTS:
             return self.complete(prompt, **kwargs)
-        finally:
-            with self._batcher_lock:
-                self._solo_calls -= 1
+        return self.batcher().submit(prompt, **kwargs).result()
+
+    def stream_shared(self, prompt: Prompt, **kwargs: Any) -> Iterator[StreamChunk]:
+        """:meth:`stream_chunks` through the :meth:`batcher` (see :meth:`complete_shared`): a stream holds
+        no lock, so it never stalls concurrent calls; closing the iterator early cancels the request."""
+        if set(kwargs) - SHARED_ARGUMENTS:
+            yield from self.stream_chunks(prompt, **kwargs)
+            return
+        yield from self.batcher().submit(prompt, **kwargs)
 
     def generate(
         self,
@@ -846,6 +873,24 @@ class SelfExtendModel:
         for chunk in self.stream_chunks(prompt, **kwargs):
             if chunk.text:
                 yield chunk.text
+
+
+class TokenRecorder:
+    """A ``generate`` streamer that only keeps the generated ids: :meth:`SelfExtendModel._generate` resumes
+    from them after a compile fallback instead of generating (and reporting) the tokens again."""
+
+    def __init__(self) -> None:
+        self.generated: list[int] = []
+        self.next_tokens_are_prompt = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.next_tokens_are_prompt:  # the first call carries the prompt
+            self.next_tokens_are_prompt = False
+            return
+        self.generated.extend(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        """Nothing to flush."""
 
 
 class _RecordingStreamer(TextIteratorStreamer):

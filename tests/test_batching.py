@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures as futures
+import json
 import time
 
 import pytest
 import torch
 
+from selfextend_llm import batching
 from selfextend_llm.batching import ContinuousBatcher, QueueFullError, RequestTimeoutError, ShuttingDownError
 from selfextend_llm.tasks.passkey import passkey_prompt
 from tests.helpers import tiny_served_model
@@ -172,3 +174,159 @@ def test_seeded_sampling_is_the_same_alone_and_batched(tiny, dials):
     if dials.get("temperature"):  # the seed matters: another one gives another answer somewhere
         other = [tiny.complete(p, max_new_tokens=14, seed=7 + i, **dials).text for i, p in enumerate(prompts)]
         assert other != alone
+
+
+@pytest.fixture(scope="module")
+def tiny_fast(default_model):
+    """The tiny model on the fast single path (static cache; on the CPU the C decode step)."""
+    return tiny_served_model(
+        default_model.tokenizer, layers=2, hidden=64, context_window=600, adaptive=True, fast_generation=True
+    )
+
+
+def _first_chunk_then(handle, submit_more):
+    """Read ``handle`` until its first text, then call ``submit_more`` (the lone request is mid-answer)."""
+    it = iter(handle)
+    first = next(it)
+    while not first.text:
+        first = next(it)
+    others = submit_more()
+    rest = list(it)
+    text = first.text + "".join(c.text for c in rest)
+    return text, rest[-1], others
+
+
+def test_a_lone_request_runs_the_fast_single_path(tiny_fast):
+    prompt = _prompts(3)[2]
+    alone = tiny_fast.complete(prompt, max_new_tokens=16)
+    assert tiny_fast.last_call["path"].startswith("static cache")
+    tiny_fast.last_call = None
+    batcher = ContinuousBatcher(tiny_fast)
+    try:
+        got = batcher.submit(prompt, max_new_tokens=16).result()
+    finally:
+        batcher.close()
+    assert (got.text, got.completion_tokens, got.finish_reason) == (alone.text, 16, alone.finish_reason)
+    assert tiny_fast.last_call["path"].startswith("static cache")  # not the batch's dynamic cache
+    assert (batcher.solo_runs, batcher.handovers) == (1, 0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(
+    "dials",
+    [{}, {"temperature": 0.9, "seed": 3}, {"temperature": 1.0, "top_k": 4, "repetition_penalty": 1.2, "seed": 5}],
+)  # fmt: skip
+def test_a_lone_request_hands_over_mid_answer_and_keeps_its_tokens(tiny, tiny_fast, fast, dials):
+    """Alone it runs the single path; a second request arrives after its first piece of text; it goes on in
+    the batch from the keys it computed: both answers are what they are alone, seed and sampler state too."""
+    model = tiny_fast if fast else tiny
+    first, second = _prompts(4)[3], _prompts(3)[1]
+    want_first = model.complete(first, max_new_tokens=40, **dials)
+    want_second = model.complete(second, max_new_tokens=10, **dials)
+    batcher = ContinuousBatcher(model)
+    try:
+        text, last, other = _first_chunk_then(
+            batcher.submit(first, max_new_tokens=40, **dials),
+            lambda: batcher.submit(second, max_new_tokens=10, **dials),
+        )
+        got_second = other.result()
+    finally:
+        batcher.close()
+    assert batcher.handovers == 1
+    assert (text, last.completion_tokens, last.prompt_tokens) == (
+        want_first.text, want_first.completion_tokens, want_first.prompt_tokens,
+    )  # fmt: skip
+    assert got_second.text == want_second.text
+
+
+def test_handover_keeps_stop_strings_and_the_json_constraint(tiny_fast):
+    prompt = _prompts(4)[3]
+    plain = tiny_fast.complete(prompt, max_new_tokens=40).text
+    stop = plain[-8:-4]
+    assert stop.strip()
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {**schema, "required": ["name", "n"]}}}
+    want_json = tiny_fast.complete(prompt, max_new_tokens=30, response_format=fmt).text
+    batcher = ContinuousBatcher(tiny_fast)
+    try:
+        text, last, other = _first_chunk_then(
+            batcher.submit(prompt, max_new_tokens=40, stop=[stop]),
+            lambda: batcher.submit(prompt, max_new_tokens=30, response_format=fmt),
+        )
+        got_json = other.result().text
+        text_json, _, _ = _first_chunk_then(
+            batcher.submit(prompt, max_new_tokens=30, response_format=fmt),
+            lambda: batcher.submit("hello", max_new_tokens=3),
+        )
+    finally:
+        batcher.close()
+    assert batcher.handovers >= 2
+    assert text == plain[: plain.index(stop)] and last.finish_reason == "stop"
+    assert got_json == want_json and text_json == want_json
+    assert set(json.loads(want_json)) == {"name", "n"}  # valid, closed within its budget
+
+
+def test_handover_without_the_computed_keys_prefills_them_again(tiny_fast, monkeypatch):
+    """A call that lost its keys (a compile fallback) or a model without a prefix cache: the row is prefilled
+    from its prompt and answer so far, and the answer is still the one alone."""
+    prompt = _prompts(4)[3]
+    want = tiny_fast.complete(prompt, max_new_tokens=30).text
+    original = tiny_fast._keep_prefix
+    monkeypatch.setattr(
+        tiny_fast, "_keep_prefix", lambda seq, cache, config, handover=None: original(seq, cache, config)
+    )
+    budget = tiny_fast.prefix_cache.max_bytes
+    tiny_fast.prefix_cache.max_bytes = 0
+    batcher = ContinuousBatcher(tiny_fast)
+    try:
+        text, _, other = _first_chunk_then(
+            batcher.submit(prompt, max_new_tokens=30), lambda: batcher.submit("hello", max_new_tokens=3)
+        )
+        other.result()
+    finally:
+        batcher.close()
+        tiny_fast.prefix_cache.max_bytes = budget
+    assert batcher.handovers == 1 and text == want
+
+
+def test_close_without_drain_fails_running_requests_instead_of_leaving_them_waiting(tiny):
+    batcher = ContinuousBatcher(tiny, max_batch=4)
+    handles = [batcher.submit(p, max_new_tokens=400) for p in _prompts(3)]
+    time.sleep(0.5)
+    batcher.close(drain=False, timeout=60)
+    for handle in handles:
+        with pytest.raises(ShuttingDownError, match="shut down"):
+            with futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(handle.result).result(timeout=30)
+
+
+def test_kv_budget_refuses_what_never_fits_and_queues_what_fits_later(tiny):
+    per_token = batching.kv_bytes_per_token(tiny)
+    cfg = tiny.model.config
+    assert per_token == cfg.num_hidden_layers * cfg.num_key_value_heads * (64 // 4) * 3 * 4  # K, V, grouped K; fp32
+    prompts = _prompts(4)[2:]
+    sizes = [len(tiny.encode(p)) + 30 for p in prompts]
+    alone = [tiny.complete(p, max_new_tokens=30).text for p in prompts]
+    running = []
+    batcher = ContinuousBatcher(
+        tiny, kv_budget_bytes=max(sizes) * per_token + 1, on_step=lambda depth, run, new: running.append(run)
+    )  # one at a time fits, two do not
+    try:
+        with pytest.raises(batching.KVBudgetError, match="KV budget") as err:
+            batcher.submit(prompts[0] * 3, max_new_tokens=30)
+        assert "max_tokens" in str(err.value) and batching.KV_BUDGET_ENV in str(err.value)
+        handles = [batcher.submit(p, max_new_tokens=30) for p in prompts]
+        got = [h.result().text for h in handles]
+    finally:
+        batcher.close()
+    assert got == alone and max(running) == 1  # the second waited for the first: never both in memory
+
+
+def test_kv_budget_environment_variable(monkeypatch):
+    monkeypatch.setenv(batching.KV_BUDGET_ENV, "12345")
+    assert batching.default_kv_budget(torch.device("cpu")) == 12345
+    monkeypatch.setenv(batching.KV_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match="whole number of bytes"):
+        batching.default_kv_budget(torch.device("cpu"))
+    monkeypatch.delenv(batching.KV_BUDGET_ENV)
+    assert batching.default_kv_budget(torch.device("cpu")) > 2**20

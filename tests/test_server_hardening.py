@@ -178,3 +178,17 @@ def test_a_second_question_over_one_document_reports_cached_tokens(server):
     )  # fmt: skip
     assert first.usage.prompt_tokens_details.cached_tokens < 0.5 * first.usage.prompt_tokens
     assert second.usage.prompt_tokens_details.cached_tokens > 0.8 * second.usage.prompt_tokens
+
+
+def test_a_request_past_the_kv_budget_is_a_503_that_says_what_to_change(default_model):
+    """A server whose memory holds a 300-token request refuses a 2,000-token one up front (it would never fit),
+    and still answers what fits."""
+    from selfextend_llm.batching import kv_bytes_per_token
+
+    budget = 300 * kv_bytes_per_token(default_model)
+    with BackgroundServer(create_app(default_model, kv_budget_bytes=budget)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json=_chat("word " * 2000, max_tokens=8), timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "kv_budget_exceeded"
+        assert "KV budget" in r.json()["error"]["message"] and "max_tokens" in r.json()["error"]["message"]
+        ok = httpx.post(f"{url}/v1/chat/completions", json=_chat("hi", max_tokens=4), timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1

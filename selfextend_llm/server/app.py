@@ -22,7 +22,14 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from .. import validation
-from ..batching import ContinuousBatcher, QueueFullError, RequestHandle, RequestTimeoutError, ShuttingDownError
+from ..batching import (
+    ContinuousBatcher,
+    KVBudgetError,
+    QueueFullError,
+    RequestHandle,
+    RequestTimeoutError,
+    ShuttingDownError,
+)  # fmt: skip
 from ..model import ContextWindowExceededError, SelfExtendModel, StreamChunk
 from ..streaming import iterate_in_thread
 from ..structured import json_instruction
@@ -222,12 +229,15 @@ def create_app(
     request_timeout: float | None = 600.0,
     prefill_chunk: int = 512,
     cors_origins: Sequence[str] | None = None,
+    kv_budget_bytes: int | None = None,
 ) -> FastAPI:
     """The ASGI app; run it with any ASGI server (``selfextend-llm serve`` uses uvicorn).
 
     ``max_batch`` requests run at once, ``max_queue`` more may wait (then 429); ``request_timeout``
     seconds per request (None: no limit); ``prefill_chunk`` prompt tokens are prefilled per step,
-    so a long prompt does not hold the running requests up for its whole prefill.  ``api_key`` defaults
+    so a long prompt does not hold the running requests up for its whole prefill; ``kv_budget_bytes`` bounds
+    the running requests' keys and values (None: half the free memory, or ``$SELFEXTEND_KV_BUDGET_BYTES``):
+    past it requests wait, and one that alone exceeds it gets a 503 saying so.  ``api_key`` defaults
     to ``$SELFEXTEND_API_KEY`` (none: open); ``cors_origins`` lets browsers on those origins call the API.
     """
     if api_key is None:
@@ -236,8 +246,9 @@ def create_app(
 
     def new_batcher() -> ContinuousBatcher:
         return ContinuousBatcher(
-            model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, on_step=metrics.on_step
-        )
+            model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+            kv_budget_bytes=kv_budget_bytes, on_step=metrics.on_step,
+        )  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -389,6 +400,8 @@ def create_app(
             raise APIError(429, str(err), "rate_limit_error", "queue_full", retry_after=err.retry_after) from err
         except ShuttingDownError as err:
             raise APIError(503, str(err), "server_error", "shutting_down") from err
+        except KVBudgetError as err:  # this server's memory, not the request's form: 503, not 400
+            raise APIError(503, str(err), "server_error", "kv_budget_exceeded", "max_tokens") from err
 
     async def _answer(
         prompt: Any, params: dict[str, Any], respond: Responder, stream: bool, request: Request, tools: bool = False

@@ -52,7 +52,7 @@ def serve(
 ) -> None:
     """Serve until interrupted.  On SIGINT/SIGTERM uvicorn stops accepting connections and the app drains
     the requests it admitted (up to ``request_timeout``) before exiting.  ``app_options``: see
-    :func:`create_app` (``max_batch``, ``max_queue``, ``request_timeout``, ``prefill_chunk``)."""
+    :func:`create_app` (``max_batch``, ``max_queue``, ``request_timeout``, ``prefill_chunk``, ``kv_budget_bytes``)."""
     uvicorn = _uvicorn()
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

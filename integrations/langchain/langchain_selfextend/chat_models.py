@@ -253,7 +253,7 @@ class ChatSelfExtend(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         chat, params = self._call_args(messages, stop, kwargs)
         tools, held = bool(params["tools"]), []
-        for piece in self.selfextend_model.stream_chunks(chat, **params):
+        for piece in self.selfextend_model.stream_shared(chat, **params):
             if piece.finish_reason is None and tools:
                 held.append(piece.text)  # a <tool_call> block must not stream out as content
                 continue

@@ -164,11 +164,11 @@ def _scripted(monkeypatch, chat: ChatSelfExtend, text: str) -> None:
     model = chat.selfextend_model
     monkeypatch.setattr(type(model), "supports_tools", property(lambda self: True))
 
-    def stream_chunks(prompt, **params):
+    def stream_shared(prompt, **params):
         yield from (StreamChunk(text[i : i + 7]) for i in range(0, len(text), 7))
         yield StreamChunk("", "stop", 12, 9)
 
-    monkeypatch.setattr(model, "stream_chunks", stream_chunks)
+    monkeypatch.setattr(model, "stream_shared", stream_shared)
 
 
 def test_streamed_tool_calls_arrive_as_tool_call_chunks(monkeypatch):

@@ -195,7 +195,7 @@ class SelfExtendLLM(FunctionCallingLLM):
 
         def gen() -> CompletionResponseGen:
             text = ""
-            for piece in self._model.stream_chunks(full, **params):
+            for piece in self._model.stream_shared(full, **params):
                 text += piece.text
                 if piece.finish_reason is None:
                     yield CompletionResponse(text=text, delta=piece.text)
@@ -228,7 +228,7 @@ class SelfExtendLLM(FunctionCallingLLM):
 
         def gen() -> ChatResponseGen:
             text = ""
-            for piece in self._model.stream_chunks(prompt, **params):
+            for piece in self._model.stream_shared(prompt, **params):
                 text += piece.text
                 if piece.finish_reason is None:
                     if tools is None:  # with tools the text is held: a <tool_call> block is no content
