@@ -39,6 +39,7 @@ from transformers import DynamicCache
 
 from . import validation
 from .config import SelfExtendConfig
+from .engine.batch_cache import BatchCache
 from .engine.prefix_cache import Hit, PrefixEntry, free_memory, shared_length
 from .engine.sampling import Sampling, pick
 from .hf import apply as hf_apply
@@ -104,7 +105,7 @@ class _Batch:
 @dataclass
 class _Prefill:
     request: _Request
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    cache: DynamicCache = field(default_factory=BatchCache)
     done_tokens: int = 0
     #: The tokens to prefill: the prompt, or for a request handed over from the single path its prompt
     #: and every token it generated (the last one's keys are computed here, then it samples the next).

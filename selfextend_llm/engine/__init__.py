@@ -1,7 +1,8 @@
 """The generation engine's parts shared by every path (single calls, the batcher, the server).
 
 * :mod:`.sampling`: one sampler (temperature, top-p, top-k, min-p, repetition penalty, a seed per request);
-* :mod:`.prefix_cache`: the keys and values of recent prompts, reused by calls that share their first tokens.
+* :mod:`.prefix_cache`: the keys and values of recent prompts, reused by calls that share their first tokens;
+* :mod:`.batch_cache`: the batcher's KV cache, written in place by each decode step.
 """
 
 from .prefix_cache import PrefixCache
