@@ -261,9 +261,8 @@ class ContinuousBatcher:
         (see :meth:`SelfExtendModel.prepare_tools` and :meth:`SelfExtendModel.constraint`)."""
         if self._draining or self._stopped:
             raise ShuttingDownError("the server is shutting down and takes no new requests; retry elsewhere")
-        validation.generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        validation.sampling_extras(top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty)
-        sampling = Sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+        validation.integer("max_new_tokens", max_new_tokens, minimum=1)
+        sampling = Sampling.checked(temperature, top_p, top_k, min_p, repetition_penalty, seed)
         if timeout is not None:
             validation.number("timeout", timeout, minimum=0.0, exclusive_minimum=True)
         stops = normalize_stops(stop)

@@ -465,9 +465,7 @@ class SelfExtendModel:
         self, prompts: Sequence[Prompt], max_new_tokens: int, tools, sampling: Sampling
     ) -> tuple[list[list[int]], int]:
         """Check every argument, encode the prompts, check they fit: all before any generation."""
-        validation.generation(
-            max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed
-        )
+        validation.integer("max_new_tokens", max_new_tokens, minimum=1)
         if not _is_prompt_list(prompts):
             raise TypeError("prompts must be a non-empty list of prompts (strings or message lists)")
         encoded = [self.encode(p, tools=tools) for p in prompts]
@@ -559,8 +557,7 @@ class SelfExtendModel:
         """Everything a call needs, checked and encoded before any work (and before taking the lock)."""
         stops = normalize_stops(stop)
         extras = {k: generate_kwargs.pop(k, None) for k in ("top_k", "min_p", "repetition_penalty")}
-        validation.sampling_extras(**extras)
-        sampling = Sampling(temperature, top_p, seed=seed, **extras)
+        sampling = Sampling.checked(temperature, top_p, seed=seed, **extras)
         response_format = generate_kwargs.pop("response_format", None)
         tool_choice = generate_kwargs.pop("tool_choice", None)
         checked, must_call = None, None

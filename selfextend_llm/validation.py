@@ -159,20 +159,8 @@ def text_parts(content: Any) -> str:
     return "".join(part["text"] for part in content)
 
 
-def generation(
-    *, max_new_tokens: Any, temperature: Any, top_p: Any = None, seed: Any = None
-) -> tuple[int, float, float | None, int | None]:
-    """The sampling arguments every generate call takes, checked together."""
-    return (
-        integer("max_new_tokens", max_new_tokens, minimum=1),
-        number("temperature", temperature, minimum=0.0),
-        None if top_p is None else number("top_p", top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True),
-        optional_integer("seed", seed, minimum=0, maximum=2**63 - 1),
-    )
-
-
 def sampling_extras(*, top_k: Any = None, min_p: Any = None, repetition_penalty: Any = None) -> None:
-    """The sampling dials beyond temperature and top_p (:class:`selfextend_llm.engine.sampling.Sampling`)."""
+    """The sampling dials beyond temperature, top_p and seed (:meth:`.engine.sampling.Sampling.checked`)."""
     optional_integer("top_k", top_k, minimum=0)  # 0: every token (vLLM's -1 is refused: say 0 or None)
     if min_p is not None:
         number("min_p", min_p, minimum=0.0, maximum=1.0)

@@ -13,8 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from .. import validation
 
 #: Temperatures below this decode greedily: sampling at, say, 1e-300 divides logits into infinities
 #: (NaN probabilities), while its distribution is the argmax anyway.
@@ -23,8 +26,8 @@ MIN_SAMPLING_TEMPERATURE = 1e-4
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a request picks each token (checked by :func:`selfextend_llm.validation.generation` and
-    :func:`selfextend_llm.validation.sampling_extras` before it is made).
+    """How a request picks each token; made by :meth:`checked` on every path (the single call, the batcher,
+    the server), so every path refuses the same values with the same message.
 
     * ``temperature``: 0 (or below ``1e-4``) is greedy;
     * ``top_p``: nucleus sampling, the smallest set of tokens whose probabilities reach ``top_p``;
@@ -41,6 +44,19 @@ class Sampling:
     min_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+
+    @classmethod
+    def checked(
+        cls, temperature: Any = 0.0, top_p: Any = None, top_k: Any = None, min_p: Any = None,
+        repetition_penalty: Any = None, seed: Any = None,
+    ) -> Sampling:  # fmt: skip
+        """Every dial checked (a ``TypeError``/``ValueError`` naming the argument), then the sampling."""
+        validation.number("temperature", temperature, minimum=0.0)
+        if top_p is not None:
+            validation.number("top_p", top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+        validation.optional_integer("seed", seed, minimum=0, maximum=2**63 - 1)
+        validation.sampling_extras(top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty)
+        return cls(temperature, top_p, top_k, min_p, repetition_penalty, seed)
 
     @property
     def greedy(self) -> bool:

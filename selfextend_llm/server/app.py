@@ -30,6 +30,7 @@ from ..batching import (
     RequestTimeoutError,
     ShuttingDownError,
 )  # fmt: skip
+from ..engine.sampling import Sampling
 from ..model import ContextWindowExceededError, SelfExtendModel, StreamChunk
 from ..streaming import iterate_in_thread
 from ..structured import json_instruction
@@ -355,11 +356,9 @@ def create_app(
 
     def _params(req: SamplingParams, max_tokens: int | None) -> dict[str, Any]:
         """Generation arguments, checked now: a stream cannot turn into a 400 once it has started."""
-        validation.generation(
-            max_new_tokens=max_tokens or 1, temperature=req.temperature, top_p=req.top_p, seed=req.seed
-        )
+        validation.integer("max_new_tokens", max_tokens or 1, minimum=1)
+        Sampling.checked(req.temperature, req.top_p, seed=req.seed, **req.sampling)
         validation.stops(req.stop)
-        validation.sampling_extras(**req.sampling)
         return {
             "max_new_tokens": max_tokens or min(1024, model.context_window),
             "temperature": req.temperature,
