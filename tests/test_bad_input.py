@@ -184,8 +184,21 @@ def app(tiny_server_model):
     return create_app(tiny_server_model)
 
 
+def _declared_fields() -> frozenset[str]:
+    from selfextend_llm.server import protocol
+
+    models = (protocol.ChatRequest, protocol.CompletionRequest, protocol.TokenizeRequest, protocol.DetokenizeRequest)
+    return frozenset(name for m in models for name in m.model_fields)
+
+
 def _served_model(case):
-    """Most fuzzed bodies name the served model, so that they reach generation rather than a 404."""
+    """Most fuzzed bodies name the served model, so that they reach generation rather than a 404, and keep
+    only declared fields: the schema allows extra ones (to refuse them by name), and a body that hypothesis
+    filled with random keys is always a 400, so a run of such bodies never reached generation."""
+    if isinstance(case.body, dict):
+        declared = _declared_fields()
+        for key in [k for k in case.body if k not in declared]:
+            del case.body[key]
     if isinstance(case.body, dict) and "model" in case.body and case.body["model"] != "other":
         case.body["model"] = "tiny"
     if case.path_parameters and "model_name" in case.path_parameters:
@@ -197,7 +210,8 @@ def _fuzz(operation, mode: GenerationMode) -> list[int]:
     """Send fuzzed requests for one operation; return the statuses seen."""
     statuses: list[int] = []
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    # derandomized: the same bodies every run (a run of 25 random ones sometimes had no valid /tokenize body)
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(case=operation.as_strategy(generation_mode=mode).map(_served_model))
     def fuzz(case):
         response = case.call(timeout=120)
