@@ -25,7 +25,6 @@ the batch is a plain dynamic cache, so every SelfExtend path (CPU, Triton, block
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -40,7 +39,7 @@ from transformers import DynamicCache
 from . import validation
 from .config import SelfExtendConfig
 from .engine.batch_cache import BatchCache
-from .engine.prefix_cache import Hit, PrefixEntry, free_memory, shared_length
+from .engine.prefix_cache import Hit, PrefixEntry, env_bytes, free_memory, shared_length
 from .engine.sampling import Sampling, pick
 from .hf import apply as hf_apply
 from .model import Completion, Prompt, SelfExtendModel, StreamChunk, TokenRecorder, _Call
@@ -660,16 +659,8 @@ KV_BUDGET_ENV = "SELFEXTEND_KV_BUDGET_BYTES"
 def default_kv_budget(device: torch.device) -> int:
     """Half the memory free now on ``device`` (the rest: activations, the prefix cache, copies while rows
     join), or ``$SELFEXTEND_KV_BUDGET_BYTES``."""
-    env = os.environ.get(KV_BUDGET_ENV)
-    if env is None:
-        return max(1, free_memory(device) // 2)
-    try:
-        value = int(env)
-    except ValueError:
-        raise ValueError(f"{KV_BUDGET_ENV} must be a whole number of bytes, got {env!r}") from None
-    if value < 1:
-        raise ValueError(f"{KV_BUDGET_ENV} must be >= 1 byte, got {value}")
-    return value
+    value = env_bytes(KV_BUDGET_ENV, minimum=1)
+    return max(1, free_memory(device) // 2) if value is None else value
 
 
 def kv_bytes_per_token(model: SelfExtendModel) -> int:

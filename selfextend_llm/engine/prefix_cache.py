@@ -226,18 +226,23 @@ def default_budget(device: torch.device) -> int:
 
     An eighth leaves the model, its working cache and the batcher their room; the environment
     variable ``SELFEXTEND_PREFIX_CACHE_BYTES`` overrides it (0 turns reuse off)."""
-    env = os.environ.get("SELFEXTEND_PREFIX_CACHE_BYTES")
-    if env is not None:
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(
-                f"SELFEXTEND_PREFIX_CACHE_BYTES must be a whole number of bytes (0: off), got {env!r}"
-            ) from None
-        if value < 0:
-            raise ValueError(f"SELFEXTEND_PREFIX_CACHE_BYTES must be >= 0, got {value}")
-        return value
-    return min(8 << 30, free_memory(device) // 8)
+    value = env_bytes("SELFEXTEND_PREFIX_CACHE_BYTES", minimum=0, note=" (0: off)")
+    return min(8 << 30, free_memory(device) // 8) if value is None else value
+
+
+def env_bytes(name: str, *, minimum: int, note: str = "") -> int | None:
+    """A byte count from the environment variable ``name`` (None when unset), refused with a message naming
+    the variable when it is not a whole number >= ``minimum`` (the memory budgets' overrides)."""
+    env = os.environ.get(name)
+    if env is None:
+        return None
+    try:
+        value = int(env)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number of bytes{note}, got {env!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def free_memory(device: torch.device) -> int:
