@@ -34,46 +34,39 @@ def _append(buffer: torch.Tensor | None, length: int, new: torch.Tensor) -> tupl
     return buffer, length + added
 
 
+class _Filled:
+    """``keys`` or ``values`` of a :class:`GrowingLayer`: reading gives the filled part of the buffer, assigning
+    takes the tensor as the buffer (full, no room yet)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.buffer, self.length = f"_{name}", f"_{name}_length"
+
+    def __get__(self, layer: Any, owner: type | None = None) -> torch.Tensor | None:
+        buffer = getattr(layer, self.buffer, None)
+        if buffer is None or buffer.dim() != 4:
+            return buffer
+        return buffer[..., : getattr(layer, self.length), :]
+
+    def __set__(self, layer: Any, value: torch.Tensor | None) -> None:
+        setattr(layer, self.buffer, value)
+        setattr(layer, self.length, 0 if value is None or value.dim() != 4 else value.shape[-2])
+
+
 class GrowingLayer(DynamicLayer):
     """A :class:`~transformers.cache_utils.DynamicLayer` whose ``keys``/``values`` are views of larger buffers
     (see the module doc).  Assigning ``keys``/``values`` (as the batcher does when rows join or leave) takes the
     tensor as it is; the next update moves it to a buffer with room."""
 
-    def __init__(self, **kwargs: Any):
-        self._keys: torch.Tensor | None = None
-        self._values: torch.Tensor | None = None
-        self._key_length = self._value_length = 0
-        super().__init__(**kwargs)
-
-    @property
-    def keys(self) -> torch.Tensor | None:
-        if self._keys is None or self._keys.dim() != 4:
-            return self._keys
-        return self._keys[..., : self._key_length, :]
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        self._keys = value
-        self._key_length = 0 if value is None or value.dim() != 4 else value.shape[-2]
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        if self._values is None or self._values.dim() != 4:
-            return self._values
-        return self._values[..., : self._value_length, :]
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        self._values = value
-        self._value_length = 0 if value is None or value.dim() != 4 else value.shape[-2]
+    keys = _Filled()
+    values = _Filled()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._keys, self._key_length = _append(self._keys, self._key_length, key_states)
-        self._values, self._value_length = _append(self._values, self._value_length, value_states)
+        self._keys, self._keys_length = _append(self._keys, self._keys_length, key_states)
+        self._values, self._values_length = _append(self._values, self._values_length, value_states)
         return self.keys, self.values
 
 
