@@ -118,9 +118,8 @@ def test_quantised_product_matches_float64_and_the_inductor_kernel(fmt, rows):
     got = nq.product(x, weight)
     assert got is not None and got.shape == (rows, 200)
     torch.testing.assert_close(got.double(), x.double() @ dense.double().T, rtol=1e-5, atol=1e-4)
-    compiled = q._compiled("_product_scaled" if weight.offset is None else "_product_affine")
-    args = (x, weight.codes, weight.scale) + (() if weight.offset is None else (weight.offset,))
-    torch.testing.assert_close(got, compiled(*args), rtol=1e-5, atol=1e-4)
+    compiled = q._compiled(f"_product_{q.variant(weight.codes, weight.offset)}")
+    torch.testing.assert_close(got, compiled(x, *q._arguments(weight)), rtol=1e-5, atol=1e-4)
 
 
 @needs_compiler
@@ -169,3 +168,40 @@ def test_a_build_is_cached_and_reused(tmp_path):
     again, _ = native._build(native.compiler(), tmp_path)
     assert again == first and again.stat().st_mtime_ns == stamp and "-O3" in flags
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folder left behind
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "isa", [["-mavx512f", "-mavx512bw", "-mfma"], ["-mavx2", "-mfma"], []], ids=["avx512", "avx2", "portable"]
+)
+def test_every_branch_of_the_4bit_product_matches_float64(isa, tmp_path):
+    """``common.h``'s ``quant_dot_q4`` has an AVX-512, an AVX2 and a plain C branch, chosen by the flags: each
+    built on its own (the machine's build takes only one) and run where this CPU can."""
+    import ctypes
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    if platform.machine() not in ("x86_64", "AMD64") and isa:
+        pytest.skip("x86 vector branches")
+    flags = Path("/proc/cpuinfo").read_text() if platform.system() == "Linux" else ""
+    if "-mavx512bw" in isa and "avx512bw" not in flags or "-mavx2" in isa and "avx2" not in flags:
+        pytest.skip("this CPU lacks the instructions")
+    source = Path(native.__file__).parent / "quantized.c"
+    built = tmp_path / "q.so"
+    run = subprocess.run(
+        [native.compiler(), *native.OPTIMISE, *isa, str(source), "-o", str(built)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lib = ctypes.CDLL(str(built))
+    lib.se_product_q4.argtypes = native.SIGNATURES["se_product_q4"]
+    for fmt in ("Q4_0", "Q4_1"):
+        weight, dense = _weight(fmt, 70, 576, seed=3)
+        for rows in (1, 3):
+            x = torch.randn(rows, 576)
+            out = torch.empty(rows, 70)
+            offset = None if weight.offset is None else weight.offset.data_ptr()
+            pointers = (weight.codes.data_ptr(), weight.scale.data_ptr(), offset, x.data_ptr(), out.data_ptr())
+            lib.se_product_q4(rows, 70, 18, *pointers, 64, 1)
+            torch.testing.assert_close(out.double(), x.double() @ dense.double().T, rtol=1e-5, atol=1e-4)

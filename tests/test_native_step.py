@@ -242,7 +242,7 @@ def test_projections_the_kernel_cannot_read_are_named():
     from selfextend_llm.kernels.quantized import QuantizedWeight
 
     def blocks(out: int, n_blocks: int, **kw) -> QuantizedWeight:
-        codes = kw.get("codes", torch.zeros(out, n_blocks, 32, dtype=torch.uint8))
+        codes = kw.get("codes", torch.zeros(out, n_blocks, 16, dtype=torch.uint8))
         return QuantizedWeight(codes, kw.get("scale", torch.ones(out, n_blocks)), torch.zeros(out, n_blocks), "Q4_1")
 
     assert kernel_step.linear_problem(blocks(4, 2), None) is None
@@ -252,7 +252,7 @@ def test_projections_the_kernel_cannot_read_are_named():
     assert "bias" in kernel_step.linear_problem(torch.zeros(4, 64), torch.zeros(4, dtype=torch.float64))
     assert "block format" in kernel_step.linear_problem(blocks(4, 2, codes=torch.zeros(4, 2, 32)), None)
     assert "scales not fp32" in kernel_step.linear_problem(blocks(4, 2, scale=torch.ones(4, 2).half()), None)
-    strided = blocks(4, 2, codes=torch.zeros(2, 4, 32, dtype=torch.uint8).transpose(0, 1))
+    strided = blocks(4, 2, codes=torch.zeros(2, 4, 16, dtype=torch.uint8).transpose(0, 1))
     assert "not contiguous" in kernel_step.linear_problem(strided, None)
     assert "32,768 input features" in kernel_step.linear_problem(blocks(1, kernel_step.MAX_BLOCKS + 1), None)
 

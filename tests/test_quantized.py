@@ -40,6 +40,22 @@ def test_unpacked_blocks_dequantise_to_gguf_values_bit_for_bit(fmt):
     assert packed.nbytes() < expected.numel() * expected.element_size() / 2
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
+def test_4bit_codes_are_kept_two_a_byte_and_old_block_caches_still_load(fmt, tmp_path):
+    """The file's nibbles are kept as they are (half the bytes a decode step reads); a cache written when this package
+    kept one code a byte (Q4_0 as ``q - 8`` int8) is packed again on load, to the same weight."""
+    raw, expected = _raw(fmt)
+    packed = q.unpack(raw, fmt)
+    assert packed.codes.dtype == torch.uint8 and packed.codes.shape == (24, 3, 16)
+    lanes = torch.cat([packed.codes & 15, packed.codes >> 4], -1)  # one code a byte, weight order
+    old = lanes.to(torch.int8) - 8 if fmt == "Q4_0" else lanes
+    assert torch.equal(q.pack_nibbles(old, fmt), packed.codes)
+    cache = tmp_path / "old.safetensors"
+    hq._save(cache, {"lm_head": q.QuantizedWeight(old.contiguous(), packed.scale, packed.offset, fmt)})
+    loaded = hq._load(cache)["lm_head"]
+    assert torch.equal(loaded.codes, packed.codes) and torch.equal(q.dequantize(loaded), expected)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, q.PRODUCT_ROWS + 5])
 def test_linear_matches_float64_on_both_paths(fmt, rows):

@@ -156,7 +156,8 @@ def _load(path: Path) -> dict[str, q.QuantizedWeight]:
         keys = set(f.keys())
         for name, fmt in (f.metadata() or {}).items():
             offset = f.get_tensor(f"{name}.offset") if f"{name}.offset" in keys else None
-            found[name] = q.QuantizedWeight(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scale"), offset, fmt)
+            codes = q.pack_nibbles(f.get_tensor(f"{name}.codes"), fmt)  # a file written with one code a byte
+            found[name] = q.QuantizedWeight(codes, f.get_tensor(f"{name}.scale"), offset, fmt)
     return found
 
 

@@ -4,8 +4,8 @@ Why: on the CPU a decode step is bound by memory, not arithmetic.  The embedded 
 weights are 540 MB, and every generated token reads all of them (the lm head alone 113 MB).  The
 GGUF file stores the same weights as 4-bit (``Q4_0``/``Q4_1``) or 8-bit (``Q8_0``) blocks of 32
 with one fp16 scale (and, for ``Q4_1``, one fp16 minimum) per block, so the dequantised fp32
-weights hold exactly those values.  Kept in that form (one byte a weight, the scales in fp32),
-the same step reads about a quarter of the bytes.
+weights hold exactly those values.  Kept in that form (4-bit codes two a byte as in the file, 8-bit
+codes one a byte, the scales in fp32), the same step reads under a fifth of the bytes.
 
 Two paths, chosen by the number of rows (tokens) in the call:
 
@@ -74,10 +74,14 @@ FORMATS: dict[str, BlockFormat] = {
 
 @dataclass
 class QuantizedWeight:
-    """A weight matrix as integer codes and per-block scales: ``W = codes * scale + offset``.
+    """A weight matrix as integer codes and per-block scales: ``W = q * scale + offset``.
 
-    ``codes``: ``(out, blocks, 32)`` uint8 (4-bit) or int8 (8-bit); ``scale``, ``offset``:
-    ``(out, blocks)`` fp32; ``offset`` is None when the format has none.
+    ``codes``: ``(out, blocks, 16)`` uint8 for the 4-bit formats, two codes a byte as GGUF stores them
+    (byte ``i`` holds weight ``i`` in its low nibble and weight ``i + 16`` in its high one; ``Q4_1``:
+    ``q`` is the nibble, ``Q4_0``: the nibble minus 8), or ``(out, blocks, 32)`` int8 (``Q8_0``: ``q`` is
+    the code).  ``scale``, ``offset``: ``(out, blocks)`` fp32; ``offset`` is None when the format has none
+    (which, for 4-bit codes, is what marks ``Q4_0``).  Why two a byte: a decode step is bound by
+    reading the codes, and half the bytes is the larger part of its time (:mod:`.native`).
     """
 
     codes: torch.Tensor
@@ -118,20 +122,38 @@ def unpack(raw: np.ndarray, fmt: str) -> QuantizedWeight:
     body = data[..., start:]
     if spec.signed:
         codes = body.contiguous().view(torch.int8)
-    else:
-        codes = torch.cat([body & 0x0F, body >> 4], dim=-1)
-        if fmt == "Q4_0":  # value d * (q - 8): signed codes, no offset
-            codes = codes.to(torch.int8) - 8
+    else:  # the file's nibbles as they are; Q4_0's value d * (q - 8) is marked by having no offset
+        codes = body.contiguous()
     return QuantizedWeight(codes.contiguous(), scale.contiguous(), offset, fmt)
 
 
-# Two variants of each kernel (an offset per block or none: Q4_1, or Q4_0/Q8_0), as separate
-# functions so that each has its own compiled-graph cache (the compiler allows 8 variants a function).
+def pack_nibbles(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """4-bit codes one a byte (``(out, blocks, 32)``: the layout this package cached before) two a byte.
+
+    ``Q4_0`` codes were stored as ``q - 8`` (int8); others as ``q``.  Other formats come back unchanged.
+    """
+    if fmt not in ("Q4_0", "Q4_1") or codes.shape[-1] != BLOCK:
+        return codes
+    q = codes.to(torch.int16) + (8 if fmt == "Q4_0" else 0)
+    return (q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)).to(torch.uint8).contiguous()
+
+
+# Three variants of each kernel (Q4_1: nibbles and an offset per block; Q4_0: nibbles less 8; Q8_0: int8 codes), as
+# separate functions so that each has its own compiled-graph cache (the compiler allows 8 variants a function).
+
+
+def _values(codes: torch.Tensor, less: float = 0.0) -> torch.Tensor:
+    """4-bit codes two a byte as fp32 values ``q`` in weight order, ``(out, blocks, 32)``."""
+    return torch.cat([codes & 0x0F, codes >> 4], dim=-1).to(torch.float32) - less  # exact: small integers
 
 
 def _dequantize_affine(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     # The loader's arithmetic (gguf.quants: float(q) * d, then + m): same rounding, same fp32 values.
-    return (codes.to(torch.float32) * scale[..., None] + offset[..., None]).reshape(codes.shape[0], -1)
+    return (_values(codes) * scale[..., None] + offset[..., None]).reshape(codes.shape[0], -1)
+
+
+def _dequantize_nibbles(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (_values(codes, 8.0) * scale[..., None]).reshape(codes.shape[0], -1)
 
 
 def _dequantize_scaled(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -139,14 +161,30 @@ def _dequantize_scaled(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
 
 
 def _product_affine(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    # y[r, n] = sum_b scale[n, b] * (codes[n, b, :] . x[r, b, :]) + offset[n, b] * sum(x[r, b, :])
+    # y[r, n] = sum_b scale[n, b] * (q[n, b, :] . x[r, b, :]) + offset[n, b] * sum(x[r, b, :])
     xb = x.reshape(x.shape[0], 1, -1, BLOCK)
-    return ((codes.unsqueeze(0).to(x.dtype) * xb).sum(-1) * scale).sum(-1) + (offset * xb.sum(-1)).sum(-1)
+    return ((_values(codes).unsqueeze(0) * xb).sum(-1) * scale).sum(-1) + (offset * xb.sum(-1)).sum(-1)
+
+
+def _product_nibbles(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    xb = x.reshape(x.shape[0], 1, -1, BLOCK)
+    return ((_values(codes, 8.0).unsqueeze(0) * xb).sum(-1) * scale).sum(-1)
 
 
 def _product_scaled(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     xb = x.reshape(x.shape[0], 1, -1, BLOCK)
     return ((codes.unsqueeze(0).to(x.dtype) * xb).sum(-1) * scale).sum(-1)
+
+
+def variant(codes: torch.Tensor, offset: torch.Tensor | None) -> str:
+    """Which of the kernels above reads these blocks: ``affine`` (Q4_1), ``nibbles`` (Q4_0), ``scaled`` (Q8_0)."""
+    if offset is not None:
+        return "affine"
+    return "nibbles" if codes.shape[-1] == BLOCK // 2 else "scaled"
+
+
+def _arguments(weight: QuantizedWeight) -> tuple[torch.Tensor, ...]:
+    return (weight.codes, weight.scale) + (() if weight.offset is None else (weight.offset,))
 
 
 @functools.cache
@@ -156,14 +194,13 @@ def _compiled(name: str):
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
     """Eager dequantisation (tests, spot checks): the same values as :func:`dequantize`."""
-    return _dequantize_scaled(codes, scale) if offset is None else _dequantize_affine(codes, scale, offset)
+    args = (codes, scale) + (() if offset is None else (offset,))
+    return globals()[f"_dequantize_{variant(codes, offset)}"](*args)
 
 
 def dequantize(weight: QuantizedWeight) -> torch.Tensor:
     """The fp32 matrix ``(out, in)``, equal bit for bit to the loader's dequantisation."""
-    if weight.offset is None:
-        return _compiled("_dequantize_scaled")(weight.codes, weight.scale)
-    return _compiled("_dequantize_affine")(weight.codes, weight.scale, weight.offset)
+    return _compiled(f"_dequantize_{variant(weight.codes, weight.offset)}")(*_arguments(weight))
 
 
 _ONE_ROW: dict[tuple, Callable[..., torch.Tensor]] = {}
@@ -179,16 +216,15 @@ def one_row_kernel(weight: QuantizedWeight) -> Callable[..., torch.Tensor]:
     guards, so :func:`quantized_linear` calls it only for what it was compiled for: one contiguous
     fp32 row of the right width, and this shape, dtype and offset layout (the key below).
     """
-    key = (weight.codes.shape[0], weight.codes.shape[1], weight.codes.dtype, weight.offset is not None)
+    key = (weight.codes.shape[0], weight.codes.shape[1], variant(weight.codes, weight.offset))
     with _ONE_ROW_LOCK:
         fn = _ONE_ROW.get(key)
         if fn is None:
             from torch._inductor import compile as inductor_compile
             from torch.fx.experimental.proxy_tensor import make_fx
 
-            args = [torch.zeros(1, key[1] * BLOCK), weight.codes, weight.scale]
-            args += [weight.offset] if weight.offset is not None else []
-            target = _product_affine if weight.offset is not None else _product_scaled
+            args = [torch.zeros(1, key[1] * BLOCK), *_arguments(weight)]
+            target = globals()[f"_product_{variant(weight.codes, weight.offset)}"]
             with torch.no_grad():
                 fn = inductor_compile(make_fx(target)(*args), args)
             _ONE_ROW[key] = fn
@@ -219,12 +255,9 @@ def quantized_linear(
             and rows.dtype == torch.float32
             and rows.device.type == "cpu"
         ):  # exactly what the unguarded kernel was compiled for
-            args = (rows, weight.codes, weight.scale) + (() if weight.offset is None else (weight.offset,))
-            out = one_row(*args)
-        elif weight.offset is None:
-            out = _compiled("_product_scaled")(rows, weight.codes, weight.scale)
+            out = one_row(rows, *_arguments(weight))
         else:
-            out = _compiled("_product_affine")(rows, weight.codes, weight.scale, weight.offset)
+            out = _compiled(f"_product_{variant(weight.codes, weight.offset)}")(rows, *_arguments(weight))
         if bias is not None:
             out = out + bias
     else:
@@ -304,8 +337,10 @@ def kernels_available() -> str | None:
     on tiny inputs, so that no compilation happens later inside a generation (or a server thread).
     Sizes 0 and 1 are specialised by the compiler, so the warm-up shapes avoid them.
     """
+    nibbles = torch.zeros(3, 2, BLOCK // 2, dtype=torch.uint8)
     weights = [
-        QuantizedWeight(torch.zeros(3, 2, BLOCK, dtype=torch.uint8), torch.ones(3, 2), torch.zeros(3, 2), "warm-up"),
+        QuantizedWeight(nibbles, torch.ones(3, 2), torch.zeros(3, 2), "warm-up"),
+        QuantizedWeight(nibbles, torch.ones(3, 2), None, "warm-up"),
         QuantizedWeight(torch.zeros(3, 2, BLOCK, dtype=torch.int8), torch.ones(3, 2), None, "warm-up"),
     ]
     rows_to_warm = (PRODUCT_ROWS + 1,) if native.library() else (1, 2, PRODUCT_ROWS + 1)  # C takes <= 4 rows

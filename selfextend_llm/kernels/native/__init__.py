@@ -42,7 +42,7 @@ _I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes
 SIGNATURES = {
     "se_decode_scores": [_I64] * 6 + [_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _FLOAT, _I64, _INT, _PTR],
     "se_decode_values": [_I64] * 5 + [_PTR, _PTR, _I64, _I64, _I64, _INT, _PTR],
-    "se_product_u8": [_I64] * 3 + [_PTR] * 5 + [_I64, _INT],
+    "se_product_q4": [_I64] * 3 + [_PTR] * 5 + [_I64, _INT],
     "se_product_i8": [_I64] * 3 + [_PTR] * 5 + [_I64, _INT],
     "se_step_scratch": [_I64] * 8,
     "se_decode_layers": [_I64, _PTR, _PTR, _PTR],

@@ -78,7 +78,7 @@ static inline void block_sums(int64_t rows, int64_t blocks, const float *x, floa
 }
 
 /* y[r * y_stride] = sum_b scale[b] * <codes[b, :], x[r, b, :]> + offset[b] * sum(x[r, b, :]) for one
- * output feature: 32 partial sums per input row, the scale applied per block, one reduction at
+ * output feature of one-code-a-byte blocks (Q8_0): 32 partial sums per input row, the scale applied per block, one reduction at
  * the end.  `sums` (from block_sums) may be 0: the offsets' term is then summed from x. */
 #define SE_QUANT_DOT(NAME, CODE_T)                                                                      \
 static inline void NAME(int64_t rows, int64_t blocks, const CODE_T *codes, const float *scale,           \
@@ -115,8 +115,124 @@ static inline void NAME(int64_t rows, int64_t blocks, const CODE_T *codes, const
     }                                                                                                   \
 }
 
-SE_QUANT_DOT(quant_dot_u8, uint8_t)
 SE_QUANT_DOT(quant_dot_i8, int8_t)
+
+/* The same for 4-bit codes kept two a byte, as GGUF stores them (byte i of a block: weight i in the
+ * low nibble, weight i + 16 in the high one): half the bytes of one code a byte, so decoding (bound
+ * by reading the codes) runs faster.  Q4_1 (offset != 0) has codes q in 0..15; Q4_0 (offset == 0)
+ * has q - 8.  The arithmetic is quant_dot_i8's, lane for lane: acc[r][i] += scale[b] * (q_i * x_i)
+ * over 32 lanes, then one reduction; explicit vectors because compilers unpack nibbles poorly
+ * (measured on 2 cores, every projection of the default model: plain C 6.7 ms, AVX-512 2.4 ms,
+ * one code a byte 4.4 ms). */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+static inline void quant_dot_q4(int64_t rows, int64_t blocks, const uint8_t *codes, const float *scale,
+                                const float *offset, const float *x, const float (*sums)[SE_MAX_BLOCKS], float *y,
+                                int64_t y_stride)
+{
+    const int64_t width = blocks * SE_BLOCK;
+    const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(offset == 0 ? 8 : 0);
+    __m512 acc[SE_MAX_ROWS][2];
+    for (int64_t r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(codes + b * 16));
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, low), eight);
+        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low), eight);
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi));
+        const __m512 s = _mm512_set1_ps(scale[b]);
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *xb = x + r * width + b * SE_BLOCK;
+            acc[r][0] = _mm512_fmadd_ps(s, _mm512_mul_ps(q0, _mm512_loadu_ps(xb)), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(s, _mm512_mul_ps(q1, _mm512_loadu_ps(xb + 16)), acc[r][1]);
+        }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        if (offset != 0) {
+            if (sums != 0)
+                for (int64_t b = 0; b < blocks; ++b) total += offset[b] * sums[r][b];
+            else
+                for (int64_t b = 0; b < blocks; ++b)
+                    for (int i = 0; i < SE_BLOCK; ++i) total += offset[b] * x[r * width + b * SE_BLOCK + i];
+        }
+        y[r * y_stride] = total;
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static inline void quant_dot_q4(int64_t rows, int64_t blocks, const uint8_t *codes, const float *scale,
+                                const float *offset, const float *x, const float (*sums)[SE_MAX_BLOCKS], float *y,
+                                int64_t y_stride)
+{
+    const int64_t width = blocks * SE_BLOCK;
+    const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(offset == 0 ? 8 : 0);
+    __m256 acc[SE_MAX_ROWS][4];
+    for (int64_t r = 0; r < rows; ++r)
+        for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(codes + b * 16));
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, low), eight);
+        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low), eight);
+        __m256 q[4];
+        q[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+        q[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+        q[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+        q[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+        const __m256 s = _mm256_set1_ps(scale[b]);
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *xb = x + r * width + b * SE_BLOCK;
+            for (int k = 0; k < 4; ++k)
+                acc[r][k] = _mm256_fmadd_ps(s, _mm256_mul_ps(q[k], _mm256_loadu_ps(xb + 8 * k)), acc[r][k]);
+        }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        float lanes[8], total = 0.0f;
+        _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
+        for (int i = 0; i < 8; ++i) total += lanes[i];
+        if (offset != 0) {
+            if (sums != 0)
+                for (int64_t b = 0; b < blocks; ++b) total += offset[b] * sums[r][b];
+            else
+                for (int64_t b = 0; b < blocks; ++b)
+                    for (int i = 0; i < SE_BLOCK; ++i) total += offset[b] * x[r * width + b * SE_BLOCK + i];
+        }
+        y[r * y_stride] = total;
+    }
+}
+#else
+static inline void quant_dot_q4(int64_t rows, int64_t blocks, const uint8_t *codes, const float *scale,
+                                const float *offset, const float *x, const float (*sums)[SE_MAX_BLOCKS], float *y,
+                                int64_t y_stride)
+{
+    const int64_t width = blocks * SE_BLOCK;
+    const int shift = offset == 0 ? 8 : 0;
+    float acc[SE_MAX_ROWS][SE_BLOCK] = {{0.0f}};
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t *wb = codes + b * 16;
+        float q[SE_BLOCK];
+        for (int i = 0; i < 16; ++i) {
+            q[i] = (float)((wb[i] & 15) - shift);
+            q[i + 16] = (float)((wb[i] >> 4) - shift);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *xb = x + r * width + b * SE_BLOCK;
+            for (int i = 0; i < SE_BLOCK; ++i) acc[r][i] += scale[b] * (q[i] * xb[i]);
+        }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        float total = 0.0f;
+        for (int i = 0; i < SE_BLOCK; ++i) total += acc[r][i];
+        if (offset != 0) {
+            if (sums != 0)
+                for (int64_t b = 0; b < blocks; ++b) total += offset[b] * sums[r][b];
+            else
+                for (int64_t b = 0; b < blocks; ++b)
+                    for (int i = 0; i < SE_BLOCK; ++i) total += offset[b] * x[r * width + b * SE_BLOCK + i];
+        }
+        y[r * y_stride] = total;
+    }
+}
+#endif
 
 /* exp(x) for x <= 88: 2^n * p(r) with r = x - n ln 2 (Cephes' polynomial, within ~2 ulp of expf).
  * Plain arithmetic, so the softmax and SiLU loops that call it vectorise. */

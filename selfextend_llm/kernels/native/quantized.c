@@ -1,4 +1,4 @@
-/* A few rows times a weight kept in GGUF's 32-weight blocks (Q4_0 / Q4_1 as one byte a code, Q8_0).
+/* A few rows times a weight kept in GGUF's 32-weight blocks (Q4_0 / Q4_1 two codes a byte, Q8_0).
  *
  * y[r, o] = sum_b scale[o, b] * <codes[o, b, :], x[r, b, :]> + offset[o, b] * sum(x[r, b, :])
  *
@@ -8,7 +8,7 @@
  */
 #include "common.h"
 
-#define PRODUCT(NAME, CODE_T, DOT)                                                                    \
+#define PRODUCT(NAME, CODE_T, CODE_BYTES, DOT)                                                                  \
 void NAME(int64_t rows, int64_t out_features, int64_t blocks, const CODE_T *codes, const float *scale, \
           const float *offset, const float *x, float *y, int64_t chunk, int threads)                 \
 {                                                                                                     \
@@ -21,11 +21,11 @@ void NAME(int64_t rows, int64_t out_features, int64_t blocks, const CODE_T *code
     for (int64_t c = 0; c < chunks; ++c) {                                                            \
         const int64_t o1 = (c + 1) * chunk < out_features ? (c + 1) * chunk : out_features;          \
         for (int64_t o = c * chunk; o < o1; ++o)                                                      \
-            DOT(rows, blocks, codes + o * blocks * SE_BLOCK, scale + o * blocks,                      \
+            DOT(rows, blocks, codes + o * blocks * CODE_BYTES, scale + o * blocks,                      \
                 offset == 0 ? 0 : offset + o * blocks, x, use_sums ? (const float (*)[SE_MAX_BLOCKS])sums : 0, \
                 y + o, out_features);                                                                 \
     }                                                                                                 \
 }
 
-PRODUCT(se_product_u8, uint8_t, quant_dot_u8)
-PRODUCT(se_product_i8, int8_t, quant_dot_i8)
+PRODUCT(se_product_q4, uint8_t, 16, quant_dot_q4)
+PRODUCT(se_product_i8, int8_t, SE_BLOCK, quant_dot_i8)

@@ -4,7 +4,8 @@
 calls; where it returns None (another dtype or device, autograd, a compiled graph, rows that are
 not contiguous, no compiler) the Inductor-compiled product runs instead.  Measured on 2 cores,
 60 projections of the embedded default (1536x576 and 576x1536, ``Q4_1``), one row: 3.2 ms
-against 4.8-5.4 ms for the Inductor kernel called directly.
+against 4.8-5.4 ms for the Inductor kernel called directly (with one code a byte; the 4-bit codes are
+now read two a byte, see ``common.h``'s ``quant_dot_q4``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ CHUNK = 64
 def weight_problem(weight: QuantizedWeight) -> str | None:
     """Why the C kernels cannot read this weight's blocks (None: they can); ``step.c`` reads the same layout."""
     codes, scale, offset = weight.codes, weight.scale, weight.offset
-    if codes.dtype not in (torch.uint8, torch.int8) or codes.dim() != 3 or codes.shape[-1] != BLOCK:
+    layout = {torch.uint8: BLOCK // 2, torch.int8: BLOCK}  # 4-bit codes two a byte, 8-bit codes one a byte
+    if codes.dim() != 3 or layout.get(codes.dtype) != codes.shape[-1]:
         return f"block format {weight.format} is not one the kernels read"
     if scale.dtype != torch.float32 or (offset is not None and offset.dtype != torch.float32):
         return "quantised scales not fp32"
@@ -53,11 +55,11 @@ def product(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
     ):
         return None
     codes, scale, offset = weight.codes, weight.scale, weight.offset
-    out_features, blocks, block = codes.shape
-    if rows.shape[1] != blocks * block:
+    out_features, blocks = codes.shape[:2]
+    if rows.shape[1] != blocks * BLOCK:
         return None
     out = torch.empty(rows.shape[0], out_features)
-    kernel = lib.se_product_u8 if codes.dtype == torch.uint8 else lib.se_product_i8
+    kernel = lib.se_product_q4 if codes.dtype == torch.uint8 else lib.se_product_i8
     kernel(
         rows.shape[0], out_features, blocks, codes.data_ptr(), scale.data_ptr(),
         None if offset is None else offset.data_ptr(), rows.data_ptr(), out.data_ptr(), CHUNK,

@@ -17,9 +17,10 @@
  */
 #include "common.h"
 
-enum { SE_F32 = 0, SE_U8 = 1, SE_I8 = 2 };
+enum { SE_F32 = 0, SE_Q4 = 1, SE_I8 = 2 };
 
-/* A linear layer: an fp32 (out, in) weight, or GGUF block codes (out, in / 32, 32) with scales. */
+/* A linear layer: an fp32 (out, in) weight, or GGUF block codes with scales: (out, in / 32, 16) bytes of
+ * two 4-bit codes (SE_Q4) or (out, in / 32, 32) int8 codes (SE_I8). */
 typedef struct {
     int64_t kind, out_features, in_features;
     const void *weight;
@@ -100,9 +101,9 @@ static void linears(int count, const SeLinear *const *lin, float *const *out, in
             } else {
                 const float *offset = L->offset == 0 ? 0 : L->offset + o * blocks;
                 const float (*s)[SE_MAX_BLOCKS] = needs_sums ? (const float (*)[SE_MAX_BLOCKS])sums : 0;
-                if (L->kind == SE_U8)
-                    quant_dot_u8(rows, blocks, (const uint8_t *)L->weight + o * in, L->scale + o * blocks, offset, x, s,
-                                 y + o, n_out);
+                if (L->kind == SE_Q4)
+                    quant_dot_q4(rows, blocks, (const uint8_t *)L->weight + o * (in / 2), L->scale + o * blocks, offset,
+                                 x, s, y + o, n_out);
                 else
                     quant_dot_i8(rows, blocks, (const int8_t *)L->weight + o * in, L->scale + o * blocks, offset, x, s,
                                  y + o, n_out);

@@ -19,7 +19,7 @@ from .quantized import weight_problem as quantized_weight_problem
 
 _I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 
-#: Weight kinds of ``step.c``'s ``SeLinear``.
+#: Weight kinds of ``step.c``'s ``SeLinear``: fp32, 4-bit codes two a byte (uint8), 8-bit codes (int8).
 KINDS = {torch.float32: 0, torch.uint8: 1, torch.int8: 2}
 #: Keys per attention task (the scratch for partial sums is sized by it).
 KEY_CHUNK = 256
