@@ -8,7 +8,7 @@ VLLM_VENV  := .venv-vllm
 VLLM_BIN   := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: demo test lint install benchmark-cpu clean
+.PHONY: demo test lint install benchmark-cpu benchmark-llama-cpp clean
 
 $(STAMP): Makefile pyproject.toml integrations/langchain/pyproject.toml integrations/llama_index/pyproject.toml \
 		integrations/vllm/pyproject.toml
@@ -47,5 +47,21 @@ lint: $(STAMP)
 benchmark-cpu: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/speed_memory.py --lengths 4096 8192 16384
 
+# llama.cpp's llama-bench, built from the source package llama-cpp-python vendors (cmake and a C++ compiler), for
+# benchmarks/llama_cpp_decode.py: the same GGUF file decoded by llama.cpp and by this package in one run
+LLAMA_CPP_VERSION := 0.3.36
+tools/llama-bench: | $(STAMP)
+	rm -rf tools/build && mkdir -p tools/build
+	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d tools/build
+	tar xzf tools/build/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C tools/build
+	cmake -S tools/build/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B tools/build/cmake -DGGML_NATIVE=ON \
+		-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+		-DCMAKE_BUILD_TYPE=Release > tools/build/cmake.log
+	cmake --build tools/build/cmake --target llama-bench -j > tools/build/build.log
+	ln -sf build/cmake/bin/llama-bench tools/llama-bench  # beside the shared libraries it links
+
+benchmark-llama-cpp: tools/llama-bench
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/llama_cpp_decode.py --llama-bench tools/llama-bench --lengths 1920 7936
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) tools
