@@ -44,9 +44,11 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--target-context", type=int, default=None, help="load()'s target_context (default: its own)")
     ap.add_argument("--out", default="results/ttft_product_path.json")
     args = ap.parse_args()
-    se = selfextend_llm.load(dtype=args.dtype, prefix_cache_bytes=0)
+    target = args.target_context or max(args.lengths) + 64
+    se = selfextend_llm.load(dtype=args.dtype, prefix_cache_bytes=0, target_context=target)
     lm, device = se.model, se.device
     rows = []
     for n in args.lengths:
