@@ -77,6 +77,21 @@ static inline void block_sums(int64_t rows, int64_t blocks, const float *x, floa
         }
 }
 
+/* total plus row r's offsets' term of a Q4_1 product, sum_b offset[b] * sum(x[r, b, :]), added onto it in block
+ * order: from the precomputed block sums, or summed from x where there are none (wider inputs); total alone where
+ * the format has no offsets. */
+static inline float with_offsets(float total, int64_t r, int64_t blocks, const float *offset, const float *x,
+                                 const float (*sums)[SE_MAX_BLOCKS])
+{
+    if (offset == 0) return total;
+    if (sums != 0)
+        for (int64_t b = 0; b < blocks; ++b) total += offset[b] * sums[r][b];
+    else
+        for (int64_t b = 0; b < blocks; ++b)
+            for (int i = 0; i < SE_BLOCK; ++i) total += offset[b] * x[(r * blocks + b) * SE_BLOCK + i];
+    return total;
+}
+
 /* y[r * y_stride] = sum_b scale[b] * <codes[b, :], x[r, b, :]> + offset[b] * sum(x[r, b, :]) for one
  * output feature of one-code-a-byte blocks (Q8_0): 32 partial sums per input row, the scale applied per block, one reduction at
  * the end.  `sums` (from block_sums) may be 0: the offsets' term is then summed from x. */
@@ -104,14 +119,7 @@ static inline void NAME(int64_t rows, int64_t blocks, const CODE_T *codes, const
     for (int64_t r = 0; r < rows; ++r) {                                                                \
         float total = 0.0f;                                                                             \
         for (int i = 0; i < SE_BLOCK; ++i) total += acc[r][i];                                          \
-        if (offset != 0) {                                                                              \
-            if (sums != 0)                                                                              \
-                for (int64_t b = 0; b < blocks; ++b) total += offset[b] * sums[r][b];                   \
-            else                                                                                        \
-                for (int64_t b = 0; b < blocks; ++b)                                                    \
-                    for (int i = 0; i < SE_BLOCK; ++i) total += offset[b] * x[r * width + b * SE_BLOCK + i]; \
-        }                                                                                               \
-        y[r * y_stride] = total;                                                                        \
+        y[r * y_stride] = with_offsets(total, r, blocks, offset, x, sums);                              \
     }                                                                                                   \
 }
 
@@ -148,14 +156,7 @@ static inline void quant_dot_q4(int64_t rows, int64_t blocks, const uint8_t *cod
     }
     for (int64_t r = 0; r < rows; ++r) {
         float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-        if (offset != 0) {
-            if (sums != 0)
-                for (int64_t b = 0; b < blocks; ++b) total += offset[b] * sums[r][b];
-            else
-                for (int64_t b = 0; b < blocks; ++b)
-                    for (int i = 0; i < SE_BLOCK; ++i) total += offset[b] * x[r * width + b * SE_BLOCK + i];
-        }
-        y[r * y_stride] = total;
+        y[r * y_stride] = with_offsets(total, r, blocks, offset, x, sums);
     }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -189,14 +190,7 @@ static inline void quant_dot_q4(int64_t rows, int64_t blocks, const uint8_t *cod
         float lanes[8], total = 0.0f;
         _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
         for (int i = 0; i < 8; ++i) total += lanes[i];
-        if (offset != 0) {
-            if (sums != 0)
-                for (int64_t b = 0; b < blocks; ++b) total += offset[b] * sums[r][b];
-            else
-                for (int64_t b = 0; b < blocks; ++b)
-                    for (int i = 0; i < SE_BLOCK; ++i) total += offset[b] * x[r * width + b * SE_BLOCK + i];
-        }
-        y[r * y_stride] = total;
+        y[r * y_stride] = with_offsets(total, r, blocks, offset, x, sums);
     }
 }
 #else
@@ -222,14 +216,7 @@ static inline void quant_dot_q4(int64_t rows, int64_t blocks, const uint8_t *cod
     for (int64_t r = 0; r < rows; ++r) {
         float total = 0.0f;
         for (int i = 0; i < SE_BLOCK; ++i) total += acc[r][i];
-        if (offset != 0) {
-            if (sums != 0)
-                for (int64_t b = 0; b < blocks; ++b) total += offset[b] * sums[r][b];
-            else
-                for (int64_t b = 0; b < blocks; ++b)
-                    for (int i = 0; i < SE_BLOCK; ++i) total += offset[b] * x[r * width + b * SE_BLOCK + i];
-        }
-        y[r * y_stride] = total;
+        y[r * y_stride] = with_offsets(total, r, blocks, offset, x, sums);
     }
 }
 #endif
