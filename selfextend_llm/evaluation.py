@@ -21,6 +21,7 @@ import torch
 from .config import SelfExtendConfig
 from .hf import apply as hf_apply
 from .model import SelfExtendModel
+from .tasks import families
 from .tasks.needle import needle_prompt
 from .tasks.passkey import CHAT_INSTRUCTION, chat_passkey_messages, make_passkey_document, passkey_prompt
 from .tuning import choose_config
@@ -211,14 +212,38 @@ def _chat_task(se: SelfExtendModel, n: int, depth: float, seed: int) -> tuple[li
     return se.with_instruction(chat_passkey_messages(document), CHAT_INSTRUCTION), key
 
 
+def _family_task(family: str, split: str) -> Task:
+    """One family of :mod:`selfextend_llm.tasks.families` on one split, as a task."""
+
+    def make(se: SelfExtendModel, n: int, depth: float, seed: int) -> tuple[str | list[dict[str, str]], str]:
+        return families.make_prompt(family, split, n, depth, seed, se.count_tokens, se.with_instruction)
+
+    chat = families.parse_family(family)[2] == "chat"
+    return Task(make, 20 if chat else 12, needs_chat_template=chat)
+
+
+#: Prefix of the held-out split's task names (``heldout/prose-key-chat``): measured after a search, never ranked on.
+HELD_OUT = "heldout/"
+#: The selection split's families (what ``tune`` ranks on by default) and their held-out twins.
+FAMILIES = families.family_names()
+HELD_OUT_FAMILIES = [HELD_OUT + f for f in FAMILIES]
+
 #: ``passkey``: raw completion; ``needle``: multi-key needle, raw; ``chat``: the pass key asked through the
 #: model's chat template, as LangChain's and LlamaIndex's chat models and the server ask (a chat answer is
-#: wordier, hence more new tokens).
+#: wordier, hence more new tokens).  Then every family of :mod:`~selfextend_llm.tasks.families` on both
+#: splits (``filler-key`` ... ``prose-keys-chat``, and ``heldout/...``).
 TASKS = {
     "passkey": Task(_passkey_task, 12),
     "needle": Task(_needle_task, 12),
     "chat": Task(_chat_task, 16, needs_chat_template=True),
+    **{f: _family_task(f, "select") for f in FAMILIES},
+    **{HELD_OUT + f: _family_task(f, "heldout") for f in FAMILIES},
 }
+
+
+def is_held_out(task: str) -> bool:
+    """Whether ``task`` belongs to the held-out split (never ranked on by the search)."""
+    return task.startswith(HELD_OUT)
 
 
 def check_tasks(se: SelfExtendModel, tasks: Sequence[str]) -> None:
@@ -406,12 +431,15 @@ def default_depths(count: int = 5) -> list[float]:
 
 
 __all__ = [
+    "FAMILIES",
+    "HELD_OUT_FAMILIES",
     "TASKS",
     "GridResult",
     "Method",
     "Task",
     "check_tasks",
     "default_depths",
+    "is_held_out",
     "passkey_grid",
     "perplexity_curve",
     "plot_heatmaps",

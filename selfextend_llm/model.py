@@ -314,6 +314,31 @@ class SelfExtendModel:
                 return out
         return [{"role": "user", "content": instruction}, *out]
 
+    @property
+    def quality_context(self) -> int | None:
+        """How far the model was measured to read *well*: the longest prompt length at which held-out
+        retrieval (wordings, fillers and passages the tuner never ranked on) reached
+        :data:`~selfextend_llm.tuning.QUALITY_BAR`, raw and through the chat template, at every tuned
+        length up to it; at most :attr:`context_window`.  :attr:`context_window` is the hard limit (a
+        longer prompt is refused); between the two, answers are not measured to hold.  None where it is
+        not known: a grouping fixed by the caller, or a table never validated past the trained window.
+        """
+        if self.plan is None:
+            return None  # SelfExtend off: the plain model reads its own window
+        if not self.plan.adaptive or self.plan.table is None:
+            return None
+        reach = self.plan.table.quality_context()
+        return None if reach is None else min(reach, self.context_window)
+
+    def quality(self) -> dict[str, Any]:
+        """What :attr:`quality_context` rests on: the bar, and the held-out retrieval measured per tuned length
+        (``{"bar": 0.9, "context": ..., "measured": {length: {"raw": worst raw family, "chat": worst chat family}}}``)."""
+        from .tuning import QUALITY_BAR
+
+        table = self.plan.table if self.plan is not None and self.plan.adaptive else None
+        measured = table.quality() if table is not None else {}
+        return {"bar": QUALITY_BAR, "context": self.quality_context, "measured": measured}
+
     def describe(self) -> dict[str, Any]:
         cfg = self.config
         return {
@@ -325,6 +350,9 @@ class SelfExtendModel:
             "log_scale": cfg.log_scale if cfg else None,  # strength of log-scaled queries (0: off)
             "formula_reach": cfg.max_context(self.pretrained_context) if cfg else self.pretrained_context,
             "context_window": self.context_window,
+            # the hard window above; up to here held-out retrieval was measured at the bar (None: not measured)
+            "quality_context": self.quality_context,
+            "quality": self.quality(),
             "adaptive": self.adaptive,
             "settings_source": self.plan.source if self.plan is not None else "plain model (SelfExtend off)",
             "table": _table_lines(self.plan.table.entries if self.plan is not None and self.plan.table else []),

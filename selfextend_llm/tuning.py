@@ -30,6 +30,8 @@ from .config import SelfExtendConfig, check_reach
 SHIPPED_DIR = Path(__file__).with_name("tables")
 #: Format version of table files; a file of another version is refused with what to do.
 TABLE_VERSION = 1
+#: Held-out retrieval a length must reach, raw and chat, to count as read well (:meth:`TunedTable.quality_context`).
+QUALITY_BAR = 0.9
 
 SOURCE_FIXED = "fixed by the caller"
 SOURCE_SHIPPED = "shipped table"
@@ -62,6 +64,20 @@ class TableEntry:
     config: SelfExtendConfig | None
     #: What the search measured at ``upto`` (task -> accuracy); informative, not used to choose.
     accuracy: dict[str, float] = field(default_factory=dict, compare=False)
+    #: What the setting scored at ``upto`` on the held-out split (``heldout/<family>`` -> accuracy), which the
+    #: search never ranked on: the quality the table advertises (:meth:`TunedTable.quality`).
+    held_out: dict[str, float] = field(default_factory=dict, compare=False)
+
+    def retrieval(self, chat: bool) -> float | None:
+        """The worst held-out one-fact retrieval family of one form (raw or chat); None where not validated."""
+        from .tasks.families import parse_family
+
+        scores = []
+        for task, value in self.held_out.items():
+            _, keys, form = parse_family(task.split("/")[-1])
+            if keys == "key" and (form == "chat") == chat:
+                scores.append(value)
+        return min(scores) if scores else None
 
     def to_json(self) -> dict[str, Any]:
         cfg = self.config
@@ -70,7 +86,10 @@ class TableEntry:
             if cfg is None
             else {"group_size": cfg.group_size, "neighbor_window": cfg.neighbor_window, "log_scale": _log_json(cfg)}
         )
-        return {"upto": self.upto, **setting, **({"accuracy": self.accuracy} if self.accuracy else {})}
+        return {
+            "upto": self.upto, **setting, **({"accuracy": self.accuracy} if self.accuracy else {}),
+            **({"held_out": self.held_out} if self.held_out else {}),
+        }  # fmt: skip
 
 
 @dataclass
@@ -130,6 +149,39 @@ class TunedTable:
                     return entry
         return None
 
+    def quality(self) -> dict[int, dict[str, float | None]]:
+        """Held-out one-fact retrieval per validated length: ``{upto: {"raw": worst raw family, "chat": worst
+        chat family}}`` (a form not validated there is None; lengths with nothing validated are left out)."""
+        out: dict[int, dict[str, float | None]] = {}
+        chat_by_upto = {e.upto: e for e in self.chat_entries}
+        for entry in self.entries:
+            chat_entry = chat_by_upto.get(entry.upto, entry)
+            raw, chat = entry.retrieval(False), chat_entry.retrieval(True)
+            if chat is None and chat_entry is not entry:
+                chat = entry.retrieval(True)
+            if raw is not None or chat is not None:
+                out[entry.upto] = {"raw": raw, "chat": chat}
+        return out
+
+    def quality_context(self, bar: float = QUALITY_BAR) -> int | None:
+        """The longest prompt length up to which held-out retrieval was measured at ``bar`` or better, raw and
+        through the chat template, at every entry past the trained window up to it (inside the window the
+        model reads its own positions).  None when no entry past the window was validated: then only the
+        hard window is known, not how well the model reads that far.  An entry past the window that was
+        not validated, or validated in one form only, ends the claim where it starts."""
+        quality = self.quality()
+        past = sorted(e.upto for e in self.entries if e.upto > self.pretrained_context)
+        if not any(upto in quality for upto in past):
+            return None
+        measured = {form for q in quality.values() for form, v in q.items() if v is not None}  # chat: if templated
+        reach = self.pretrained_context
+        for upto in past:
+            scores = [quality.get(upto, {}).get(form) for form in measured]
+            if any(v is None or v < bar for v in scores):
+                break
+            reach = upto
+        return reach
+
     def is_chat_entry(self, entry: TableEntry) -> bool:
         return any(entry is e for e in self.chat_entries)
 
@@ -156,7 +208,7 @@ class TunedTable:
                 if e.get("plain")
                 else SelfExtendConfig(int(e["group_size"]), int(e["neighbor_window"]), _log_read(e["log_scale"]))
             )
-            return TableEntry(int(e["upto"]), config, dict(e.get("accuracy", {})))
+            return TableEntry(int(e["upto"]), config, dict(e.get("accuracy", {})), dict(e.get("held_out", {})))
 
         try:
             entries = [read(e) for e in data["entries"]]

@@ -18,6 +18,7 @@ from selfextend_llm.search import (
     candidates,
     chat_tasks,
     default_tasks,
+    held_out_twins,
     method_name,
     raw_tasks,
 )
@@ -59,36 +60,46 @@ def test_candidates_past_the_window_include_small_windows_and_large_groups():
     assert all(w >= 16 for _, w in {(c.group_size, c.neighbor_window) for c in candidates(128, 512)})
 
 
-def test_chat_is_a_default_task_with_a_template_and_ranks_chat_entries_past_the_window(default_model, monkeypatch):
-    assert default_tasks(default_model) == ["passkey", "needle", "chat"]
+def test_every_family_is_a_default_task_with_a_template_and_chat_families_rank_chat_entries(default_model, monkeypatch):
+    families = default_tasks(default_model)
+    assert len(families) == 8 and {f.endswith("-chat") for f in families} == {True, False}
+    assert held_out_twins(families) == [f"heldout/{f}" for f in families]
+    assert held_out_twins(["passkey", "prose-key"]) == ["heldout/prose-key"]  # the older tasks have no twin
     three = ["passkey", "needle", "chat"]
     assert raw_tasks(three) == ["passkey", "needle"] and raw_tasks(["chat"]) == ["chat"]
     # inside the window (the whole window included) chat calls take the main entry: plain's perplexity matters
     assert chat_tasks(three, 4096, 8192) is None and chat_tasks(three, 8192, 8192) is None
-    assert chat_tasks(three, 8193, 8192) == ["chat", "passkey", "needle"]  # the chat pass key first
+    assert chat_tasks(three, 8193, 8192) == ["chat"]  # ranked on the chat tasks alone (their worst)
+    assert chat_tasks(families, 16384, 8192) == [f for f in families if f.endswith("-chat")]
     assert chat_tasks(["passkey", "needle"], 16384, 8192) is None
     monkeypatch.setattr(default_model.tokenizer, "chat_template", None)
-    assert default_tasks(default_model) == ["passkey", "needle"]
+    assert default_tasks(default_model) == [f for f in families if not f.endswith("-chat")]
 
 
-def test_choice_is_the_mean_then_the_first_task_then_plain_and_wider_windows():
+def test_choice_is_the_worst_task_then_the_mean_then_the_first_task_then_plain_and_wider_windows():
     r = LengthResult(
         16384,
         accuracy={
-            "se:9,1024": {"passkey": 1.0, "needle": 0.4},  # mean 0.70, pass key 1.00: chosen
-            "se:6,4096": {"passkey": 0.75, "needle": 0.65},  # mean 0.70, worst 0.65
-            "se:6,4096+log": {"passkey": 0.85, "needle": 0.55},  # mean 0.70
+            "se:9,1024": {"passkey": 1.0, "needle": 0.4},  # mean 0.70, but misses needles: overfit to one task
+            "se:6,4096": {"passkey": 0.75, "needle": 0.65},  # mean 0.70, worst 0.65: chosen
+            "se:6,4096+log": {"passkey": 0.85, "needle": 0.55},  # mean 0.70, worst 0.55
+            "se:4,2048": {"passkey": 0.95, "needle": 0.55},  # worst 0.55, better mean than +log
             "se:3,1024": {"passkey": 1.0, "needle": 1.0},  # best, but only screened
-            "dynamic-ntk": {"passkey": 1.0, "needle": 0.5},  # a baseline is never chosen
+            "dynamic-ntk": {"passkey": 1.0, "needle": 0.9},  # a baseline is never chosen
         },
-        prompts={m: {"passkey": 20, "needle": 20} for m in ("se:9,1024", "se:6,4096", "se:6,4096+log", "dynamic-ntk")}
-        | {"se:3,1024": {"passkey": 5, "needle": 5}},
+        prompts={m: {"passkey": 20, "needle": 20} for m in ("se:9,1024", "se:6,4096", "se:6,4096+log", "se:4,2048")}
+        | {"se:3,1024": {"passkey": 5, "needle": 5}, "dynamic-ntk": {"passkey": 20, "needle": 20}},
     )
-    assert r.choose(20) == "se:9,1024"
-    del r.accuracy["se:9,1024"]
-    assert r.choose(20) == "se:6,4096+log"
-    r.accuracy["se:6,4096"] = {"passkey": 0.85, "needle": 0.6}  # same pass key: the weaker task decides
     assert r.choose(20) == "se:6,4096"
+    del r.accuracy["se:6,4096"]
+    assert r.choose(20) == "se:4,2048"  # same worst: the mean decides
+    r.accuracy["se:6,4096+log"] = {"passkey": 0.95, "needle": 0.55}  # same worst and mean: the first task, then
+    assert r.choose(20) == "se:6,4096+log"  # the wider window
+    # the held-out split never takes part in a choice, however it went
+    r.accuracy["se:9,1024"]["heldout/prose-key"], r.prompts["se:9,1024"]["heldout/prose-key"] = 0.0, 20
+    r.accuracy["se:6,4096+log"]["heldout/prose-key"], r.prompts["se:6,4096+log"]["heldout/prose-key"] = 0.0, 20
+    assert r.choose(20) == "se:6,4096+log" and r.worst("se:6,4096+log") == 0.55
+    assert r.held_out("se:6,4096+log") == {"heldout/prose-key": 0.0} and r.held_out("se:4,2048") == {}
     tie = LengthResult(
         4096,
         accuracy={"plain": {"passkey": 1.0}, "se:2,2048": {"passkey": 1.0}, "se:2,1024": {"passkey": 1.0}},
@@ -178,7 +189,7 @@ def test_tune_any_model_saves_a_table_that_load_and_info_use(tiny_folder, tmp_pa
 
     monkeypatch.setenv("SELFEXTEND_LLM_CACHE", str(tmp_path / "cache"))
     args = ["tune", "--model", str(tiny_folder), "--lengths", "100", "300", "--depths", "1", "--prompts", "2"]
-    args += ["--keep", "1", "--baselines", "yarn", "plain", "--json"]
+    args += ["--keep", "1", "--baselines", "yarn", "plain", "--json", "--tasks", "passkey", "needle", "chat"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     saved = tmp_path / "cache" / "tuned" / "tiny-llama.json"

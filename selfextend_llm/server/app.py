@@ -342,6 +342,9 @@ def create_app(
             "context_window": model.context_window,
             "max_model_len": model.context_window,
             "pretrained_context": model.pretrained_context,
+            # how far held-out retrieval was measured to hold (None: not measured); context_window is the hard limit
+            "quality_context": model.quality_context,
+            "quality": model.quality(),
         }
 
     def _check_model(requested: str) -> None:

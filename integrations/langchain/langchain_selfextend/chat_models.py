@@ -53,7 +53,9 @@ class ChatSelfExtend(BaseChatModel):
     """Chat model over a local RoPE LLM with SelfExtend.
 
     ``profile["max_input_tokens"]`` is the *extended* window, so stuff-style chains and
-    middleware that read it send whole documents in one call.
+    middleware that read it send whole documents in one call.  ``profile["quality_context"]`` is
+    how far answers were measured to hold (held-out retrieval at the bar, raw and chat; None where
+    not measured): a chain that wants measured quality splits documents longer than that.
 
     Example:
         .. code-block:: python
@@ -118,6 +120,9 @@ class ChatSelfExtend(BaseChatModel):
                 "name": self.selfextend_model.model_name,
                 "open_weights": True,
                 "max_input_tokens": self.selfextend_model.context_window,
+                # selfextend-llm's own: up to here held-out retrieval was measured to hold (None: not measured);
+                # max_input_tokens is the hard limit
+                "quality_context": self.selfextend_model.quality_context,
                 "max_output_tokens": self.selfextend_model.context_window,
                 "text_inputs": True,
                 "text_outputs": True,

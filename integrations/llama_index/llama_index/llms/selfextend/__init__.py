@@ -1,3 +1,3 @@
-from llama_index.llms.selfextend.base import SelfExtendLLM
+from llama_index.llms.selfextend.base import SelfExtendLLM, SelfExtendMetadata
 
-__all__ = ["SelfExtendLLM"]
+__all__ = ["SelfExtendLLM", "SelfExtendMetadata"]

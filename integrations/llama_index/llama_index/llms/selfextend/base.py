@@ -69,6 +69,20 @@ def _answer_message(text: str, model: SelfExtendModel | None) -> ChatMessage:
     return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks or [TextBlock(text="")])
 
 
+class SelfExtendMetadata(LLMMetadata):
+    """LlamaIndex's metadata, plus how far answers were measured to hold.
+
+    ``context_window`` is the hard (extended) window, which node parsers and response synthesizers fill;
+    ``quality_context`` the longest prompt at which held-out retrieval reached the bar, raw and chat
+    (None where not measured): a pipeline that wants measured quality keeps prompts below it.
+    """
+
+    quality_context: int | None = Field(
+        default=None,
+        description="longest prompt length (tokens) at which held-out retrieval was measured to hold; None: unknown",
+    )
+
+
 class SelfExtendLLM(FunctionCallingLLM):
     """A local RoPE model with SelfExtend, as a LlamaIndex LLM.
 
@@ -131,9 +145,10 @@ class SelfExtendLLM(FunctionCallingLLM):
         return self._model
 
     @property
-    def metadata(self) -> LLMMetadata:
+    def metadata(self) -> SelfExtendMetadata:
         m = self._model
-        return LLMMetadata(
+        return SelfExtendMetadata(
+            quality_context=m.quality_context,
             context_window=self.context_window_override or m.context_window,
             num_output=self.max_new_tokens,
             is_chat_model=bool(getattr(m.tokenizer, "chat_template", None)),
