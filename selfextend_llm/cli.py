@@ -183,7 +183,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         table, results = tune(
             model, lengths, tasks=args.tasks, depths=args.depths, prompts=args.prompts, screen=args.screen,
             keep=args.keep, log=args.log, log_strengths=args.log_strengths, baselines=args.baselines,
-            seed=args.seed, batch_size=args.batch_size, validate=args.prompts if args.validate is None else args.validate,
+            seed=args.seed, batch_size=args.batch_size,
+            validate=args.prompts if args.validate is None else args.validate,
             out_dir=out_dir, settings=_settings(args.candidates), perplexity_texts=texts,
             perplexity_tolerance=None if args.no_perplexity_guard else args.perplexity_tolerance,
         )  # fmt: skip

@@ -331,8 +331,8 @@ class SelfExtendModel:
         return None if reach is None else min(reach, self.context_window)
 
     def quality(self) -> dict[str, Any]:
-        """What :attr:`quality_context` rests on: the bar, and the held-out retrieval measured per tuned length
-        (``{"bar": 0.9, "context": ..., "measured": {length: {"raw": worst raw family, "chat": worst chat family}}}``)."""
+        """What :attr:`quality_context` rests on: the bar, and the held-out retrieval measured per tuned length,
+        ``{"bar": 0.9, "context": ..., "measured": {length: {"raw": worst raw family, "chat": worst chat one}}}``."""
         from .tuning import QUALITY_BAR
 
         table = self.plan.table if self.plan is not None and self.plan.adaptive else None
