@@ -590,10 +590,9 @@ def tune(
         "device": str(se.device),
         "dtype": _dtype_name(se),
         "ranked_on": "worst task",
-        **(
-            {"held_out": held_out_twins(tasks), "held_out_prompts_per_cell": validate * len(depth_list)} if twins else {}
-        ),
     }
+    if twins:
+        measured |= {"held_out": held_out_twins(tasks), "held_out_prompts_per_cell": validate * len(depth_list)}
     return build_table(se.model_name, trained, results, measured), results
 
 
