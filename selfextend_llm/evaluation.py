@@ -6,6 +6,7 @@ context-window check on purpose: the point is to see where each method breaks.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import json
@@ -213,10 +214,23 @@ def _chat_task(se: SelfExtendModel, n: int, depth: float, seed: int) -> tuple[li
 
 
 def _family_task(family: str, split: str) -> Task:
-    """One family of :mod:`selfextend_llm.tasks.families` on one split, as a task."""
+    """One family of :mod:`selfextend_llm.tasks.families` on one split, as a task.
+
+    Prompts are kept (a bounded LRU): the search asks every candidate the same seeded prompts, and
+    building a 128k-token prompt tokenizes it several times (about a second on one core), as long as
+    the GPU takes to answer it.
+    """
+    made: collections.OrderedDict[tuple, tuple[str | list[dict[str, str]], str]] = collections.OrderedDict()
 
     def make(se: SelfExtendModel, n: int, depth: float, seed: int) -> tuple[str | list[dict[str, str]], str]:
-        return families.make_prompt(family, split, n, depth, seed, se.count_tokens, se.with_instruction)
+        key = (id(se.tokenizer), se.supports_system_role, n, depth, seed)
+        if key not in made:
+            made[key] = families.make_prompt(family, split, n, depth, seed, se.count_tokens, se.with_instruction)
+            if len(made) > 64:
+                made.popitem(last=False)
+        made.move_to_end(key)
+        prompt, expected = made[key]
+        return copy.deepcopy(prompt), expected
 
     chat = families.parse_family(family)[2] == "chat"
     return Task(make, 20 if chat else 12, needs_chat_template=chat)

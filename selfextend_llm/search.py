@@ -534,10 +534,12 @@ def tune(
     compare: dict[int, list[str]] = {n: [] for n in plan}  # validated beside the choice: what it replaces
     for n, found in plan.items():  # what the shipped table runs today is always a candidate: never tune worse
         for chat in (False, True):
-            entry = shipped.lookup(n + ANSWER_MARGIN, chat=chat) if shipped is not None and settings is None else None
-            if entry is not None and entry.config not in found and (n > trained or entry.config is None or not chat):
+            entry = shipped.lookup(n + ANSWER_MARGIN, chat=chat) if shipped is not None else None
+            if entry is None:
+                continue
+            if settings is None and entry.config not in found and (n > trained or entry.config is None or not chat):
                 found.append(entry.config)
-            if entry is not None and method_name(entry.config) not in compare[n]:
+            if method_name(entry.config) not in compare[n]:  # validated too, where it was searched
                 compare[n].append(method_name(entry.config))
     for n, found in plan.items():
         if not found:
