@@ -163,23 +163,27 @@ def _split_of(name: str) -> int:
     return zlib.crc32(name.encode()) % 2
 
 
-@functools.cache
 def prose_passages(split: str) -> tuple[str, ...]:
     """English passages of one split: the language reference's topics and the standard library's
-    docstrings (module, class and function, read with ``ast``: nothing is imported), split by name."""
+    docstrings (module, class and function, read with ``ast``: nothing is imported), split by name.
+    A passage found under both splits' names (the same docstring in two modules) is kept in the
+    selection split only, so the held-out split never holds a passage the search saw."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    want = SPLITS.index(split)
-    out: list[str] = []
+    return _all_passages()[SPLITS.index(split)]
+
+
+@functools.cache
+def _all_passages() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    splits: tuple[dict[str, None], dict[str, None]] = ({}, {})  # ordered sets
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data; the docstrings alone suffice
         topics = {}
-    out += [topics[k].strip() for k in sorted(topics) if _split_of(k) == want]
+    for k in sorted(topics):
+        splits[_split_of(k)][topics[k].strip()] = None
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.glob("*.py")):
-        if _split_of(path.name) != want:
-            continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
         except (SyntaxError, ValueError, OSError):
@@ -188,10 +192,12 @@ def prose_passages(split: str) -> tuple[str, ...]:
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= 200:  # prose, not one-line labels
-                    out.append(doc.strip())
-    if not out:
+                    splits[_split_of(path.name)][doc.strip()] = None
+    select, held = splits
+    held = {p: None for p in held if p not in select}
+    if not select or not held:
         raise ValueError("this Python has neither pydoc_data nor its standard library sources: no prose haystack")
-    return tuple(out)
+    return tuple(select), tuple(held)
 
 
 def _haystack(kind: str, split: str, chars: int, rng: random.Random) -> list[str]:
