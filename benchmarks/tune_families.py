@@ -63,6 +63,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out-dir", default="results/tune/round9")
     ap.add_argument("--deadline-s", type=float, default=None, help="start no new length after this many seconds")
+    ap.add_argument(
+        "--also-validate", nargs="*", default=None,
+        help="settings validated beside the choice (default: what the shipped table runs at that length)",
+    )  # fmt: skip
     ap.add_argument("--write-table", action="store_true", help="rebuild the shipped table from --out-dir only")
     args = ap.parse_args()
     out = Path(args.out_dir)
@@ -84,6 +88,7 @@ def main() -> None:
         _, (result,) = search.tune(
             se, [n], settings=settings, depths=args.depths, prompts=args.prompts, screen=1, keep=args.keep,
             baselines=["dynamic-ntk", "yarn"], validate=args.validate, batch_size=args.batch_size, out_dir=out,
+            also_validate=args.also_validate,
         )  # fmt: skip
         results.append(result)
         print(f"{n}: {result.best} / chat {result.best_chat or result.best} ({result.seconds:.0f} s)", flush=True)

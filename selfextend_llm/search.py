@@ -491,6 +491,7 @@ def tune(
     progress: bool = True,
     on_length: Callable[[LengthResult], None] | None = None,
     validate: int = 0,
+    also_validate: Sequence[str] | None = None,
 ) -> tuple[TunedTable, list[LengthResult]]:
     """Search every length and build the model's table; ``out_dir`` keeps one JSON per length as it finishes.
 
@@ -504,7 +505,8 @@ def tune(
     plain at most; None turns the guard off.
     ``validate``: prompts a depth on the held-out split for the chosen settings, the ``baselines`` (then
     measured there only) and what the shipped table ran (0: no check; the table then advertises no
-    measured quality).
+    measured quality).  ``also_validate``: settings validated beside the choice where they were searched
+    (default: what the shipped table runs at each length, so the choice is compared with what it replaces).
     """
     from tqdm.auto import tqdm
 
@@ -541,6 +543,8 @@ def tune(
                 found.append(entry.config)
             if method_name(entry.config) not in compare[n]:  # validated too, where it was searched
                 compare[n].append(method_name(entry.config))
+    if also_validate is not None:
+        compare = {n: list(also_validate) for n in plan}
     for n, found in plan.items():
         if not found:
             raise ValueError(
