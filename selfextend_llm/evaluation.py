@@ -195,6 +195,9 @@ class Task:
     make: Callable[[SelfExtendModel, int, float, int], tuple[str | list[dict[str, str]], str]]
     new_tokens: int
     needs_chat_template: bool = False
+    #: One fact asked for (a pass key): what the quality targets and ``quality_context`` are set on;
+    #: False for several keyed facts (the needle), which the search weighs after them.
+    one_fact: bool = True
 
 
 def _passkey_task(se: SelfExtendModel, n: int, depth: float, seed: int) -> tuple[str, str]:
@@ -232,8 +235,8 @@ def _family_task(family: str, split: str) -> Task:
         prompt, expected = made[key]
         return copy.deepcopy(prompt), expected
 
-    chat = families.parse_family(family)[2] == "chat"
-    return Task(make, 20 if chat else 12, needs_chat_template=chat)
+    _, keys, form = families.parse_family(family)
+    return Task(make, 20 if form == "chat" else 12, needs_chat_template=form == "chat", one_fact=keys == "key")
 
 
 #: Prefix of the held-out split's task names (``heldout/prose-key-chat``): measured after a search, never ranked on.
@@ -248,7 +251,7 @@ HELD_OUT_FAMILIES = [HELD_OUT + f for f in FAMILIES]
 #: splits (``filler-key`` ... ``prose-keys-chat``, and ``heldout/...``).
 TASKS = {
     "passkey": Task(_passkey_task, 12),
-    "needle": Task(_needle_task, 12),
+    "needle": Task(_needle_task, 12, one_fact=False),
     "chat": Task(_chat_task, 16, needs_chat_template=True),
     **{f: _family_task(f, "select") for f in FAMILIES},
     **{HELD_OUT + f: _family_task(f, "heldout") for f in FAMILIES},

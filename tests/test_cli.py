@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from selfextend_llm.cli import main
+from selfextend_llm.cli import FAMILIES, main
 
 
 def test_info_json(capsys):
@@ -64,10 +64,13 @@ def test_tune_saves_a_table_that_load_and_info_take(tmp_path, capsys):
     assert table["model"] == "SmolLM2-135M-Instruct" and [e["upto"] for e in table["entries"]] == [700]
     result = json.loads((tmp_path / "table" / "700.json").read_text())
     assert set(result["accuracy"]) == {"plain", "se:2,256", "se:3,256+log", "yarn"}
-    # in the window the model finds both; the chat pass key is measured by default (the model has a template),
-    # but inside the window it ranks no chat entry of its own
-    plain = result["accuracy"]["plain"]
-    assert plain["passkey"] == plain["needle"] == 1.0 and set(plain) == {"passkey", "needle", "chat"}
+    # in the window the model finds every one-fact family; the chat families are measured by default (the model
+    # has a template), but inside the window they rank no chat entry of their own
+    plain, families = result["accuracy"]["plain"], FAMILIES
+    assert all(plain[f] == 1.0 for f in families if "-keys" not in f)
+    assert set(plain) == {*families, *(f"heldout/{f}" for f in families)}  # chosen, so validated held out
+    assert set(result["accuracy"]["yarn"]) == {f"heldout/{f}" for f in families}  # the baseline: held out only
+    assert table["entries"][0]["held_out"] == {t: v for t, v in plain.items() if t.startswith("heldout/")}
     assert "best_chat" not in result and "chat_entries" not in table
     assert main(["info", "--json", "--tuned-table", str(save)]) == 0
     info = json.loads(capsys.readouterr().out)

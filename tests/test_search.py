@@ -76,30 +76,48 @@ def test_every_family_is_a_default_task_with_a_template_and_chat_families_rank_c
     assert default_tasks(default_model) == [f for f in families if not f.endswith("-chat")]
 
 
-def test_choice_is_the_worst_task_then_the_mean_then_the_first_task_then_plain_and_wider_windows():
+def test_choice_is_the_worst_one_fact_task_then_the_worst_then_the_mean_then_plain_and_wider_windows():
+    three = ("filler-key", "prose-key", "prose-keys")  # two one-fact families and a multi-key one
+
+    def acc(*values: float) -> dict[str, float]:
+        return dict(zip(three, values, strict=True))
+
     r = LengthResult(
         16384,
         accuracy={
-            "se:9,1024": {"passkey": 1.0, "needle": 0.4},  # mean 0.70, but misses needles: overfit to one task
-            "se:6,4096": {"passkey": 0.75, "needle": 0.65},  # mean 0.70, worst 0.65: chosen
-            "se:6,4096+log": {"passkey": 0.85, "needle": 0.55},  # mean 0.70, worst 0.55
-            "se:4,2048": {"passkey": 0.95, "needle": 0.55},  # worst 0.55, better mean than +log
-            "se:3,1024": {"passkey": 1.0, "needle": 1.0},  # best, but only screened
-            "dynamic-ntk": {"passkey": 1.0, "needle": 0.9},  # a baseline is never chosen
+            "se:9,1024": acc(1.0, 0.4, 0.5),  # best mean, but misses prose keys: overfit to filler
+            "se:6,4096": acc(0.75, 0.65, 0.2),  # worst one-fact 0.65: chosen
+            "se:6,4096+log": acc(0.85, 0.55, 0.3),
+            "se:4,2048": acc(0.95, 0.55, 0.3),  # same worsts as +log, better mean
+            "se:3,1024": acc(1.0, 1.0, 1.0),  # best, but only screened
+            "dynamic-ntk": acc(1.0, 0.9, 0.9),  # a baseline is never chosen
         },
-        prompts={m: {"passkey": 20, "needle": 20} for m in ("se:9,1024", "se:6,4096", "se:6,4096+log", "se:4,2048")}
-        | {"se:3,1024": {"passkey": 5, "needle": 5}, "dynamic-ntk": {"passkey": 20, "needle": 20}},
+        prompts={m: dict.fromkeys(three, 20) for m in ("se:9,1024", "se:6,4096", "se:6,4096+log", "se:4,2048")}
+        | {"se:3,1024": dict.fromkeys(three, 5), "dynamic-ntk": dict.fromkeys(three, 20)},
     )
     assert r.choose(20) == "se:6,4096"
     del r.accuracy["se:6,4096"]
-    assert r.choose(20) == "se:4,2048"  # same worst: the mean decides
-    r.accuracy["se:6,4096+log"] = {"passkey": 0.95, "needle": 0.55}  # same worst and mean: the first task, then
-    assert r.choose(20) == "se:6,4096+log"  # the wider window
+    assert r.choose(20) == "se:4,2048"  # same worsts: the mean decides
+    r.accuracy["se:6,4096+log"] = acc(0.95, 0.55, 0.3)  # all the same: the wider window
+    assert r.choose(20) == "se:6,4096+log"
+    r.accuracy["se:6,4096+log"]["prose-keys"] = 0.25  # same one-fact worst, a weaker multi-key family
+    assert r.choose(20) == "se:4,2048"
     # the held-out split never takes part in a choice, however it went
-    r.accuracy["se:9,1024"]["heldout/prose-key"], r.prompts["se:9,1024"]["heldout/prose-key"] = 0.0, 20
-    r.accuracy["se:6,4096+log"]["heldout/prose-key"], r.prompts["se:6,4096+log"]["heldout/prose-key"] = 0.0, 20
-    assert r.choose(20) == "se:6,4096+log" and r.worst("se:6,4096+log") == 0.55
-    assert r.held_out("se:6,4096+log") == {"heldout/prose-key": 0.0} and r.held_out("se:4,2048") == {}
+    r.accuracy["se:9,1024"]["heldout/prose-key"], r.prompts["se:9,1024"]["heldout/prose-key"] = 1.0, 20
+    r.accuracy["se:4,2048"]["heldout/prose-key"], r.prompts["se:4,2048"]["heldout/prose-key"] = 0.0, 20
+    assert r.choose(20) == "se:4,2048" and r.worst("se:4,2048") == 0.3
+    assert r.held_out("se:4,2048") == {"heldout/prose-key": 0.0} and r.held_out("se:6,4096+log") == {}
+    r.rule = "mean"  # the rule rounds 1-8 of the shipped table were chosen by: the mean first
+    assert r.choose(20) == "se:9,1024"
+    r.rule = "best"
+    with pytest.raises(ValueError, match="rank rule must be 'worst' or 'mean'"):
+        r.choose(20)
+    old = LengthResult(
+        16384,
+        accuracy={"se:9,1024": {"passkey": 1.0, "needle": 0.4}, "se:6,4096": {"passkey": 0.75, "needle": 0.65}},
+        prompts={m: {"passkey": 20, "needle": 20} for m in ("se:9,1024", "se:6,4096")},
+    )
+    assert old.choose(20) == "se:9,1024"  # the pass key is the one-fact task; the needle comes after it
     tie = LengthResult(
         4096,
         accuracy={"plain": {"passkey": 1.0}, "se:2,2048": {"passkey": 1.0}, "se:2,1024": {"passkey": 1.0}},
