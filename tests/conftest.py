@@ -80,3 +80,21 @@ def validated_default(default_model, monkeypatch):
     )  # fmt: skip
     monkeypatch.setattr(default_model, "plan", dataclasses.replace(default_model.plan, table=validated))
     return default_model
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, default_model):
+    """A random Llama nominally trained on 128 tokens, with the default's tokenizer, saved as a model folder
+    (a model that is not the embedded default, fast enough to tune end to end)."""
+    import transformers
+
+    torch.manual_seed(0)
+    tok = default_model.tokenizer
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    folder = tmp_path / "tiny-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -7,8 +7,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
-import transformers
 
 from selfextend_llm.config import MAX_MEASURED_GROUP, SelfExtendConfig
 from selfextend_llm.search import (
@@ -183,21 +181,6 @@ def test_merging_keeps_the_measurement_on_more_prompts_and_builds_a_reaching_tab
     assert LengthResult.from_json(far.to_json()).best_chat == "se:24,256"
     assert table.entries[1].config == SelfExtendConfig(32, 4096, True) and table.entries[1].accuracy == {"passkey": 0.6}
     assert method_name(table.entries[0].config) == "se:2,4096" and method_name(None) == "plain"
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, default_model):
-    """A random Llama nominally trained on 128 tokens, with the default's tokenizer, saved as a model folder."""
-    torch.manual_seed(0)
-    tok = default_model.tokenizer
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    folder = tmp_path / "tiny-llama"
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_tune_any_model_saves_a_table_that_load_and_info_use(tiny_folder, tmp_path, monkeypatch, capsys):

@@ -7,8 +7,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
-import transformers
 
 from selfextend_llm.config import SelfExtendConfig
 from selfextend_llm.tasks import families as F
@@ -105,21 +103,6 @@ def test_quality_context_is_the_longest_length_validated_at_the_bar_raw_and_chat
     path = table.save(tmp_path / "t.json")  # held-out scores survive the file
     again = TunedTable.from_json(json.loads(path.read_text()))
     assert again.quality() == table.quality() and again.entries[1].held_out == entries[1].held_out
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, default_model):
-    """A random Llama nominally trained on 128 tokens, with the default's tokenizer."""
-    torch.manual_seed(0)
-    tok = default_model.tokenizer
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    folder = tmp_path / "tiny-llama"
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _held_out(prompt) -> bool:
