@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from selfextend_llm.config import SelfExtendConfig
+from selfextend_llm.kernels import triton as triton_kernels
 from selfextend_llm.kernels.paged import gather_sequence, paged_selfextend_attention, split_kv, write_kv
 from selfextend_llm.reference import reference_selfextend
 from selfextend_llm.rope import rotate
@@ -120,6 +121,37 @@ def test_padding_rows_and_negative_slots_are_left_alone():
     assert torch.equal(out[3:], torch.zeros_like(out[3:]))
 
 
+def test_a_write_mixing_padding_and_real_slots_changes_only_the_real_ones():
+    """On CUDA padding rows go to slot 0 and write back what is there (no host sync): nothing else moves."""
+    cache, *_ = _batch(4, [40], [3], 2, 1, 16, 8, torch.float32)
+    before = cache.clone()
+    key = torch.full((3, 1, 16), 5.0, device=cache.device)
+    value = torch.full((3, 1, 16), 6.0, device=cache.device)
+    write_kv(cache, key, value, torch.tensor([-1, 8 * 3 + 5, -1], device=cache.device))
+    changed = (cache != before).any(-1).nonzero().tolist()
+    assert changed == [[3, 0, 5]]
+    assert torch.equal(cache[3, 0, 5], torch.cat([key[1, 0], value[1, 0]]))
+
+
+def test_one_step_cache_serves_every_layer_with_the_same_answer():
+    """vLLM passes one dict per engine step to every layer: the decode plan is made once and reused."""
+    seq_lens, q_lens = [300, 180, 260, 97], [1, 1, 1, 97]
+    cache, table, query, starts, raw, inv = _batch(5, seq_lens, q_lens, 4, 1, 32, 16, torch.float32)
+    if not triton_kernels.available(query.device):
+        pytest.skip("the batched decode runs in Triton's interpreter or on CUDA (SELFEXTEND_TEST_DEVICE=cuda)")
+    step: dict = {}
+    args = dict(
+        block_table=table, seq_lens=seq_lens, query_start_loc=starts, config_for=lambda n: SelfExtendConfig(4, 32),
+        inv_freq=inv.float().to(query.device), scale=32**-0.5, pretrained_context=128, batch_decodes=True,
+    )  # fmt: skip
+    first = paged_selfextend_attention(query, cache, step_cache=step, **args)
+    assert step["decode"] is not None and step["decode"][0] == [0, 1, 2]
+    second = paged_selfextend_attention(query, cache, step_cache=step, **args)
+    assert torch.equal(first, second)
+    expected = _expected(raw, seq_lens, args["config_for"], inv, 32**-0.5)
+    torch.testing.assert_close(first.cpu().double(), expected, atol=2e-4, rtol=0)
+
+
 def test_decode_rows_of_one_grouping_share_one_launch(monkeypatch):
     from selfextend_llm.kernels import paged
 
@@ -133,6 +165,8 @@ def test_decode_rows_of_one_grouping_share_one_launch(monkeypatch):
 
     monkeypatch.setattr(paged, "_decode_rows_together", spy)
     cache, table, query, starts, raw, inv = _batch(3, [300, 180, 260, 97], [1, 1, 1, 97], 4, 1, 32, 16, torch.float32)
+    if not triton_kernels.available(query.device):  # CPU tensors on a GPU machine: no interpreter there
+        pytest.skip("the launch runs in Triton's interpreter or on CUDA (SELFEXTEND_TEST_DEVICE=cuda)")
     paged.paged_selfextend_attention(
         query, cache, block_table=table, seq_lens=[300, 180, 260, 97], query_start_loc=starts,
         config_for=lambda n: SelfExtendConfig(4, 32), inv_freq=inv.float().to(query.device), scale=32**-0.5,

@@ -36,11 +36,22 @@ def split_kv(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torc
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store new tokens' ``key``/``value`` (``tokens, kv_heads, d``) at their slots (``block * size + offset``).
 
-    Slots below zero (padding tokens of a captured batch) are skipped.
+    Slots below zero (padding tokens of a captured batch) are skipped.  On CUDA that costs no host sync
+    (which would stall every layer of every step): padding rows are sent to slot 0, the engine's null
+    block that no sequence reads, and write back what is already there.
     """
     n = slot_mapping.shape[0]
     key, value = key[:n], value[:n]
     keep = slot_mapping >= 0
+    if kv_cache.device.type == "cuda":
+        slot_mapping = slot_mapping.clamp_min(0)
+        block_size = kv_cache.shape[2]
+        blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+        head = key.shape[-1]
+        old = kv_cache[blocks, :, offsets]  # (tokens, kv_heads, head_size + head_size_v)
+        new = torch.cat([key.to(kv_cache.dtype), value.to(kv_cache.dtype)], dim=-1)
+        kv_cache[blocks, :, offsets] = torch.where(keep[:, None, None], new, old)
+        return
     if not bool(keep.all()):
         slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
     block_size = kv_cache.shape[2]
@@ -72,6 +83,7 @@ def paged_selfextend_attention(
     layout: Layout = "half",
     out: torch.Tensor | None = None,
     batch_decodes: bool | None = None,
+    step_cache: dict | None = None,
 ) -> torch.Tensor:
     """SelfExtend attention for a packed batch of sequences over one layer's paged cache.
 
@@ -81,6 +93,8 @@ def paged_selfextend_attention(
     a sequence of ``n`` tokens (None: plain causal attention).  Returns (or fills ``out``) ``tokens,
     heads, d``; rows past the last sequence's queries are left as they are.  ``batch_decodes``: run the
     one-token rows in one Triton launch (default: on CUDA; True also in Triton's interpreter, for tests).
+    ``step_cache``: a dict that lives for one engine step (every layer passes the same one), where the
+    batch's index and length tensors are made once instead of once per layer (each is a host-to-device copy).
     """
     from ..attention import selfextend_attention
 
@@ -92,7 +106,7 @@ def paged_selfextend_attention(
     done = (
         _decode_rows_together(
             query, key_cache, value_cache, block_table, seq_lens, query_start_loc, config_for, inv_freq, scale,
-            pretrained_context, layout, out,
+            pretrained_context, layout, out, {} if step_cache is None else step_cache,
         )
         if together
         else set()
@@ -140,6 +154,7 @@ def _decode_rows_together(
     pretrained_context: int,
     layout: Layout,
     out: torch.Tensor,
+    step_cache: dict,
 ) -> set[int]:
     """On CUDA, every one-token row of one grouping in a single split-K Triton launch that reads the keys in
     place through the block table (each row's length from a tensor); returns the rows it did."""
@@ -150,20 +165,29 @@ def _decode_rows_together(
     if not (triton_kernels.available(query.device) and triton_kernels.supports(dim, 2 * inv_freq.shape[-1], layout,
                                                                                query.dtype)):  # fmt: skip
         return set()
-    rows = [i for i, n in enumerate(seq_lens) if n > 0 and query_start_loc[i + 1] - query_start_loc[i] == 1]
-    configs = {config_for(seq_lens[i]) for i in rows}
-    if len(rows) < 2 or len(configs) != 1 or None in configs:
+    if "decode" not in step_cache:
+        rows = [i for i, n in enumerate(seq_lens) if n > 0 and query_start_loc[i + 1] - query_start_loc[i] == 1]
+        configs = {config_for(seq_lens[i]) for i in rows}
+        if len(rows) < 2 or len(configs) != 1 or None in configs:
+            step_cache["decode"] = None
+        else:
+            lengths = torch.tensor([seq_lens[i] for i in rows], dtype=torch.int32).to(query.device, non_blocking=True)
+            index = torch.tensor([query_start_loc[i] for i in rows]).to(query.device, non_blocking=True)
+            step_cache["decode"] = (
+                rows, configs.pop(), lengths, index, (lengths.long() - 1)[:, None], torch.zeros_like(lengths),
+                block_table[rows], max(seq_lens[i] for i in rows),
+            )  # fmt: skip
+    plan = step_cache["decode"]
+    if plan is None:
         return set()
-    (cfg,) = configs
-    lengths = torch.tensor([seq_lens[i] for i in rows], device=query.device, dtype=torch.int32)
-    q = query[[query_start_loc[i] for i in rows]].unsqueeze(2)  # (rows, heads, 1, d)
-    positions = (lengths.long() - 1)[:, None]
+    rows, cfg, lengths, index, positions, offsets, table, longest = plan
+    q = query.index_select(0, index).unsqueeze(2)  # (rows, heads, 1, d)
     q = log_scale(q, positions, cfg.log_scaling(pretrained_context))
     # the kernel reads each row's keys in place through its block-table row: no gathered copy
     result = triton_kernels.decode(
-        q, key_cache, value_cache, offsets=torch.zeros_like(lengths), group_size=cfg.group_size,
+        q, key_cache, value_cache, offsets=offsets, group_size=cfg.group_size,
         neighbor_window=cfg.neighbor_window, inv_freq=inv_freq, scale=scale, lengths=lengths,
-        block_table=block_table[rows], max_length=max(seq_lens[i] for i in rows),
+        block_table=table, max_length=longest,
     )  # fmt: skip
-    out[[query_start_loc[i] for i in rows]] = result[:, :, 0].to(out.dtype)
+    out.index_copy_(0, index, result[:, :, 0].to(out.dtype))
     return set(rows)

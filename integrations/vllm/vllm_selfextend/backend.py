@@ -17,7 +17,7 @@ Tensor parallelism needs nothing more: vLLM gives each rank its own heads (``num
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -32,7 +32,12 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+try:  # vLLM >= 0.3x names cache layouts; 0.26 (the CUDA build for torch 2.11) asks for a shape instead
+    from vllm.v1.kv_cache_interface import KVCacheLayout
+except ImportError:  # pragma: no cover - depends on the installed vLLM
+    KVCacheLayout = None  # type: ignore[assignment,misc]
 
 from selfextend_llm.hf.apply import UnsupportedModelError
 from selfextend_llm.kernels.paged import paged_selfextend_attention, write_kv
@@ -70,8 +75,15 @@ class SelfExtendBackend(AttentionBackend):
         return [32, 64, 80, 96, 112, 128, 160, 192, 256]
 
     @classmethod
-    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+    def supported_kv_cache_layouts(cls) -> tuple[Any, ...]:
         return (KVCacheLayout.LBHNC,)
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, cache_dtype_str: str = "auto"
+    ) -> tuple[int, ...]:
+        """vLLM 0.26's way to ask for the layout: the same ``LBHNC`` (keys, then values, in the last dim)."""
+        return (num_blocks, num_kv_heads, block_size, 2 * head_size)
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
@@ -91,6 +103,8 @@ class SelfExtendMetadata:
     seq_lens: list[int]
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
+    #: tensors derived from the step's batch, made by the first layer and reused by the others
+    step_cache: dict[str, Any] = field(default_factory=dict)
 
 
 class SelfExtendMetadataBuilder(AttentionMetadataBuilder[SelfExtendMetadata]):
@@ -199,5 +213,6 @@ class SelfExtendImpl(AttentionImpl[SelfExtendMetadata]):
             scale=self.scale,
             pretrained_context=self.settings.pretrained_context,
             out=output[:n],
+            step_cache=attn_metadata.step_cache,
         )
         return output
