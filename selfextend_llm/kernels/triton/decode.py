@@ -34,7 +34,7 @@ from .utils import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_keys", "split_len", "n_splits"])  # lengths: one compile, not one per divisibility
 def _decode_kernel(
     Q,
     K,
@@ -121,7 +121,7 @@ def _decode_kernel(
     tl.store(O_PART + part[:, None] * (2 * HALF) + dd[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])  # lengths: one compile, not one per divisibility
 def _decode_merge_kernel(O_PART, M_PART, L_PART, OUT, n_splits, SPLITS: tl.constexpr, DIM: tl.constexpr):
     """Merge the splits of one (batch, head): one softmax over all of them."""
     bh = tl.program_id(0)

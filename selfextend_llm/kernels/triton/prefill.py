@@ -36,7 +36,7 @@ from .utils import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len", "q_start"])  # lengths: one compile, not one per divisibility
 def _prefill_kernel(
     Q,
     K,

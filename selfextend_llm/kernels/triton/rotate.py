@@ -14,7 +14,7 @@ from . import interpreted
 from .utils import cdiv, cos_sin, floordiv, on_query_device, rope_args
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "x_index0", "y_index0"])  # lengths: one compile, not one per divisibility
 def _rotate_kernel(
     X,
     OUT,

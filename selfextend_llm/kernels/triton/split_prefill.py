@@ -39,7 +39,7 @@ from .utils import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len", "g_start"])  # lengths: one compile, not one per divisibility
 def _neighbor_kernel(
     Q,
     K,
