@@ -54,6 +54,9 @@ def run_engine(job: dict, env: dict[str, str], timeout_s: float) -> dict:
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
         raise RuntimeError(f"engine failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
+    for x in (done.stdout + done.stderr).splitlines():  # SELFEXTEND_VLLM_PROFILE=1's totals
+        if "SelfExtend attention time" in x:
+            print(x, flush=True)
     return json.loads(line[-1][7:])
 
 

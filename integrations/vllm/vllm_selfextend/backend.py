@@ -17,6 +17,8 @@ Tensor parallelism needs nothing more: vLLM gives each rank its own heads (``num
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,6 +47,26 @@ from selfextend_llm.kernels.paged import paged_selfextend_attention, write_kv
 from .settings import Settings, inv_freq
 
 logger = init_logger(__name__)
+
+#: ``SELFEXTEND_VLLM_PROFILE=1``: time every attention call (synchronised, so slower) and log the totals by
+#: kind of step every 300 calls: where a run's time goes, without a profiler.
+PROFILE = os.environ.get("SELFEXTEND_VLLM_PROFILE") == "1"
+_spent: dict[str, list[float]] = {}
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def _account(kind: str, seconds: float, rows: int) -> None:
+    entry = _spent.setdefault(kind, [0, 0.0, 0])
+    entry[0] += 1
+    entry[1] += seconds
+    entry[2] += rows
+    if sum(e[0] for e in _spent.values()) % 300 == 0:
+        summary = ", ".join(f"{k}: {e[0]} calls {e[1]:.2f} s {e[2]} rows" for k, e in sorted(_spent.items()))
+        logger.info(f"SelfExtend attention time: {summary}")
 
 
 class SelfExtendBackend(AttentionBackend):
@@ -202,6 +224,9 @@ class SelfExtendImpl(AttentionImpl[SelfExtendMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         n = attn_metadata.num_actual_tokens
+        if PROFILE:
+            _sync(query)
+            started = time.perf_counter()
         paged_selfextend_attention(
             query[:n],
             kv_cache,
@@ -215,4 +240,9 @@ class SelfExtendImpl(AttentionImpl[SelfExtendMetadata]):
             out=output[:n],
             step_cache=attn_metadata.step_cache,
         )
+        if PROFILE:
+            _sync(query)
+            starts = attn_metadata.query_start_loc
+            kind = "decode" if n == len(starts) - 1 else "prefill"
+            _account(kind, time.perf_counter() - started, n)
         return output
