@@ -159,8 +159,9 @@ def main() -> None:
         if "error" in r:
             print(f"| - | {r['engine']} | failed | | | |")
             continue
-        ratio = r["tokens_per_s"] / plain_rate[r["workload"]] if r["workload"] in plain_rate else float("nan")
-        print(f"| {r['workload']} | {r['engine']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {ratio:.2f}x | "
+        base = plain_rate.get(r["workload"])
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        print(f"| {r['workload']} | {r['engine']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {ratio} | "
               f"{r['keys_found']}/{r['requests']} |")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
