@@ -8,6 +8,9 @@ another, each in its own process (``integrations/vllm/tests/run_engine.py``):
 
 * ``vllm + plugin``: ``vllm.LLM(**vllm_selfextend.engine_args(folder, target_context=max_model_len))``
   (eager: the backend walks the batch on the host, so no CUDA graphs);
+* ``vllm + plugin (compiled, piecewise graphs)`` (``--engines plugin-compiled``): ``enforce_eager=False``, so
+  vLLM compiles the model and captures CUDA graphs for everything but attention, which runs eagerly between the
+  graph pieces (the backend's host loop is allowed there; its KV write has no host sync, so it can be captured);
 * ``vllm, plain``: the same folder and ``max_model_len`` with vLLM's own attention (FlashAttention 3 on
   Hopper), its defaults otherwise (torch.compile and CUDA graphs); ``--plain-eager`` adds an eager run.
 
@@ -75,7 +78,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--no-warmup", action="store_true", help="time the first batch too (Triton JIT included)")
     parser.add_argument("--plain-eager", action="store_true", help="also run plain vLLM without CUDA graphs")
-    parser.add_argument("--engines", nargs="+", default=["plugin", "plain"], choices=["plugin", "plain"])
+    parser.add_argument(
+        "--engines", nargs="+", default=["plugin", "plain"], choices=["plugin", "plugin-compiled", "plain"],
+        help="plugin-compiled: enforce_eager=False, the model compiled and CUDA-graphed piecewise around attention",
+    )  # fmt: skip
     parser.add_argument("--timeout-s", type=float, default=540.0, help="per engine process")
     parser.add_argument("--out", default="results/vllm_gpu.json")
     args = parser.parse_args()
@@ -115,6 +121,9 @@ def main() -> None:
     engines: list[tuple[str, dict]] = []
     if "plugin" in args.engines:
         engines.append(("vllm + plugin", {"plugin": {"model": folder, "target_context": window, **common}}))
+    if "plugin-compiled" in args.engines:
+        compiled = {"model": folder, "target_context": window, "enforce_eager": False, **common}
+        engines.append(("vllm + plugin (compiled, piecewise graphs)", {"plugin": compiled}))
     plain = {"model": folder, "max_model_len": window, "hf_overrides": {"max_position_embeddings": window}, **common}
     if "plain" in args.engines:
         engines.append(("vllm, plain", {"engine": plain}))
