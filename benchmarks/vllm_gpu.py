@@ -47,13 +47,17 @@ def parse_workload(text: str) -> tuple[int, int]:
     return n, length
 
 
-def run_engine(job: dict, env: dict[str, str], timeout_s: float) -> dict:
-    """One engine over the job in its own process; its RESULT line, or the tail of its log as the error."""
+def run_engine(job: dict, env: dict[str, str], timeout_s: float | None = None) -> dict:
+    """One engine over the job in its own process (vLLM wants one engine a process); its RESULT line, or the
+    tail of its log as the error.  ``benchmarks/vllm_throughput.py`` runs its engines through this too."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
-    done = subprocess.run(
-        [sys.executable, str(RUNNER), f.name], capture_output=True, text=True, env=env, timeout=timeout_s
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, str(RUNNER), f.name], capture_output=True, text=True, env=env, timeout=timeout_s
+        )
+    finally:
+        os.unlink(f.name)
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
         raise RuntimeError(f"engine failed (rc {done.returncode}):\n{done.stderr[-4000:]}")

@@ -19,14 +19,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from vllm_gpu import run_engine  # this folder is on sys.path when a script in it runs
 
 
 def main() -> None:
@@ -63,16 +59,10 @@ def main() -> None:
         ("vllm + plugin", {"plugin": {"model": folder, "target_context": args.window, **common}, "batches": batch}),
         ("vllm, plain", {"engine": plain, "batches": batch}),
     ):
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(job, f)
-        done = subprocess.run(
-            [sys.executable, str(ROOT / "integrations/vllm/tests/run_engine.py"), f.name], capture_output=True,
-            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
-        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            raise SystemExit(done.stderr[-3000:])
-        result = json.loads(line[-1][7:])["batches"][0]
+        try:
+            result = run_engine(job, {**os.environ, "HF_HUB_OFFLINE": "1"})["batches"][0]
+        except RuntimeError as err:
+            raise SystemExit(str(err)) from None
         record(name, result["seconds"], [o["text"] for o in result["outputs"]])
 
     batcher = model.batcher()

@@ -21,6 +21,7 @@ head_size_v)``, keys in the first ``head_size`` channels and values in the rest.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -43,19 +44,18 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
     n = slot_mapping.shape[0]
     key, value = key[:n], value[:n]
     keep = slot_mapping >= 0
-    if kv_cache.device.type == "cuda":
+    on_gpu = kv_cache.device.type == "cuda"
+    if on_gpu:
         slot_mapping = slot_mapping.clamp_min(0)
-        block_size = kv_cache.shape[2]
-        blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-        head = key.shape[-1]
+    elif not bool(keep.all()):
+        slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
+    block_size = kv_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    if on_gpu:
         old = kv_cache[blocks, :, offsets]  # (tokens, kv_heads, head_size + head_size_v)
         new = torch.cat([key.to(kv_cache.dtype), value.to(kv_cache.dtype)], dim=-1)
         kv_cache[blocks, :, offsets] = torch.where(keep[:, None, None], new, old)
         return
-    if not bool(keep.all()):
-        slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
-    block_size = kv_cache.shape[2]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     head = key.shape[-1]
     kv_cache[blocks, :, offsets, :head] = key.to(kv_cache.dtype)
     kv_cache[blocks, :, offsets, head:] = value.to(kv_cache.dtype)
@@ -141,6 +141,19 @@ def paged_selfextend_attention(
     return out
 
 
+class _DecodePlan(NamedTuple):
+    """A step's one-token rows of one grouping, as the batched decode launch takes them (made once per step)."""
+
+    rows: list[int]
+    config: SelfExtendConfig
+    lengths: torch.Tensor  # int32, one per row: its keys so far
+    index: torch.Tensor  # each row's place in the packed query / output
+    positions: torch.Tensor  # (rows, 1): the query's true position, lengths - 1
+    offsets: torch.Tensor  # zeros: every row's keys start at its block table's first entry
+    block_table: torch.Tensor  # the rows' block-table rows
+    longest: int
+
+
 def _decode_rows_together(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -173,21 +186,21 @@ def _decode_rows_together(
         else:
             lengths = torch.tensor([seq_lens[i] for i in rows], dtype=torch.int32).to(query.device, non_blocking=True)
             index = torch.tensor([query_start_loc[i] for i in rows]).to(query.device, non_blocking=True)
-            step_cache["decode"] = (
+            step_cache["decode"] = _DecodePlan(
                 rows, configs.pop(), lengths, index, (lengths.long() - 1)[:, None], torch.zeros_like(lengths),
                 block_table[rows], max(seq_lens[i] for i in rows),
             )  # fmt: skip
-    plan = step_cache["decode"]
+    plan: _DecodePlan | None = step_cache["decode"]
     if plan is None:
         return set()
-    rows, cfg, lengths, index, positions, offsets, table, longest = plan
-    q = query.index_select(0, index).unsqueeze(2)  # (rows, heads, 1, d)
-    q = log_scale(q, positions, cfg.log_scaling(pretrained_context))
+    cfg = plan.config
+    q = query.index_select(0, plan.index).unsqueeze(2)  # (rows, heads, 1, d)
+    q = log_scale(q, plan.positions, cfg.log_scaling(pretrained_context))
     # the kernel reads each row's keys in place through its block-table row: no gathered copy
     result = triton_kernels.decode(
-        q, key_cache, value_cache, offsets=offsets, group_size=cfg.group_size,
-        neighbor_window=cfg.neighbor_window, inv_freq=inv_freq, scale=scale, lengths=lengths,
-        block_table=table, max_length=longest,
+        q, key_cache, value_cache, offsets=plan.offsets, group_size=cfg.group_size,
+        neighbor_window=cfg.neighbor_window, inv_freq=inv_freq, scale=scale, lengths=plan.lengths,
+        block_table=plan.block_table, max_length=plan.longest,
     )  # fmt: skip
-    out.index_copy_(0, index, result[:, :, 0].to(out.dtype))
-    return set(rows)
+    out.index_copy_(0, plan.index, result[:, :, 0].to(out.dtype))
+    return set(plan.rows)
