@@ -52,6 +52,7 @@ logger = init_logger(__name__)
 #: kind of step every 300 calls: where a run's time goes, without a profiler.
 PROFILE = os.environ.get("SELFEXTEND_VLLM_PROFILE") == "1"
 _spent: dict[str, list[float]] = {}
+_last_build = [0.0]
 
 
 def _sync(x: torch.Tensor) -> None:
@@ -140,6 +141,11 @@ class SelfExtendMetadataBuilder(AttentionMetadataBuilder[SelfExtendMetadata]):
     ) -> SelfExtendMetadata:
         m = common_attn_metadata
         reqs = m.num_reqs
+        if PROFILE:  # one build per step: the wall time between builds is a whole step, attention and all
+            now = time.perf_counter()
+            if 0 < now - _last_build[0] < 5.0:  # not the idle gap between batches
+                _account("step (wall)", now - _last_build[0], m.num_actual_tokens)
+            _last_build[0] = now
         # one host copy per step, shared by every layer (on CUDA the lengths cost one sync per step)
         starts = m.query_start_loc_cpu[: reqs + 1].tolist()
         lens = m.seq_lens[:reqs].tolist()
