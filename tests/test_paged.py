@@ -195,3 +195,16 @@ def test_log_scaled_queries_at_half_strength_over_the_paged_cache(batch_decodes)
     expected = _expected(scaled, seq_lens, lambda n: cfg, inv, d**-0.5)
     atol = 2e-4 if query.is_cuda else 1e-5
     torch.testing.assert_close(out.cpu().double(), expected, atol=atol, rtol=0)
+
+
+def test_cudnn_plan_lengths_are_few_and_close():
+    """Every prefill length maps to a bucket at most 1/32 (or 63 tokens) longer, monotone, 32 buckets an octave:
+    a server's varied prompt lengths build a handful of cuDNN plans, not one per prompt."""
+    from selfextend_llm.kernels.lse import plan_length
+
+    lengths = range(1, 70000)
+    buckets = [plan_length(n) for n in lengths]
+    assert all(b >= n and b - n <= max(63, n // 32) for n, b in zip(lengths, buckets, strict=True))
+    assert all(a <= b for a, b in zip(buckets, buckets[1:], strict=False))
+    assert len({b for b in buckets if 16384 < b <= 32768}) == 32
+    assert plan_length(16384) == 16384  # a bucket is its own length: no padding

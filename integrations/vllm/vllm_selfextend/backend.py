@@ -46,7 +46,8 @@ from selfextend_llm.kernels.paged import paged_selfextend_attention, write_kv
 
 from .settings import Settings, inv_freq
 
-logger = init_logger(__name__)
+#: under ``vllm.``: vLLM configures its own logger tree only, so a logger named ``vllm_selfextend...`` prints nothing
+logger = init_logger("vllm.selfextend")
 
 #: ``SELFEXTEND_VLLM_PROFILE=1``: time every attention call (synchronised, so slower) and log the totals by
 #: kind of step every 300 calls: where a run's time goes, without a profiler.
