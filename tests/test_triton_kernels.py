@@ -138,6 +138,18 @@ def test_decode_matches_formula(b, h, kvh, n, d, G, W, pads, dtype):
         _check(out, q, k, v, inv, q_pos, k_pos, G, W, any(pads), dtype)
 
 
+def test_decode_merges_more_splits_than_one_merge_tile():
+    """More splits than the merge kernel reads at once (it loops, so one compile serves every split count)."""
+    from selfextend_llm.kernels.triton.decode import MERGE_SPLITS
+
+    q, k, v, inv, off, q_pos, k_pos = _inputs(1, 2, 1, 16 * (MERGE_SPLITS + 5) + 3, 1, 32, torch.float32, [0])
+    out = tk.decode(
+        q, k, v, offsets=off, group_size=4, neighbor_window=40, inv_freq=inv, scale=32**-0.5, block_n=16,
+        splits=MERGE_SPLITS + 6,
+    )  # fmt: skip
+    _check(out, q, k, v, inv, q_pos, k_pos, 4, 40, False, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_static_cache_decode_reads_lengths_from_a_tensor(dtype):
     """A static cache: 300 slots, rows ending at different slots, garbage past each row's end.

@@ -121,21 +121,33 @@ def _decode_kernel(
     tl.store(O_PART + part[:, None] * (2 * HALF) + dd[None, :], acc, mask=row_ok[:, None])
 
 
+#: Splits the merge kernel reads at a time. Fixed, so the kernel compiles once: a constexpr that followed the split
+#: count (itself following the number of decode rows) compiled a new variant, ~1 s each, as a server's batch grew.
+MERGE_SPLITS = 64
+
+
 @triton.jit(do_not_specialize=["n_splits"])  # lengths: one compile, not one per divisibility
 def _decode_merge_kernel(O_PART, M_PART, L_PART, OUT, n_splits, SPLITS: tl.constexpr, DIM: tl.constexpr):
-    """Merge the splits of one (batch, head): one softmax over all of them."""
+    """Merge the splits of one (batch, head): one softmax over all of them, ``SPLITS`` at a time."""
     bh = tl.program_id(0)
-    s = tl.arange(0, SPLITS)
-    ok = s < n_splits
-    m = tl.load(M_PART + bh * n_splits + s, mask=ok, other=HIDDEN)
-    l_part = tl.load(L_PART + bh * n_splits + s, mask=ok, other=0.0)
-    m_all = tl.max(m, 0)
-    w = tl.where(ok, tl.math.exp2(m - m_all), 0.0)
-    denom = tl.sum(w * l_part, 0)
     dd = tl.arange(0, DIM)
-    parts = tl.load(O_PART + (bh * n_splits + s)[:, None] * DIM + dd[None, :], mask=ok[:, None], other=0.0)
-    out = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    out = tl.where(m_all > HIDDEN / 2, out, 0.0)
+    m_run = tl.max(tl.full([SPLITS], HIDDEN, tl.float32), 0)
+    denom = tl.sum(tl.zeros([SPLITS], tl.float32), 0)
+    acc = tl.zeros([DIM], tl.float32)
+    for s0 in range(0, n_splits, SPLITS):
+        s = s0 + tl.arange(0, SPLITS)
+        ok = s < n_splits
+        m = tl.load(M_PART + bh * n_splits + s, mask=ok, other=HIDDEN)
+        l_part = tl.load(L_PART + bh * n_splits + s, mask=ok, other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        alpha = tl.math.exp2(m_run - m_new)
+        w = tl.where(ok, tl.math.exp2(m - m_new), 0.0)
+        denom = denom * alpha + tl.sum(w * l_part, 0)
+        parts = tl.load(O_PART + (bh * n_splits + s)[:, None] * DIM + dd[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(parts * w[:, None], 0)
+        m_run = m_new
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    out = tl.where(m_run > HIDDEN / 2, out, 0.0)
     tl.store(OUT + bh * DIM + dd, out.to(OUT.dtype.element_ty))
 
 
@@ -223,6 +235,6 @@ def decode(
     )  # fmt: skip
     out = torch.empty((bsz, heads, 1, dim), device=query.device, dtype=query.dtype)
     _decode_merge_kernel[(bsz * heads,)](
-        o_part, m_part, l_part, out, splits, SPLITS=max(2, next_pow2(splits)), DIM=dim, num_warps=4
+        o_part, m_part, l_part, out, splits, SPLITS=MERGE_SPLITS, DIM=dim, num_warps=4
     )
     return out
