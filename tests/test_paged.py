@@ -208,3 +208,36 @@ def test_cudnn_plan_lengths_are_few_and_close():
     assert all(a <= b for a, b in zip(buckets, buckets[1:], strict=False))
     assert len({b for b in buckets if 16384 < b <= 32768}) == 32
     assert plan_length(16384) == 16384  # a bucket is its own length: no padding
+
+
+def test_warm_up_runs_every_kind_of_step_a_server_meets(monkeypatch):
+    """The backend's start-up compile: a whole prompt past the window, a chunk, decode rows together and alone,
+    each through the real paged attention (finite outputs), with the engine's block size and table width."""
+    from selfextend_llm.config import SelfExtendConfig
+    from selfextend_llm.kernels import paged
+
+    ran = []
+    real = paged.paged_selfextend_attention
+
+    def spy(query, kv_cache, **kw):
+        out = real(query, kv_cache, **kw)
+        assert torch.isfinite(out).all()
+        ran.append((kw["seq_lens"], kw["query_start_loc"], kw["block_table"].shape, kv_cache.shape[2]))
+        return out
+
+    monkeypatch.setattr(paged, "paged_selfextend_attention", spy)
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).double() / 16))
+    steps = paged.warm_up(
+        heads=4, kv_heads=2, head_size=16, dtype=torch.float32, device=torch.device("cpu"), block_size=16,
+        table_width=40, config=SelfExtendConfig(4, 32), inv_freq=inv, scale=0.25, pretrained_context=64,
+    )  # fmt: skip
+    assert [(s, q) for s, q, _, _ in ran] == steps and all(width == 40 for _, _, (_, width), _ in ran)
+    q_lens = [[b - a for a, b in zip(q, q[1:], strict=False)] for _, q in steps]
+    n = steps[0][0][0]
+    assert n > 32  # past the window
+    assert q_lens[0] == [n, 7, 1, 1] and q_lens[1] == [1]  # whole, chunk, two decodes; one decode alone
+    with pytest.raises(ValueError, match="too narrow"):
+        paged.warm_up(
+            heads=4, kv_heads=2, head_size=16, dtype=torch.float32, device=torch.device("cpu"), block_size=16,
+            table_width=2, config=SelfExtendConfig(4, 32), inv_freq=inv, scale=0.25, pretrained_context=64,
+        )  # fmt: skip

@@ -204,3 +204,50 @@ def _decode_rows_together(
     )  # fmt: skip
     out.index_copy_(0, plan.index, result[:, :, 0].to(out.dtype))
     return set(plan.rows)
+
+
+def warm_up(
+    *,
+    heads: int,
+    kv_heads: int,
+    head_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+    table_width: int,
+    config: SelfExtendConfig,
+    inv_freq: torch.Tensor,
+    scale: float,
+    pretrained_context: int,
+    batch_decodes: bool | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """Run once every kernel variant a serving step can need, on a scratch cache; the steps it ran
+    (``seq_lens``, ``query_start_loc``).
+
+    Triton compiles a kernel variant the first time it meets it (seconds each for the prefill kernels), so without
+    this a fresh server compiled mid-traffic: the first chunked prefill, the first lone decode row.  The steps here
+    have a whole prompt past the window, a prefill chunk, two decode rows together (the batched paged launch) and
+    one alone, with the real head layout, dtype, cache block size and block-table width (strides are specialised
+    by their divisibility, so they must match the engine's).
+    """
+    W = config.neighbor_window
+    n = W + 2 * block_size + 5  # past the window: every grouped path runs
+    used = -(-n // block_size)
+    if used + 1 > table_width:
+        raise ValueError(f"block table of {table_width} blocks is too narrow for a {n}-token warm-up sequence")
+    g = torch.Generator(device=device).manual_seed(0)
+    cache = torch.randn(used + 1, kv_heads, block_size, 2 * head_size, generator=g, device=device).to(dtype)
+    row = torch.zeros(table_width, dtype=torch.int32, device=device)
+    row[:used] = torch.arange(1, used + 1, dtype=torch.int32, device=device)  # block 0 is the engine's null block
+    steps = [
+        ([n, n, n, n], [0, n, n + 7, n + 8, n + 9]),  # whole prompt, chunk of 7, two decode rows
+        ([n], [0, 1]),  # a lone decode row: the per-sequence launch
+    ]
+    for seq_lens, starts in steps:
+        query = torch.randn(starts[-1], heads, head_size, generator=g, device=device).to(dtype)
+        paged_selfextend_attention(
+            query, cache, block_table=row.expand(len(seq_lens), -1).contiguous(), seq_lens=seq_lens,
+            query_start_loc=starts, config_for=lambda _n: config, inv_freq=inv_freq.to(device), scale=scale,
+            pretrained_context=pretrained_context, batch_decodes=batch_decodes, step_cache={},
+        )  # fmt: skip
+    return steps

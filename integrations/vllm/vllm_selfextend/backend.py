@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - depends on the installed vLLM
     KVCacheLayout = None  # type: ignore[assignment,misc]
 
 from selfextend_llm.hf.apply import UnsupportedModelError
-from selfextend_llm.kernels.paged import paged_selfextend_attention, write_kv
+from selfextend_llm.kernels.paged import paged_selfextend_attention, warm_up, write_kv
 
 from .settings import Settings, inv_freq
 
@@ -54,6 +54,8 @@ logger = init_logger("vllm.selfextend")
 PROFILE = os.environ.get("SELFEXTEND_VLLM_PROFILE") == "1"
 _spent: dict[str, list[float]] = {}
 _last_build = [0.0]
+#: (heads, kv_heads, head, dtype, block size) whose kernels this process has compiled (:meth:`SelfExtendImpl._warm`)
+_warmed: set[tuple] = set()
 
 
 def _sync(x: torch.Tensor) -> None:
@@ -208,6 +210,35 @@ class SelfExtendImpl(AttentionImpl[SelfExtendMetadata]):
             self._inv_freq_on[device] = self._inv_freq.to(device)
         return self._inv_freq_on[device]
 
+    def _warm(self, query: torch.Tensor, kv_cache: torch.Tensor) -> None:
+        """Compile every kernel variant a step can need while vLLM warms up (once a process and head layout).
+
+        Called on vLLM's dummy runs once the KV cache exists; without it a fresh machine compiled mid-traffic (a
+        chunked prefill's kernel took ~5 s of one step on an H100).  Skipped on the CPU (no Triton) and inside a
+        CUDA graph capture; a failure only means compiling on first use, so it is logged, not raised.
+        """
+        if query.device.type != "cuda" or kv_cache.dim() != 4 or torch.cuda.is_current_stream_capturing():
+            return
+        block_size = kv_cache.shape[2]
+        key = (self.num_heads, self.num_kv_heads, self.head_size, query.dtype, block_size)
+        if key in _warmed:
+            return
+        _warmed.add(key)
+        config = get_current_vllm_config().model_config
+        started = time.perf_counter()
+        try:
+            warm_up(
+                heads=self.num_heads, kv_heads=self.num_kv_heads, head_size=self.head_size, dtype=query.dtype,
+                device=query.device, block_size=block_size, table_width=-(-config.max_model_len // block_size),
+                config=self.settings.config_for(self.settings.context_window), inv_freq=self._freqs(query.device),
+                scale=self.scale, pretrained_context=self.settings.pretrained_context,
+            )  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - compiling later is the fallback, and the engine must start
+            why = f"{type(err).__name__}: {err}"
+            logger.warning(f"SelfExtend kernel warm-up failed ({why}); kernels compile on first use")
+            return
+        logger.info(f"SelfExtend kernels compiled in {time.perf_counter() - started:.1f} s")
+
     def do_kv_cache_update(
         self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
@@ -229,6 +260,7 @@ class SelfExtendImpl(AttentionImpl[SelfExtendMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by the SelfExtend backend")
         if attn_metadata is None:  # profiling / warm-up run
+            self._warm(query, kv_cache)
             return output
         n = attn_metadata.num_actual_tokens
         if PROFILE:

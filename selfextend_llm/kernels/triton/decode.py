@@ -234,7 +234,5 @@ def decode(
         num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty((bsz, heads, 1, dim), device=query.device, dtype=query.dtype)
-    _decode_merge_kernel[(bsz * heads,)](
-        o_part, m_part, l_part, out, splits, SPLITS=MERGE_SPLITS, DIM=dim, num_warps=4
-    )
+    _decode_merge_kernel[(bsz * heads,)](o_part, m_part, l_part, out, splits, SPLITS=MERGE_SPLITS, DIM=dim, num_warps=4)
     return out

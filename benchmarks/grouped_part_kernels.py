@@ -1,0 +1,109 @@
+"""Which fused kernel should run SelfExtend's grouped part inside vLLM: cuDNN (what SDPA picks) or vLLM's FA3.
+
+One whole prefill of ``--lengths`` tokens, SmolLM2's heads (9 query, 3 KV, dim 64), bf16, on one GPU: the
+times (CUDA events, median of ``--repeats``) of plain causal attention on FA3 (what plain vLLM runs) and on
+cuDNN, of SelfExtend's whole split prefill (:func:`selfextend_llm.kernels.triton.prefill_split`), and of its
+grouped part alone on each kernel.  Needs vLLM's CUDA build (``vllm.vllm_flash_attn``) for the FA3 rows.
+
+    PYTHONPATH=. python benchmarks/grouped_part_kernels.py --out results/grouped_part_kernels_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def timed(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` on the current stream, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2]
+
+
+def measure(n: int, args: argparse.Namespace) -> dict:
+    """One length's row: milliseconds per kernel, or why it failed."""
+    from selfextend_llm.kernels import triton as tk
+    from selfextend_llm.kernels.lse import _cudnn_causal
+
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    heads, kv_heads, dim, dt = 9, 3, 64, torch.bfloat16
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))
+    q = torch.randn(n, heads, dim, device="cuda", dtype=dt)  # token-major, as vLLM packs a step
+    k = torch.randn(n, kv_heads, dim, device="cuda", dtype=dt)
+    v = torch.randn_like(k)
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, heads, n, d) views
+    W, m = args.neighbor_window, n - args.neighbor_window
+    off = torch.zeros(1, dtype=torch.long, device="cuda")
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    cu_m = torch.tensor([0, m], dtype=torch.int32, device="cuda")
+    row = {"tokens": n}
+    cases = {
+        "cudnn causal (plain)": lambda: _cudnn_causal(qh, kh, vh, dim**-0.5),
+        "cudnn causal (grouped part)": lambda: _cudnn_causal(qh[:, :, W:], kh[:, :, :m], vh[:, :, :m], dim**-0.5),
+        "SelfExtend split prefill": lambda: tk.prefill_split(
+            qh, kh, vh, offsets=off, group_size=args.group_size, neighbor_window=W, inv_freq=inv,
+            scale=dim**-0.5,
+        ),
+    }  # fmt: skip
+    if flash_attn_varlen_func is not None:
+
+        def fa3(qq, kk, vv, cq, ck, mq, mk):
+            return flash_attn_varlen_func(
+                qq, kk, vv, max_seqlen_q=mq, cu_seqlens_q=cq, max_seqlen_k=mk, cu_seqlens_k=ck,
+                softmax_scale=dim**-0.5, causal=True, return_softmax_lse=True, fa_version=3,
+            )  # fmt: skip
+
+        cases["fa3 causal (plain)"] = lambda: fa3(q, k, v, cu, cu, n, n)
+        cases["fa3 causal (grouped part)"] = lambda: fa3(q[W:], k[:m], v[:m], cu_m, cu_m, m, m)
+        cases["fa3 sliding window W"] = lambda: flash_attn_varlen_func(
+            q, k, v, max_seqlen_q=n, cu_seqlens_q=cu, max_seqlen_k=n, cu_seqlens_k=cu, softmax_scale=dim**-0.5,
+            causal=True, window_size=(W - 1, 0), return_softmax_lse=True, fa_version=3,
+        )  # fmt: skip
+    for name, fn in cases.items():
+        try:
+            row[name] = timed(fn, args.repeats)
+        except Exception as err:  # noqa: BLE001 - a kernel missing on this GPU is a result, not a crash
+            row[name] = f"failed: {type(err).__name__}: {str(err)[:200]}"
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[16352, 65400])
+    ap.add_argument("--group-size", type=int, default=16)
+    ap.add_argument("--neighbor-window", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default="results/grouped_part_kernels.json")
+    args = ap.parse_args()
+
+    rows = []
+    for n in args.lengths:
+        rows.append(measure(n, args))
+        print(json.dumps(rows[-1]), flush=True)
+    names = [k for k in rows[0] if k != "tokens"]
+    print(f"\n{torch.cuda.get_device_name(0)}, bf16, 9/3 heads, dim 64, ms (median of {args.repeats})\n")
+    print("| kernel | " + " | ".join(f"{r['tokens']:,}" for r in rows) + " |\n|---|" + "---|" * len(rows))
+    for name in names:
+        cells = [f"{r[name]:.3f}" if isinstance(r[name], float) else "failed" for r in rows]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
