@@ -241,3 +241,27 @@ def test_warm_up_runs_every_kind_of_step_a_server_meets(monkeypatch):
             heads=4, kv_heads=2, head_size=16, dtype=torch.float32, device=torch.device("cpu"), block_size=16,
             table_width=2, config=SelfExtendConfig(4, 32), inv_freq=inv, scale=0.25, pretrained_context=64,
         )  # fmt: skip
+
+
+def test_a_borrowed_causal_kernel_is_checked_against_the_formula_before_it_is_trusted():
+    """vLLM's FA3 is taken for the grouped part only after it matches the explicit formula on the call's own first
+    rows; a kernel with the wrong mask or a wrong LSE is refused."""
+    from selfextend_llm.kernels.lse import agrees_with_math, causal_mask, math_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 6, 300, 16, generator=g)[:, :, 40:]  # a strided view, as the grouped queries are
+    k, v = torch.randn(1, 2, 260, 16, generator=g), torch.randn(1, 2, 260, 16, generator=g)
+
+    def exact(q, k, v, scale):
+        return math_attention(q, k, v, causal_mask(q.shape[2], k.shape[2], q.device), scale)
+
+    def no_mask(q, k, v, scale):
+        return math_attention(q, k, v, None, scale)
+
+    def base2_lse(q, k, v, scale):
+        out, lse = exact(q, k, v, scale)
+        return out, lse * 1.4426950408889634
+
+    assert agrees_with_math(exact, q, k, v, 0.25)
+    assert not agrees_with_math(no_mask, q, k, v, 0.25)
+    assert not agrees_with_math(base2_lse, q, k, v, 0.25)

@@ -39,7 +39,7 @@ from .utils import (
 )
 
 
-@triton.jit(do_not_specialize=["q_len", "g_start"])  # lengths: one compile, not one per divisibility
+@triton.jit(do_not_specialize=["q_len", "g_start", "stride_lb", "stride_lh"])  # lengths: one compile each
 def _neighbor_kernel(
     Q,
     K,
