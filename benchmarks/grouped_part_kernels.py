@@ -1,9 +1,9 @@
 """Which fused kernel should run SelfExtend's grouped part inside vLLM: cuDNN (what SDPA picks) or vLLM's FA3.
 
 One whole prefill of ``--lengths`` tokens, SmolLM2's heads (9 query, 3 KV, dim 64), bf16, on one GPU: the
-times (CUDA events, median of ``--repeats``) of plain causal attention on FA3 (what plain vLLM runs) and on
-cuDNN, of SelfExtend's whole split prefill (:func:`selfextend_llm.kernels.triton.prefill_split`), and of its
-grouped part alone on each kernel.  Needs vLLM's CUDA build (``vllm.vllm_flash_attn``) for the FA3 rows.
+times (CUDA events, median of ``--repeats``: ``triton_blocks.bench``) of plain causal attention on FA3 (what plain
+vLLM runs) and on cuDNN, of SelfExtend's whole split prefill (:func:`selfextend_llm.kernels.triton.prefill_split`),
+and of its grouped part alone on each kernel.  Needs vLLM's CUDA build (``vllm.vllm_flash_attn``) for the FA3 rows.
 
     PYTHONPATH=. python benchmarks/grouped_part_kernels.py --out results/grouped_part_kernels_h100.json
 """
@@ -15,20 +15,7 @@ import json
 from pathlib import Path
 
 import torch
-
-
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` on the current stream, after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
+from triton_blocks import bench  # this folder is on sys.path when a script in it runs
 
 
 def measure(n: int, args: argparse.Namespace) -> dict:
@@ -75,7 +62,7 @@ def measure(n: int, args: argparse.Namespace) -> dict:
         )  # fmt: skip
     for name, fn in cases.items():
         try:
-            row[name] = timed(fn, args.repeats)
+            row[name] = bench(fn, args.repeats)
         except Exception as err:  # noqa: BLE001 - a kernel missing on this GPU is a result, not a crash
             row[name] = f"failed: {type(err).__name__}: {str(err)[:200]}"
     return row
