@@ -3,7 +3,9 @@
 One whole prefill of ``--lengths`` tokens, SmolLM2's heads (9 query, 3 KV, dim 64), bf16, on one GPU: the
 times (CUDA events, median of ``--repeats``: ``triton_blocks.bench``) of plain causal attention on FA3 (what plain
 vLLM runs) and on cuDNN, of SelfExtend's whole split prefill (:func:`selfextend_llm.kernels.triton.prefill_split`),
-and of its grouped part alone on each kernel.  Needs vLLM's CUDA build (``vllm.vllm_flash_attn``) for the FA3 rows.
+of its grouped part alone on each kernel, and of the vLLM backend's paged prefill both ways (one prompt's step over
+a paged cache: per sequence, and packed for two FA3 varlen calls merged by LSE, ``kernels/paged.py``).  Needs
+vLLM's CUDA build (``vllm.vllm_flash_attn``) for the FA3 rows.
 
     PYTHONPATH=. python benchmarks/grouped_part_kernels.py --out results/grouped_part_kernels_h100.json
 """
@@ -20,8 +22,10 @@ from triton_blocks import bench  # this folder is on sys.path when a script in i
 
 def measure(n: int, args: argparse.Namespace) -> dict:
     """One length's row: milliseconds per kernel, or why it failed."""
+    from selfextend_llm.config import SelfExtendConfig
     from selfextend_llm.kernels import triton as tk
     from selfextend_llm.kernels.lse import _cudnn_causal
+    from selfextend_llm.kernels.paged import paged_selfextend_attention
 
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -46,7 +50,28 @@ def measure(n: int, args: argparse.Namespace) -> dict:
             scale=dim**-0.5,
         ),
     }  # fmt: skip
+    page = 16
+    blocks = -(-n // page)
+    kv = torch.zeros(blocks * page, kv_heads, 2 * dim, device="cuda", dtype=dt)
+    kv[:n] = torch.cat([k, v], dim=-1)
+    cache = kv.view(blocks, page, kv_heads, 2 * dim).transpose(1, 2).contiguous()  # the backend's LBHNC layout
+    table = torch.arange(blocks, dtype=torch.int32, device="cuda")[None]
+    cfg = SelfExtendConfig(args.group_size, W)
+
+    def paged(varlen):
+        return paged_selfextend_attention(
+            q, cache, block_table=table, seq_lens=[n], query_start_loc=[0, n], config_for=lambda _n: cfg,
+            inv_freq=inv, scale=dim**-0.5, pretrained_context=8192, varlen_attention=varlen, step_cache={},
+        )  # fmt: skip
+
+    cases["paged prefill, per sequence"] = lambda: paged(False)
     if flash_attn_varlen_func is not None:
+        cases["paged prefill, varlen FA3"] = lambda: paged(flash_attn_varlen_func)
+        cases["fa3 causal paged (plain vLLM)"] = lambda: flash_attn_varlen_func(
+            q, cache[..., :dim].transpose(1, 2), cache[..., dim:].transpose(1, 2), max_seqlen_q=n, cu_seqlens_q=cu,
+            max_seqlen_k=n, seqused_k=cu[1:], block_table=table, softmax_scale=dim**-0.5, causal=True,
+            return_softmax_lse=True, fa_version=3,
+        )  # fmt: skip
 
         def fa3(qq, kk, vv, cq, ck, mq, mk):
             return flash_attn_varlen_func(

@@ -265,3 +265,99 @@ def test_a_borrowed_causal_kernel_is_checked_against_the_formula_before_it_is_tr
     assert agrees_with_math(exact, q, k, v, 0.25)
     assert not agrees_with_math(no_mask, q, k, v, 0.25)
     assert not agrees_with_math(base2_lse, q, k, v, 0.25)
+
+
+def _varlen_or_skip(query: torch.Tensor):
+    """The varlen function a test runs: vLLM's FlashAttention 3 on a GPU where it is installed, else the float64
+    stand-in with its documented semantics (``reference_varlen_attention``) around the real Triton pack/merge."""
+    from selfextend_llm.reference import reference_varlen_attention
+
+    if not triton_kernels.available(query.device):
+        pytest.skip("the varlen pack/merge kernels run in Triton's interpreter or on CUDA")
+    if query.is_cuda and query.dtype != torch.float32:
+        fa = pytest.importorskip("vllm.vllm_flash_attn").flash_attn_varlen_func
+        return fa
+    return reference_varlen_attention
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "q_lens"),
+    [
+        ([300, 97, 1, 180, 20], [1, 97, 1, 64, 20]),  # decode, whole prompt, 1-token prompt, chunk, inside window
+        ([520, 40, 333], [128, 1, 333]),  # a late chunk (prefix-cache hit) beside a decode row and a prompt
+        ([33, 34], [33, 2]),  # one key past the window, two new rows of which only the last has grouped keys
+    ],
+)
+@pytest.mark.parametrize("log_scale", [0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.filterwarnings("error::UserWarning")  # a fallback to the per-sequence loop would hide a wrong kernel
+def test_every_prefill_of_a_step_in_two_varlen_calls_matches_the_float64_formula(seq_lens, q_lens, log_scale, dtype):
+    """The step's prefill chunks of each grouping packed for two varlen calls (band on the paged cache, grouped part
+    on packed grouped keys) and merged by LSE: per-length groupings, plain short rows, chunks, log scaling."""
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("Triton's interpreter computes bfloat16 through NumPy, which has none; covered on the GPU")
+    heads, kv_heads, d = 4, 2, 32
+    cache, table, query, starts, raw, inv = _batch(11, seq_lens, q_lens, heads, kv_heads, d, 16, dtype)
+    fa = _varlen_or_skip(query)
+    scale = d**-0.5
+
+    def config_for(n: int) -> SelfExtendConfig | None:
+        return None if n < 30 else SelfExtendConfig(3 if n < 400 else 8, 32, log_scale=log_scale)
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("block_table") is not None)
+        return fa(*args, **kwargs)
+
+    out = paged_selfextend_attention(
+        query, cache, block_table=table, seq_lens=seq_lens, query_start_loc=starts, config_for=config_for,
+        inv_freq=inv.float().to(query.device), scale=scale, pretrained_context=128, batch_decodes=False,
+        varlen_attention=counted,
+    )  # fmt: skip
+    prefills = {config_for(n) for n, q in zip(seq_lens, q_lens, strict=True) if q > 1}
+    grouped = {config_for(n) for n, q in zip(seq_lens, q_lens, strict=True) if q > 1 and n > 32 and config_for(n)}
+    assert calls.count(True) == len(prefills) and calls.count(False) == len(grouped)  # two calls a grouping at most
+    scaled = []
+    for (q, k, v), n in zip(raw, seq_lens, strict=True):
+        cfg = config_for(n)
+        if cfg is not None and log_scale:
+            pos = torch.arange(n - q.shape[2], n, dtype=torch.float64, device="cpu")
+            q = q * torch.clamp(1 + log_scale * (torch.log(pos + 1) / math.log(128) - 1), min=1.0)[None, None, :, None]
+        scaled.append((q, k, v))
+    expected = _expected(scaled, seq_lens, config_for, inv, scale)
+    atol = 3e-2 if dtype == torch.bfloat16 else 2e-4 if query.is_cuda else 1e-5
+    torch.testing.assert_close(out.cpu().double(), expected, atol=atol, rtol=0)
+
+
+def test_a_varlen_function_that_disagrees_is_dropped_and_the_step_is_still_right(monkeypatch):
+    """Another package's kernel is trusted only after its first step matched the per-sequence path: a wrong one
+    (here, the band's window one key short) is dropped with a warning, that step's answer is the loop's, and it is
+    never called again in the process."""
+    from selfextend_llm.kernels import paged
+    from selfextend_llm.reference import reference_varlen_attention
+
+    monkeypatch.setattr(paged, "_VARLEN_TRUSTED", set())
+    monkeypatch.setattr(paged, "_VARLEN_FAILED", set())
+    seq_lens, q_lens = [120, 70], [120, 30]
+    cache, table, query, starts, raw, inv = _batch(12, seq_lens, q_lens, 4, 2, 32, 16, torch.float32)
+    _varlen_or_skip(query)
+    calls = []
+
+    def off_by_one(*args, window_size=(-1, -1), **kwargs):
+        calls.append(1)
+        left = window_size[0] - 1 if window_size[0] > 0 else window_size[0]
+        return reference_varlen_attention(*args, window_size=[left, window_size[1]], **kwargs)
+
+    args = dict(
+        block_table=table, seq_lens=seq_lens, query_start_loc=starts, config_for=lambda n: SelfExtendConfig(3, 32),
+        inv_freq=inv.float().to(query.device), scale=32**-0.5, pretrained_context=64, varlen_attention=off_by_one,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="differs from the per-sequence path"):
+        first = paged_selfextend_attention(query, cache, **args)
+    expected = _expected(raw, seq_lens, args["config_for"], inv, 32**-0.5)
+    atol = 2e-4 if query.is_cuda else 1e-5
+    torch.testing.assert_close(first.cpu().double(), expected, atol=atol, rtol=0)
+    made = len(calls)
+    second = paged_selfextend_attention(query, cache, **args)
+    assert len(calls) == made and torch.equal(first, second)

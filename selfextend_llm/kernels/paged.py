@@ -9,10 +9,14 @@ of them was computed earlier (chunked prefill, prefix-cache hits).
 
 Decode rows (one query each) of one grouping run on CUDA in one split-K Triton launch that reads keys
 and values in place through the block table, rotating grouped keys in registers
-(:func:`selfextend_llm.kernels.triton.decode` with ``block_table=``).  Prefill chunks, and everything on
-the CPU, gather the sequence's blocks into contiguous keys and hand them to
-:func:`selfextend_llm.attention.selfextend_attention` (every exact path reused as tested); the gather
-is a copy of the sequence's K/V per layer and step, measured in ``benchmarks/paged_attention.py``.
+(:func:`selfextend_llm.kernels.triton.decode` with ``block_table=``).  Inside a vLLM engine every prefill chunk of
+a step (of one grouping) runs in two varlen calls of vLLM's FlashAttention 3, whatever the number of sequences: the
+neighbor band as sliding-window attention on the paged cache in place, the grouped part on keys gathered and
+re-rotated by one Triton launch, the two merged by LSE (:func:`_prefill_rows_varlen`, :mod:`.triton.varlen`;
+checked once against the per-sequence path before it is trusted).  Otherwise, and on the CPU, each sequence's
+blocks are gathered into contiguous keys and handed to :func:`selfextend_llm.attention.selfextend_attention` (every
+exact path reused as tested); the gather is a copy of the sequence's K/V per layer and step, measured in
+``benchmarks/paged_attention.py``.
 
 Cache layout (vLLM's ``LBHNC``, one layer): ``(num_blocks, num_kv_heads, block_size, head_size +
 head_size_v)``, keys in the first ``head_size`` channels and values in the rest.
@@ -84,6 +88,7 @@ def paged_selfextend_attention(
     out: torch.Tensor | None = None,
     batch_decodes: bool | None = None,
     step_cache: dict | None = None,
+    varlen_attention: Callable | None | bool = None,
 ) -> torch.Tensor:
     """SelfExtend attention for a packed batch of sequences over one layer's paged cache.
 
@@ -95,9 +100,11 @@ def paged_selfextend_attention(
     one-token rows in one Triton launch (default: on CUDA; True also in Triton's interpreter, for tests).
     ``step_cache``: a dict that lives for one engine step (every layer passes the same one), where the
     batch's index and length tensors are made once instead of once per layer (each is a host-to-device copy).
+    ``varlen_attention``: a varlen attention function with FlashAttention's ``flash_attn_varlen_func`` signature
+    (paged keys, sliding window, row LSE) that runs every prefill chunk of one grouping in two calls
+    (:func:`_prefill_rows_varlen`); default: vLLM's FlashAttention 3 where vLLM is imported and the queries are
+    half precision on CUDA; False: never.  It is checked against the per-sequence path once before it is trusted.
     """
-    from ..attention import selfextend_attention
-
     head = query.shape[-1]
     key_cache, value_cache = split_kv(kv_cache, head)
     if out is None:
@@ -111,11 +118,39 @@ def paged_selfextend_attention(
         if together
         else set()
     )  # fmt: skip
-    for i, n in enumerate(seq_lens):
-        start, stop = query_start_loc[i], query_start_loc[i + 1]
-        q_len = stop - start
-        if q_len <= 0 or n <= 0 or i in done:
-            continue
+    args = (query, key_cache, value_cache, block_table, seq_lens, query_start_loc, config_for, inv_freq, scale,
+            pretrained_context, layout)  # fmt: skip
+    fa = _varlen_function(query, inv_freq, layout, varlen_attention)
+    if fa is not None:
+        done |= _prefill_rows_checked(fa, *args, out, {} if step_cache is None else step_cache, done)
+    for i in range(len(seq_lens)):
+        if i not in done:
+            _one_sequence(i, *args, out)
+    return out
+
+
+def _one_sequence(
+    i: int,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    config_for: Callable[[int], SelfExtendConfig | None],
+    inv_freq: torch.Tensor,
+    scale: float,
+    pretrained_context: int,
+    layout: Layout,
+    out: torch.Tensor,
+) -> None:
+    """Sequence ``i`` of the step on its own: its keys gathered, then the tested single-sequence paths."""
+    from ..attention import selfextend_attention
+
+    n = seq_lens[i]
+    start, stop = query_start_loc[i], query_start_loc[i + 1]
+    q_len = stop - start
+    if q_len > 0 and n > 0:
         key = gather_sequence(key_cache, block_table[i], n)
         value = gather_sequence(value_cache, block_table[i], n)
         q = query[start:stop].transpose(0, 1).unsqueeze(0)  # (1, heads, q_len, d)
@@ -138,7 +173,225 @@ def paged_selfextend_attention(
             log_scaling=None if cfg is None else cfg.log_scaling(pretrained_context),
         )
         out[start:stop] = result[0].transpose(0, 1).to(out.dtype)
-    return out
+
+
+def _varlen_function(
+    query: torch.Tensor, inv_freq: torch.Tensor, layout: Layout, choice: Callable | None | bool
+) -> Callable | None:
+    """The varlen attention function the step's prefill chunks run on, or None for the per-sequence loop."""
+    from . import triton as triton_kernels
+    from .lse import _fa3_function
+
+    if choice is False:
+        return None
+    if choice is None or choice is True:
+        if choice is None and not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+            return None
+        choice = _fa3_function()
+    dim = query.shape[-1]
+    if choice is None or layout != "half" or not triton_kernels.available(query.device):
+        return None
+    if not triton_kernels.supports(dim, 2 * inv_freq.shape[-1], layout, query.dtype):
+        return None
+    return choice
+
+
+#: (function, dtype, heads, kv heads, head size, block size) of varlen functions that matched the per-sequence path
+#: on a step of their own, and of those that did not (never used again in this process).
+_VARLEN_TRUSTED: set[tuple] = set()
+_VARLEN_FAILED: set[tuple] = set()
+
+
+def _prefill_rows_checked(
+    fa: Callable,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    config_for: Callable[[int], SelfExtendConfig | None],
+    inv_freq: torch.Tensor,
+    scale: float,
+    pretrained_context: int,
+    layout: Layout,
+    out: torch.Tensor,
+    step_cache: dict,
+    done: set[int],
+) -> set[int]:
+    """:func:`_prefill_rows_varlen`, trusted only once its first step matched the per-sequence path row for row.
+
+    The varlen function comes from another package (vLLM's FlashAttention 3: its paged layout, window and LSE
+    conventions are assumed here); on a mismatch or an error it is dropped with a warning and the step's answer
+    is the per-sequence one, so a changed API costs speed, never wrong tokens.
+    """
+    import warnings
+
+    args = (query, key_cache, value_cache, block_table, seq_lens, query_start_loc, config_for, inv_freq, scale,
+            pretrained_context, layout)  # fmt: skip
+    key = (fa, query.dtype, query.shape[1], key_cache.shape[1], query.shape[-1], key_cache.shape[2])
+    if key in _VARLEN_FAILED:
+        return set()
+    if key in _VARLEN_TRUSTED:
+        return _prefill_rows_varlen(fa, *args, out, step_cache, done)
+    trial = out.clone()
+    try:
+        ran = _prefill_rows_varlen(fa, *args, trial, step_cache, done)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - another package's kernel: any failure means the loop
+        warnings.warn(f"varlen prefill attention not used ({type(err).__name__}: {err})", stacklevel=3)
+        _VARLEN_FAILED.add(key)
+        return set()
+    if not ran:
+        return ran
+    for i in ran:
+        _one_sequence(i, *args, out)
+    rows = torch.cat([torch.arange(query_start_loc[i], query_start_loc[i + 1]) for i in sorted(ran)]).to(out.device)
+    got, want = trial.index_select(0, rows).float(), out.index_select(0, rows).float()
+    tol = 1e-4 if query.dtype == torch.float32 else 4e-2
+    if bool(((got - want).abs().max() <= tol).item()):
+        _VARLEN_TRUSTED.add(key)
+    else:
+        warnings.warn(
+            f"varlen prefill attention not used: it differs from the per-sequence path by "
+            f"{(got - want).abs().max().item():.3g} (more than {tol})", stacklevel=3,
+        )  # fmt: skip
+        _VARLEN_FAILED.add(key)
+    return ran
+
+
+class _PrefillPlan(NamedTuple):
+    """A step's prefill chunks of one grouping, packed for two varlen calls (made once per step, on the host)."""
+
+    rows: list[int]  # the sequences
+    group: int
+    window: int  # keys less than this far back are the band (a huge one: plain causal, no grouped part)
+    factor: torch.Tensor | None  # log-scaling factor of each packed query row (float32), None: off
+    src: torch.Tensor  # each packed query row's row in the step's packed query / output
+    positions: torch.Tensor  # its true position
+    grouped_row: torch.Tensor  # its row among the grouped queries, -1 where it has no grouped keys
+    cu_q: torch.Tensor  # int32 (sequences + 1)
+    lengths: torch.Tensor  # int32: keys of each sequence
+    block_table: torch.Tensor  # the sequences' block-table rows
+    cu_qg: torch.Tensor  # int32, sequences that have grouped keys
+    cu_kg: torch.Tensor
+    key_seq: torch.Tensor  # each grouped key row's sequence (its row of ``block_table``)
+    key_positions: torch.Tensor  # and its position
+    max_q: int
+    max_k: int
+    n_grouped: int
+    max_qg: int
+    max_kg: int
+
+
+def _prefill_plans(
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    config_for: Callable[[int], SelfExtendConfig | None],
+    block_table: torch.Tensor,
+    pretrained_context: int,
+    done: set[int],
+    device: torch.device,
+) -> list[_PrefillPlan]:
+    """The step's sequences of more than one query row, one plan per grouping."""
+    from ..rope import log_scale_factor
+
+    by_config: dict[SelfExtendConfig | None, list[int]] = {}
+    for i, n in enumerate(seq_lens):
+        if i not in done and n > 0 and query_start_loc[i + 1] - query_start_loc[i] > 1:
+            by_config.setdefault(config_for(n), []).append(i)
+    plans = []
+    for cfg, rows in by_config.items():
+        group, window = (1, 1 << 62) if cfg is None else (cfg.group_size, cfg.neighbor_window)
+        ns = torch.tensor([seq_lens[i] for i in rows])
+        starts = torch.tensor([query_start_loc[i] for i in rows])
+        q_lens = torch.tensor([query_start_loc[i + 1] - query_start_loc[i] for i in rows])
+        seq = torch.repeat_interleave(torch.arange(len(rows)), q_lens)
+        cu_q = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)])
+        within = torch.arange(int(cu_q[-1])) - cu_q[seq]
+        src, positions = starts[seq] + within, (ns - q_lens)[seq] + within
+        has_grouped = positions >= window
+        grouped_row = torch.where(has_grouped, has_grouped.long().cumsum(0) - 1, -1)
+        q_grouped = torch.zeros(len(rows), dtype=torch.long).index_add_(0, seq, has_grouped.long())
+        keep = q_grouped > 0
+        k_grouped = (ns - window).clamp_min(0)[keep]
+        cu_qg = torch.cat([torch.zeros(1, dtype=torch.long), q_grouped[keep].cumsum(0)])
+        cu_kg = torch.cat([torch.zeros(1, dtype=torch.long), k_grouped.cumsum(0)])
+        key_seq = torch.repeat_interleave(torch.arange(len(rows))[keep], k_grouped)
+        key_positions = torch.arange(int(cu_kg[-1])) - torch.repeat_interleave(cu_kg[:-1], k_grouped)
+        parts = [src, positions, grouped_row, cu_q, ns, cu_qg, cu_kg, key_seq, key_positions]
+        packed = torch.cat(parts).to(torch.int32).to(device, non_blocking=True)  # one copy for all of them
+        src, positions, grouped_row, cu_q, lengths, cu_qg, cu_kg, key_seq, key_positions = packed.split(
+            [p.numel() for p in parts]
+        )
+        scaling = None if cfg is None else cfg.log_scaling(pretrained_context)
+        factor = None if scaling is None else log_scale_factor(positions[None], scaling, torch.float32).reshape(-1)
+        plans.append(_PrefillPlan(
+            rows, group, window, factor, src, positions, grouped_row, cu_q, lengths, block_table[rows], cu_qg, cu_kg,
+            key_seq, key_positions, int(q_lens.max()), int(ns.max()), int(cu_qg[-1]) if keep.any() else 0,
+            int(q_grouped.max()), int(k_grouped.max()) if keep.any() else 0,
+        ))  # fmt: skip
+    return plans
+
+
+def _prefill_rows_varlen(
+    fa: Callable,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    config_for: Callable[[int], SelfExtendConfig | None],
+    inv_freq: torch.Tensor,
+    scale: float,
+    pretrained_context: int,
+    layout: Layout,
+    out: torch.Tensor,
+    step_cache: dict,
+    done: set[int],
+) -> set[int]:
+    """Every prefill chunk of the step, one grouping at a time, in two varlen calls of ``fa`` and three Triton
+    launches (:mod:`.triton.varlen`); returns the sequences it did.
+
+    The band (keys less than ``W`` back, true positions) reads the paged cache in place with a sliding window; the
+    grouped part (keys ``0 .. t - W``, grouped positions) is bottom-right causal attention between the packed
+    grouped queries and the sequences' grouped keys ``0 .. n - W - 1``; the two merge by their LSEs.
+    """
+    from .triton import varlen
+
+    if "prefill" not in step_cache:
+        step_cache["prefill"] = _prefill_plans(
+            seq_lens, query_start_loc, config_for, block_table, pretrained_context, done, query.device
+        )
+    inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
+    ran: set[int] = set()
+    for plan in step_cache["prefill"]:
+        G, W = plan.group, plan.window
+        band_queries, grouped_queries = varlen.pack_queries(
+            query, plan.src, plan.positions, plan.grouped_row, plan.n_grouped, group_size=G,
+            neighbor_window=min(W, plan.max_k + 1), inv_freq=inv, factor=plan.factor,
+        )  # fmt: skip
+        band = fa(
+            band_queries, key_cache.transpose(1, 2), value_cache.transpose(1, 2), max_seqlen_q=plan.max_q,
+            cu_seqlens_q=plan.cu_q, max_seqlen_k=plan.max_k, seqused_k=plan.lengths, block_table=plan.block_table,
+            softmax_scale=scale, causal=True, window_size=[W - 1 if W <= plan.max_k else -1, 0],
+            return_softmax_lse=True, fa_version=3,
+        )  # fmt: skip
+        grouped = (band_queries[:0], band[1][:, :0])
+        if plan.n_grouped:
+            keys, values = varlen.pack_grouped_kv(
+                key_cache, value_cache, plan.block_table, plan.key_seq, plan.key_positions, group_size=G, inv_freq=inv
+            )
+            grouped = fa(
+                grouped_queries, keys, values, max_seqlen_q=plan.max_qg, cu_seqlens_q=plan.cu_qg,
+                max_seqlen_k=plan.max_kg, cu_seqlens_k=plan.cu_kg, softmax_scale=scale, causal=True,
+                return_softmax_lse=True, fa_version=3,
+            )  # fmt: skip
+        varlen.merge_into(out, plan.src, band, grouped, plan.grouped_row)
+        ran.update(plan.rows)
+    return ran
 
 
 class _DecodePlan(NamedTuple):
