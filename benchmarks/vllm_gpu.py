@@ -61,8 +61,9 @@ def run_engine(job: dict, env: dict[str, str], timeout_s: float | None = None) -
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
         raise RuntimeError(f"engine failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
-    for x in (done.stdout + done.stderr).splitlines():  # SELFEXTEND_VLLM_PROFILE=1's totals
-        if "SelfExtend attention time" in x:
+    said = ("SelfExtend attention time", "SelfExtend kernels compiled", "warm-up failed", "attention not used")
+    for x in (done.stdout + done.stderr).splitlines():  # SELFEXTEND_VLLM_PROFILE=1's totals, warm-up, fallbacks
+        if any(s in x for s in said):
             print(x, flush=True)
     return json.loads(line[-1][7:])
 
