@@ -434,7 +434,7 @@ def _decode_rows_together(
     if "decode" not in step_cache:
         rows = [i for i, n in enumerate(seq_lens) if n > 0 and query_start_loc[i + 1] - query_start_loc[i] == 1]
         configs = {config_for(seq_lens[i]) for i in rows}
-        if len(rows) < 2 or len(configs) != 1 or None in configs:
+        if not rows or len(configs) != 1 or None in configs:
             step_cache["decode"] = None
         else:
             lengths = torch.tensor([seq_lens[i] for i in rows], dtype=torch.int32).to(query.device, non_blocking=True)
@@ -494,7 +494,7 @@ def warm_up(
     row[:used] = torch.arange(1, used + 1, dtype=torch.int32, device=device)  # block 0 is the engine's null block
     steps = [
         ([n, n, n, n], [0, n, n + 7, n + 8, n + 9]),  # whole prompt, chunk of 7, two decode rows
-        ([n], [0, 1]),  # a lone decode row: the per-sequence launch
+        ([n], [0, 1]),  # a lone decode row (the batched launch too: no gathered copy of its keys)
     ]
     for seq_lens, starts in steps:
         query = torch.randn(starts[-1], heads, head_size, generator=g, device=device).to(dtype)
