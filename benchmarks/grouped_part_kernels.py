@@ -58,15 +58,19 @@ def measure(n: int, args: argparse.Namespace) -> dict:
     table = torch.arange(blocks, dtype=torch.int32, device="cuda")[None]
     cfg = SelfExtendConfig(args.group_size, W)
 
-    def paged(varlen):
+    steps: dict[object, dict] = {}
+
+    def paged(varlen):  # one step's dict for every call, as the layers of one engine step share it
         return paged_selfextend_attention(
             q, cache, block_table=table, seq_lens=[n], query_start_loc=[0, n], config_for=lambda _n: cfg,
-            inv_freq=inv, scale=dim**-0.5, pretrained_context=8192, varlen_attention=varlen, step_cache={},
+            inv_freq=inv, scale=dim**-0.5, pretrained_context=8192, varlen_attention=varlen,
+            step_cache=steps.setdefault(varlen, {}),
         )  # fmt: skip
 
     cases["paged prefill, per sequence"] = lambda: paged(False)
     if flash_attn_varlen_func is not None:
         cases["paged prefill, varlen FA3"] = lambda: paged(flash_attn_varlen_func)
+        cases.update(varlen_stages(q, cache, table, n, cfg, inv, dim, flash_attn_varlen_func))
         cases["fa3 causal paged (plain vLLM)"] = lambda: flash_attn_varlen_func(
             q, cache[..., :dim].transpose(1, 2), cache[..., dim:].transpose(1, 2), max_seqlen_q=n, cu_seqlens_q=cu,
             max_seqlen_k=n, seqused_k=cu[1:], block_table=table, softmax_scale=dim**-0.5, causal=True,
@@ -91,6 +95,62 @@ def measure(n: int, args: argparse.Namespace) -> dict:
         except Exception as err:  # noqa: BLE001 - a kernel missing on this GPU is a result, not a crash
             row[name] = f"failed: {type(err).__name__}: {str(err)[:200]}"
     return row
+
+
+def varlen_stages(q, cache, table, n, cfg, inv, dim, fa) -> dict:
+    """The varlen prefill's stages one by one (``kernels/paged.py: _prefill_rows_varlen``), to see where it goes."""
+    from selfextend_llm.kernels.paged import _prefill_plans, split_kv
+    from selfextend_llm.kernels.triton import varlen
+
+    key_cache, value_cache = split_kv(cache, dim)
+    G, W = cfg.group_size, cfg.neighbor_window
+
+    def plan():
+        return _prefill_plans([n], [0, n], lambda _n: cfg, table, 8192, set(), q.device)[0]
+
+    p = plan()
+    qn, qg = varlen.pack_queries(
+        q, p.src, p.positions, p.grouped_row, p.n_grouped, group_size=G, neighbor_window=W, inv_freq=inv,
+        factor=p.factor,
+    )  # fmt: skip
+    kg, vg = varlen.pack_grouped_kv(key_cache, value_cache, p.block_table, p.key_seq, p.key_positions, group_size=G,
+                                    inv_freq=inv)  # fmt: skip
+
+    def band():
+        return fa(
+            qn, key_cache.transpose(1, 2), value_cache.transpose(1, 2), max_seqlen_q=p.max_q, cu_seqlens_q=p.cu_q,
+            max_seqlen_k=p.max_k, seqused_k=p.lengths, block_table=p.block_table, softmax_scale=dim**-0.5,
+            causal=True, window_size=[W - 1, 0], return_softmax_lse=True, fa_version=3,
+        )  # fmt: skip
+
+    def grouped():
+        return fa(
+            qg, kg, vg, max_seqlen_q=p.max_qg, cu_seqlens_q=p.cu_qg, max_seqlen_k=p.max_kg, cu_seqlens_k=p.cu_kg,
+            softmax_scale=dim**-0.5, causal=True, return_softmax_lse=True, fa_version=3,
+        )  # fmt: skip
+
+    b, g = band(), grouped()
+    out = torch.empty_like(q)
+    return {
+        "varlen stage: plan (host, once a step)": plan,
+        "varlen stage: pack queries": lambda: varlen.pack_queries(
+            q,
+            p.src,
+            p.positions,
+            p.grouped_row,
+            p.n_grouped,
+            group_size=G,
+            neighbor_window=W,
+            inv_freq=inv,
+            factor=p.factor,
+        ),
+        "varlen stage: pack grouped K/V": lambda: varlen.pack_grouped_kv(
+            key_cache, value_cache, p.block_table, p.key_seq, p.key_positions, group_size=G, inv_freq=inv
+        ),
+        "varlen stage: band, FA3 window on the paged cache": band,
+        "varlen stage: grouped part, FA3": grouped,
+        "varlen stage: merge": lambda: varlen.merge_into(out, p.src, b, g, p.grouped_row),
+    }
 
 
 def main() -> None:

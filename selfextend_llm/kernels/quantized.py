@@ -223,7 +223,7 @@ def one_row_kernel(weight: QuantizedWeight) -> Callable[..., torch.Tensor]:
             from torch._inductor import compile as inductor_compile
             from torch.fx.experimental.proxy_tensor import make_fx
 
-            args = [torch.zeros(1, key[1] * BLOCK), *_arguments(weight)]
+            args = [torch.zeros(1, key[1] * BLOCK, device="cpu"), *_arguments(weight)]
             target = globals()[f"_product_{variant(weight.codes, weight.offset)}"]
             with torch.no_grad():
                 fn = inductor_compile(make_fx(target)(*args), args)
@@ -337,11 +337,13 @@ def kernels_available() -> str | None:
     on tiny inputs, so that no compilation happens later inside a generation (or a server thread).
     Sizes 0 and 1 are specialised by the compiler, so the warm-up shapes avoid them.
     """
-    nibbles = torch.zeros(3, 2, BLOCK // 2, dtype=torch.uint8)
+    nibbles = torch.zeros(3, 2, BLOCK // 2, dtype=torch.uint8, device="cpu")
     weights = [
-        QuantizedWeight(nibbles, torch.ones(3, 2), torch.zeros(3, 2), "warm-up"),
-        QuantizedWeight(nibbles, torch.ones(3, 2), None, "warm-up"),
-        QuantizedWeight(torch.zeros(3, 2, BLOCK, dtype=torch.int8), torch.ones(3, 2), None, "warm-up"),
+        QuantizedWeight(nibbles, torch.ones(3, 2, device="cpu"), torch.zeros(3, 2, device="cpu"), "warm-up"),
+        QuantizedWeight(nibbles, torch.ones(3, 2, device="cpu"), None, "warm-up"),
+        QuantizedWeight(
+            torch.zeros(3, 2, BLOCK, dtype=torch.int8, device="cpu"), torch.ones(3, 2, device="cpu"), None, "warm-up"
+        ),
     ]
     rows_to_warm = (PRODUCT_ROWS + 1,) if native.library() else (1, 2, PRODUCT_ROWS + 1)  # C takes <= 4 rows
     try:
@@ -351,7 +353,7 @@ def kernels_available() -> str | None:
             with mode():
                 for w in weights:
                     for rows in rows_to_warm:
-                        quantized_linear(torch.ones(rows, 2 * BLOCK), w)
+                        quantized_linear(torch.ones(rows, 2 * BLOCK, device="cpu"), w)
     except Exception as err:  # noqa: BLE001 - any compiler failure means "keep fp32"
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return None

@@ -193,6 +193,8 @@ class SelfExtendImpl(AttentionImpl[SelfExtendMetadata]):
         if why:
             raise UnsupportedModelError(f"the SelfExtend vLLM backend cannot serve {name}: {'; '.join(why)}")
         self.settings = Settings.from_config(model_config.hf_config)
+        #: read here: vLLM's current config is set while layers are built, not during forward passes
+        self._max_model_len = int(model_config.max_model_len)
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
         self.scale = float(scale)
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
@@ -224,12 +226,11 @@ class SelfExtendImpl(AttentionImpl[SelfExtendMetadata]):
         if key in _warmed:
             return
         _warmed.add(key)
-        config = get_current_vllm_config().model_config
         started = time.perf_counter()
         try:
             warm_up(
                 heads=self.num_heads, kv_heads=self.num_kv_heads, head_size=self.head_size, dtype=query.dtype,
-                device=query.device, block_size=block_size, table_width=-(-config.max_model_len // block_size),
+                device=query.device, block_size=block_size, table_width=-(-self._max_model_len // block_size),
                 config=self.settings.config_for(self.settings.context_window), inv_freq=self._freqs(query.device),
                 scale=self.scale, pretrained_context=self.settings.pretrained_context,
             )  # fmt: skip

@@ -70,7 +70,7 @@ def decode_attention(
     gq = grouped_query.reshape(bsz, kv_heads, rows, dim).contiguous()
     threads = torch.get_num_threads()
     chunk = _chunk(n, bsz * kv_heads)
-    scores = torch.empty(bsz, kv_heads, rows, n)
+    scores = torch.empty(bsz, kv_heads, rows, n, device="cpu")
     gk = grouped_key if boundary > 0 else key  # never read below an empty boundary
     lib.se_decode_scores(
         bsz, kv_heads, rows, dim, n, boundary, q.data_ptr(), gq.data_ptr(),
@@ -81,7 +81,7 @@ def decode_attention(
         scores.masked_fill_(~key_valid[:, None, None, :n], NEG_INF)
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row of padding only: zeros
     chunks = -(-n // chunk)
-    partial = torch.empty(bsz * kv_heads, chunks, rows, dim_v)
+    partial = torch.empty(bsz * kv_heads, chunks, rows, dim_v, device="cpu")
     lib.se_decode_values(
         bsz, kv_heads, rows, dim_v, n, probs.data_ptr(), value.data_ptr(), value.stride(0), value.stride(1),
         chunk, threads, partial.data_ptr(),

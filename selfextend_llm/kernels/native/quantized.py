@@ -58,7 +58,7 @@ def product(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
     out_features, blocks = codes.shape[:2]
     if rows.shape[1] != blocks * BLOCK:
         return None
-    out = torch.empty(rows.shape[0], out_features)
+    out = torch.empty(rows.shape[0], out_features, device="cpu")
     kernel = lib.se_product_q4 if codes.dtype == torch.uint8 else lib.se_product_i8
     kernel(
         rows.shape[0], out_features, blocks, codes.data_ptr(), scale.data_ptr(),
