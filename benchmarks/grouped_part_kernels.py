@@ -99,7 +99,7 @@ def measure(n: int, args: argparse.Namespace) -> dict:
 
 def varlen_stages(q, cache, table, n, cfg, inv, dim, fa) -> dict:
     """The varlen prefill's stages one by one (``kernels/paged.py: _prefill_rows_varlen``), to see where it goes."""
-    from selfextend_llm.kernels.paged import _prefill_plans, split_kv
+    from selfextend_llm.kernels.paged import _prefill_plans, split_kv, varlen_band, varlen_grouped
     from selfextend_llm.kernels.triton import varlen
 
     key_cache, value_cache = split_kv(cache, dim)
@@ -109,44 +109,32 @@ def varlen_stages(q, cache, table, n, cfg, inv, dim, fa) -> dict:
         return _prefill_plans([n], [0, n], lambda _n: cfg, table, 8192, set(), q.device)[0]
 
     p = plan()
-    qn, qg = varlen.pack_queries(
-        q, p.src, p.positions, p.grouped_row, p.n_grouped, group_size=G, neighbor_window=W, inv_freq=inv,
-        factor=p.factor,
-    )  # fmt: skip
-    kg, vg = varlen.pack_grouped_kv(key_cache, value_cache, p.block_table, p.key_seq, p.key_positions, group_size=G,
-                                    inv_freq=inv)  # fmt: skip
+
+    def pack_queries():
+        return varlen.pack_queries(
+            q, p.src, p.positions, p.grouped_row, p.n_grouped, group_size=G, neighbor_window=W, inv_freq=inv,
+            factor=p.factor,
+        )  # fmt: skip
+
+    def pack_kv():
+        return varlen.pack_grouped_kv(
+            key_cache, value_cache, p.block_table, p.key_seq, p.key_positions, group_size=G, inv_freq=inv
+        )
+
+    (qn, qg), (kg, vg) = pack_queries(), pack_kv()
 
     def band():
-        return fa(
-            qn, key_cache.transpose(1, 2), value_cache.transpose(1, 2), max_seqlen_q=p.max_q, cu_seqlens_q=p.cu_q,
-            max_seqlen_k=p.max_k, seqused_k=p.lengths, block_table=p.block_table, softmax_scale=dim**-0.5,
-            causal=True, window_size=[W - 1, 0], return_softmax_lse=True, fa_version=3,
-        )  # fmt: skip
+        return varlen_band(fa, p, qn, key_cache, value_cache, dim**-0.5)
 
     def grouped():
-        return fa(
-            qg, kg, vg, max_seqlen_q=p.max_qg, cu_seqlens_q=p.cu_qg, max_seqlen_k=p.max_kg, cu_seqlens_k=p.cu_kg,
-            softmax_scale=dim**-0.5, causal=True, return_softmax_lse=True, fa_version=3,
-        )  # fmt: skip
+        return varlen_grouped(fa, p, qg, kg, vg, dim**-0.5)
 
     b, g = band(), grouped()
     out = torch.empty_like(q)
     return {
         "varlen stage: plan (host, once a step)": plan,
-        "varlen stage: pack queries": lambda: varlen.pack_queries(
-            q,
-            p.src,
-            p.positions,
-            p.grouped_row,
-            p.n_grouped,
-            group_size=G,
-            neighbor_window=W,
-            inv_freq=inv,
-            factor=p.factor,
-        ),
-        "varlen stage: pack grouped K/V": lambda: varlen.pack_grouped_kv(
-            key_cache, value_cache, p.block_table, p.key_seq, p.key_positions, group_size=G, inv_freq=inv
-        ),
+        "varlen stage: pack queries": pack_queries,
+        "varlen stage: pack grouped K/V": pack_kv,
         "varlen stage: band, FA3 window on the paged cache": band,
         "varlen stage: grouped part, FA3": grouped,
         "varlen stage: merge": lambda: varlen.merge_into(out, p.src, b, g, p.grouped_row),

@@ -109,44 +109,46 @@ def paged_selfextend_attention(
     key_cache, value_cache = split_kv(kv_cache, head)
     if out is None:
         out = torch.zeros(query.shape[0], query.shape[1], value_cache.shape[-1], dtype=query.dtype, device=query.device)
-    together = query.device.type == "cuda" if batch_decodes is None else batch_decodes
-    done = (
-        _decode_rows_together(
-            query, key_cache, value_cache, block_table, seq_lens, query_start_loc, config_for, inv_freq, scale,
-            pretrained_context, layout, out, {} if step_cache is None else step_cache,
-        )
-        if together
-        else set()
+    step = _Step(
+        query, key_cache, value_cache, block_table, seq_lens, query_start_loc, config_for, inv_freq, scale,
+        pretrained_context, layout, out,
     )  # fmt: skip
-    args = (query, key_cache, value_cache, block_table, seq_lens, query_start_loc, config_for, inv_freq, scale,
-            pretrained_context, layout)  # fmt: skip
+    step_cache = {} if step_cache is None else step_cache
+    together = query.device.type == "cuda" if batch_decodes is None else batch_decodes
+    done = _decode_rows_together(step, step_cache) if together else set()
     fa = _varlen_function(query, inv_freq, layout, varlen_attention)
     if fa is not None:
-        done |= _prefill_rows_checked(fa, *args, out, {} if step_cache is None else step_cache, done)
+        done |= _prefill_rows_checked(fa, step, step_cache, done)
     for i in range(len(seq_lens)):
         if i not in done:
-            _one_sequence(i, *args, out)
+            _one_sequence(step, i)
     return out
 
 
-def _one_sequence(
-    i: int,
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: list[int],
-    query_start_loc: list[int],
-    config_for: Callable[[int], SelfExtendConfig | None],
-    inv_freq: torch.Tensor,
-    scale: float,
-    pretrained_context: int,
-    layout: Layout,
-    out: torch.Tensor,
-) -> None:
+class _Step(NamedTuple):
+    """One layer's call, as every path of :func:`paged_selfextend_attention` reads it: the step's packed queries,
+    the cache's key and value views, the batch, the grouping and RoPE inputs, and the output rows to fill."""
+
+    query: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: list[int]
+    query_start_loc: list[int]
+    config_for: Callable[[int], SelfExtendConfig | None]
+    inv_freq: torch.Tensor
+    scale: float
+    pretrained_context: int
+    layout: Layout
+    out: torch.Tensor
+
+
+def _one_sequence(step: _Step, i: int) -> None:
     """Sequence ``i`` of the step on its own: its keys gathered, then the tested single-sequence paths."""
     from ..attention import selfextend_attention
 
+    query, key_cache, value_cache, block_table, seq_lens, query_start_loc, config_for, inv_freq, scale, \
+        pretrained_context, layout, out = step  # fmt: skip
     n = seq_lens[i]
     start, stop = query_start_loc[i], query_start_loc[i + 1]
     q_len = stop - start
@@ -182,11 +184,9 @@ def _varlen_function(
     from . import triton as triton_kernels
     from .lse import _fa3_function
 
-    if choice is False:
+    if choice is False or (choice is None and not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16))):
         return None
     if choice is None or choice is True:
-        if choice is None and not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
-            return None
         choice = _fa3_function()
     dim = query.shape[-1]
     if choice is None or layout != "half" or not triton_kernels.available(query.device):
@@ -202,23 +202,7 @@ _VARLEN_TRUSTED: set[tuple] = set()
 _VARLEN_FAILED: set[tuple] = set()
 
 
-def _prefill_rows_checked(
-    fa: Callable,
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: list[int],
-    query_start_loc: list[int],
-    config_for: Callable[[int], SelfExtendConfig | None],
-    inv_freq: torch.Tensor,
-    scale: float,
-    pretrained_context: int,
-    layout: Layout,
-    out: torch.Tensor,
-    step_cache: dict,
-    done: set[int],
-) -> set[int]:
+def _prefill_rows_checked(fa: Callable, step: _Step, step_cache: dict, done: set[int]) -> set[int]:
     """:func:`_prefill_rows_varlen`, trusted only once its first step matched the per-sequence path row for row.
 
     The varlen function comes from another package (vLLM's FlashAttention 3: its paged layout, window and LSE
@@ -227,16 +211,15 @@ def _prefill_rows_checked(
     """
     import warnings
 
-    args = (query, key_cache, value_cache, block_table, seq_lens, query_start_loc, config_for, inv_freq, scale,
-            pretrained_context, layout)  # fmt: skip
+    query, key_cache, out = step.query, step.key_cache, step.out
     key = (fa, query.dtype, query.shape[1], key_cache.shape[1], query.shape[-1], key_cache.shape[2])
     if key in _VARLEN_FAILED:
         return set()
     if key in _VARLEN_TRUSTED:
-        return _prefill_rows_varlen(fa, *args, out, step_cache, done)
+        return _prefill_rows_varlen(fa, step, step_cache, done)
     trial = out.clone()
     try:
-        ran = _prefill_rows_varlen(fa, *args, trial, step_cache, done)
+        ran = _prefill_rows_varlen(fa, step._replace(out=trial), step_cache, done)
     except torch.OutOfMemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - another package's kernel: any failure means the loop
@@ -246,8 +229,9 @@ def _prefill_rows_checked(
     if not ran:
         return ran
     for i in ran:
-        _one_sequence(i, *args, out)
-    rows = torch.cat([torch.arange(query_start_loc[i], query_start_loc[i + 1]) for i in sorted(ran)]).to(out.device)
+        _one_sequence(step, i)
+    starts = step.query_start_loc
+    rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in sorted(ran)]).to(out.device)
     got, want = trial.index_select(0, rows).float(), out.index_select(0, rows).float()
     tol = 1e-4 if query.dtype == torch.float32 else 4e-2
     if bool(((got - want).abs().max() <= tol).item()):
@@ -329,29 +313,13 @@ def _prefill_plans(
         factor = None if scaling is None else log_scale_factor(positions[None], scaling, torch.float32).reshape(-1)
         plans.append(_PrefillPlan(
             rows, group, window, factor, src, positions, grouped_row, cu_q, lengths, block_table[rows], cu_qg, cu_kg,
-            key_seq, key_positions, int(q_lens.max()), int(ns.max()), int(cu_qg[-1]) if keep.any() else 0,
+            key_seq, key_positions, int(q_lens.max()), int(ns.max()), int(cu_qg[-1]),
             int(q_grouped.max()), int(k_grouped.max()) if keep.any() else 0,
         ))  # fmt: skip
     return plans
 
 
-def _prefill_rows_varlen(
-    fa: Callable,
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: list[int],
-    query_start_loc: list[int],
-    config_for: Callable[[int], SelfExtendConfig | None],
-    inv_freq: torch.Tensor,
-    scale: float,
-    pretrained_context: int,
-    layout: Layout,
-    out: torch.Tensor,
-    step_cache: dict,
-    done: set[int],
-) -> set[int]:
+def _prefill_rows_varlen(fa: Callable, step: _Step, step_cache: dict, done: set[int]) -> set[int]:
     """Every prefill chunk of the step, one grouping at a time, in two varlen calls of ``fa`` and three Triton
     launches (:mod:`.triton.varlen`); returns the sequences it did.
 
@@ -361,37 +329,55 @@ def _prefill_rows_varlen(
     """
     from .triton import varlen
 
+    query = step.query
     if "prefill" not in step_cache:
         step_cache["prefill"] = _prefill_plans(
-            seq_lens, query_start_loc, config_for, block_table, pretrained_context, done, query.device
-        )
-    inv = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
+            step.seq_lens, step.query_start_loc, step.config_for, step.block_table, step.pretrained_context, done,
+            query.device,
+        )  # fmt: skip
+    inv = step.inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
     ran: set[int] = set()
     for plan in step_cache["prefill"]:
-        G, W = plan.group, plan.window
         band_queries, grouped_queries = varlen.pack_queries(
-            query, plan.src, plan.positions, plan.grouped_row, plan.n_grouped, group_size=G,
-            neighbor_window=min(W, plan.max_k + 1), inv_freq=inv, factor=plan.factor,
+            query, plan.src, plan.positions, plan.grouped_row, plan.n_grouped, group_size=plan.group,
+            neighbor_window=min(plan.window, plan.max_k + 1), inv_freq=inv, factor=plan.factor,
         )  # fmt: skip
-        band = fa(
-            band_queries, key_cache.transpose(1, 2), value_cache.transpose(1, 2), max_seqlen_q=plan.max_q,
-            cu_seqlens_q=plan.cu_q, max_seqlen_k=plan.max_k, seqused_k=plan.lengths, block_table=plan.block_table,
-            softmax_scale=scale, causal=True, window_size=[W - 1 if W <= plan.max_k else -1, 0],
-            return_softmax_lse=True, fa_version=3,
-        )  # fmt: skip
+        band = varlen_band(fa, plan, band_queries, step.key_cache, step.value_cache, step.scale)
         grouped = (band_queries[:0], band[1][:, :0])
         if plan.n_grouped:
             keys, values = varlen.pack_grouped_kv(
-                key_cache, value_cache, plan.block_table, plan.key_seq, plan.key_positions, group_size=G, inv_freq=inv
-            )
-            grouped = fa(
-                grouped_queries, keys, values, max_seqlen_q=plan.max_qg, cu_seqlens_q=plan.cu_qg,
-                max_seqlen_k=plan.max_kg, cu_seqlens_k=plan.cu_kg, softmax_scale=scale, causal=True,
-                return_softmax_lse=True, fa_version=3,
+                step.key_cache, step.value_cache, plan.block_table, plan.key_seq, plan.key_positions,
+                group_size=plan.group, inv_freq=inv,
             )  # fmt: skip
-        varlen.merge_into(out, plan.src, band, grouped, plan.grouped_row)
+            grouped = varlen_grouped(fa, plan, grouped_queries, keys, values, step.scale)
+        varlen.merge_into(step.out, plan.src, band, grouped, plan.grouped_row)
         ran.update(plan.rows)
     return ran
+
+
+def varlen_band(
+    fa: Callable, plan: _PrefillPlan, queries: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The band of a prefill plan (keys less than ``W`` back): sliding-window causal attention on the paged cache
+    in place, with the row LSE ``(heads, rows)``; no window where ``W`` covers every key (plain causal)."""
+    window = plan.window - 1 if plan.window <= plan.max_k else -1
+    return fa(
+        queries, key_cache.transpose(1, 2), value_cache.transpose(1, 2), max_seqlen_q=plan.max_q,
+        cu_seqlens_q=plan.cu_q, max_seqlen_k=plan.max_k, seqused_k=plan.lengths, block_table=plan.block_table,
+        softmax_scale=scale, causal=True, window_size=[window, 0], return_softmax_lse=True, fa_version=3,
+    )  # fmt: skip
+
+
+def varlen_grouped(
+    fa: Callable, plan: _PrefillPlan, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped part of a prefill plan: bottom-right causal attention between its packed grouped queries and
+    each sequence's grouped keys ``0 .. n - W - 1``, with the row LSE."""
+    return fa(
+        queries, keys, values, max_seqlen_q=plan.max_qg, cu_seqlens_q=plan.cu_qg, max_seqlen_k=plan.max_kg,
+        cu_seqlens_k=plan.cu_kg, softmax_scale=scale, causal=True, return_softmax_lse=True, fa_version=3,
+    )  # fmt: skip
 
 
 class _DecodePlan(NamedTuple):
@@ -407,26 +393,14 @@ class _DecodePlan(NamedTuple):
     longest: int
 
 
-def _decode_rows_together(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: list[int],
-    query_start_loc: list[int],
-    config_for: Callable[[int], SelfExtendConfig | None],
-    inv_freq: torch.Tensor,
-    scale: float,
-    pretrained_context: int,
-    layout: Layout,
-    out: torch.Tensor,
-    step_cache: dict,
-) -> set[int]:
+def _decode_rows_together(step: _Step, step_cache: dict) -> set[int]:
     """On CUDA, every one-token row of one grouping in a single split-K Triton launch that reads the keys in
     place through the block table (each row's length from a tensor); returns the rows it did."""
     from ..rope import log_scale
     from . import triton as triton_kernels
 
+    query, key_cache, value_cache, block_table, seq_lens, query_start_loc, config_for, inv_freq, scale, \
+        pretrained_context, layout, out = step  # fmt: skip
     dim = query.shape[-1]
     if not (triton_kernels.available(query.device) and triton_kernels.supports(dim, 2 * inv_freq.shape[-1], layout,
                                                                                query.dtype)):  # fmt: skip
