@@ -5,11 +5,12 @@ kernel launches and Python calls, whatever the attention costs; with a static ca
 transformers compiles it (``torch.compile``, CUDA graphs on a GPU) and the step becomes a replay.
 SelfExtend's decode step is tensor-only (:mod:`.kernels.static_decode`), so it compiles with the rest.
 
-Compiled graphs are specialised to the cache's shape.  Caches are therefore sized in buckets
-(four per doubling, so at most 25% of the slots are spare) and the cache object of the last
-bucket is kept and reset, so a later call of a similar length reuses both the graphs and the
-memory.  The first call in a bucket pays for compilation; :attr:`FastGeneration.first_calls`
-records how long it took (Inductor also caches compiled kernels on disk between processes).
+Caches are sized in buckets (four per doubling, so at most 25% of the slots are spare) and the
+cache object of the last bucket is kept and reset, so a later call of a similar length reuses its
+memory and its CUDA graphs.  The first bucket compiles for its shape, the second compiles a graph
+with the cache length symbolic, and later buckets reuse that one (only recording their CUDA graphs);
+:attr:`FastGeneration.first_calls` records how long each bucket's first call took (Inductor also
+caches compiled kernels on disk between processes).
 
 If compiling fails on some model, generation falls back to the dynamic cache with one warning
 that says why, and stays there for this model.
@@ -17,6 +18,7 @@ that says why, and stays there for this model.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 import warnings
@@ -26,6 +28,14 @@ import torch
 
 #: Smallest static cache, in tokens.
 MIN_BUCKET = 256
+
+#: Compiled decode graphs one process may hold before they are all dropped and compiled again as calls
+#: need them.  Every (cache bucket, grouping) pair can be one graph; dynamo's default limit (8) is fewer
+#: than one document-sized workload meets (prompts of 2k-8k alone span nine buckets), and hitting it
+#: mid-run means recompiling every shape again (on an H100 ~30 s each for the default model, 2-4 s for
+#: a tiny one).  The graphs share one CUDA-graph memory pool and the cache is an input, not graph
+#: memory, so more of them cost little.
+GRAPH_LIMIT = 64
 
 
 def cache_bucket(total_tokens: int) -> int:
@@ -114,10 +124,21 @@ class FastGeneration:
                 self._cache.reset()
         if not (device.type == "cuda" if self.compile is None else self.compile):
             return {self.cache_arg: self._cache}
-        config = CompileConfig(fullgraph=True, dynamic=False)
+        # dynamic=None: dynamo's automatic dynamic shapes.  The first bucket compiles for its shape; the second
+        # compiles once more with the cache length symbolic, and every later bucket reuses that graph (on an
+        # H100 a compile is ~30 s: one per bucket was minutes for a workload of mixed lengths).  CUDA graphs are
+        # still recorded per shape, which is cheap, so a step is a replay as before.
+        config = CompileConfig(fullgraph=True, dynamic=None)
         if device.type != "cuda":
             config._compile_all_devices = True  # transformers compiles only on accelerators by default
         return {self.cache_arg: self._cache, "compile_config": config}
+
+    def compile_scope(self) -> contextlib.AbstractContextManager:
+        """Dynamo's recompile limit raised to :data:`GRAPH_LIMIT` (never lowered) for one compiled call.
+
+        Scoped, not set for the process: the user's own ``torch.compile`` code keeps its own limit."""
+        current = torch._dynamo.config.recompile_limit
+        return torch._dynamo.config.patch(recompile_limit=max(current, GRAPH_LIMIT))
 
     def timed(self, batch: int, total_tokens: int, started: float) -> None:
         """Record the wall time of the first call in a bucket (the one that compiled)."""

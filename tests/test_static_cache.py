@@ -246,3 +246,54 @@ def test_the_recompile_limit_drops_compiled_graphs_and_the_call_still_answers(de
     model.prefix_cache.clear()
     again = model.complete(prompt, max_new_tokens=10)  # the next call is back on the static cache
     assert again.text == want.text and model.describe()["last_call"]["path"].startswith("static cache")
+
+
+def test_compile_scope_holds_more_shapes_than_dynamos_default_and_only_for_the_call():
+    """Nine cache buckets are one workload of 2k-8k prompts: under ``compile_scope`` a fullgraph function
+    compiles twelve static shapes without hitting the limit, and the user's own limit is back afterwards."""
+    from selfextend_llm.generation import GRAPH_LIMIT, FastGeneration, recompile_limit_errors
+
+    fast = FastGeneration(torch.nn.Linear(2, 2), enabled=True)
+    before = torch._dynamo.config.recompile_limit
+    assert before < 12 <= GRAPH_LIMIT
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: x * 2 + 1, fullgraph=True, dynamic=False, backend="eager")
+    with fast.compile_scope():
+        assert torch._dynamo.config.recompile_limit == GRAPH_LIMIT
+        for n in range(1, 13):
+            assert torch.equal(step(torch.ones(n)), torch.full((n,), 3.0))
+    assert torch._dynamo.config.recompile_limit == before
+    with pytest.raises(recompile_limit_errors()):  # outside the scope dynamo's own limit still applies
+        for n in range(13, 13 + before + 1):
+            step(torch.ones(n))
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_later_cache_buckets_reuse_one_compiled_graph_and_give_the_dynamic_caches_tokens():
+    """The fast path's compile config lets dynamo make the cache length symbolic after the second bucket: four
+    buckets compile two graphs, not four, and every call gives the dynamic cache's greedy tokens."""
+    from torch._dynamo.utils import counters
+
+    from selfextend_llm.generation import FastGeneration, cache_bucket
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("llama")
+    se.apply(model, se.SelfExtendConfig(3, 12))
+    fast = FastGeneration(model, enabled=True, compile=True)
+    buckets = []
+    for prompt in (90, 260, 330, 400):  # buckets 256, 320, 384, 448
+        ids = torch.randint(1, 97, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            want = model.generate(ids, **kw)
+            extra = fast.generate_kwargs(1, prompt + 8)
+            assert "compile_config" in extra
+            with fast.compile_scope():
+                got = model.generate(ids, **extra, **kw)
+        assert torch.equal(got, want)
+        buckets.append(cache_bucket(prompt + 8))
+    assert len(set(buckets)) == 4
+    assert counters["stats"]["unique_graphs"] <= 2, counters["stats"]
+    torch._dynamo.reset()
