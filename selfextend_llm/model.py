@@ -8,6 +8,7 @@ that makes one instance safe to call from many threads.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TextIteratorStreamer
 
+from . import tokens as tokens_mod
 from . import tools as tools_mod
 from . import tuning, validation
 from .attention import Backend, check_backend
@@ -385,7 +387,18 @@ class SelfExtendModel:
         """Token ids of any text, the empty string included (for splitters and token counters)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return list(self.tokenizer(text)["input_ids"])
+        return self._encode_text(text)
+
+    def _encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``tokenizer(text)``'s ids; a long document is encoded in pieces on every core (exactly the same ids)."""
+        ids = self._parallel_encoder.encode(text, add_special_tokens=add_special_tokens)
+        if ids is None:
+            ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return ids
+
+    @functools.cached_property
+    def _parallel_encoder(self) -> tokens_mod.ParallelEncoder:
+        return tokens_mod.ParallelEncoder(self.tokenizer)
 
     def encode(self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids of a prompt: raw text as is, chat messages through the model's chat template."""
@@ -400,7 +413,7 @@ class SelfExtendModel:
             return ids
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.model_name} has no chat template; pass a plain string prompt instead")
-        kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": True}
+        kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
         messages = [{**m, "content": validation.text_parts(m["content"])} for m in prompt]
         if tools:
             tools = tools_mod.check_tools(tools)
@@ -413,7 +426,7 @@ class SelfExtendModel:
             if tools:
                 messages = self.with_instruction(messages, tools_mod.tools_instruction(tools))
         try:
-            ids = self.tokenizer.apply_chat_template(messages, **kwargs)
+            text = self.tokenizer.apply_chat_template(messages, **kwargs)
         except Exception as err:  # jinja2's TemplateError and friends: the template refused these messages
             if type(err).__module__.split(".")[0] != "jinja2":
                 raise
@@ -421,9 +434,8 @@ class SelfExtendModel:
                 f"{self.model_name}'s chat template cannot render these messages ({err}); check the roles and "
                 "their order"
             ) from err
-        if isinstance(ids, Mapping) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        # encoded as tokenize=True would: the rendered text, no special tokens added (the template has them)
+        return self._encode_text(text, add_special_tokens=False)
 
     def count_tokens(self, prompt: Prompt) -> int:
         """Tokens the prompt takes, counted with the model's own tokenizer and chat template."""
@@ -537,10 +549,12 @@ class SelfExtendModel:
                 if self.self_extend:  # the grouped-key mirrors describe the previous call's keys
                     hf_apply.clear_cache(self.model)
             started = time.perf_counter()
+            scope = self.fast.compile_scope() if "compile_config" in fast else contextlib.nullcontext()
             try:
-                out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **fast, **kwargs, **extra
-                )
+                with scope:
+                    out = self.model.generate(
+                        input_ids=ids, attention_mask=mask, stopping_criteria=[criteria], **fast, **kwargs, **extra
+                    )
                 self.fast.timed(ids.shape[0], ids.shape[1] + max_new, started)
                 return out, cache, "static cache" + (", compiled" if "compile_config" in fast else "")
             except recompile_limit_errors() as err:  # too many shapes: forget the compiled ones, keep the path
@@ -715,7 +729,7 @@ class SelfExtendModel:
         cfg = hf_apply.text_config(self.model)
         return {
             "model": self.model_name, "layers": int(cfg.num_hidden_layers),
-            "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+            "kv_heads": hf_apply.kv_heads(cfg),
             "vocab": int(cfg.vocab_size), "trained": self.pretrained_context, "dtype": str(self.model.dtype),
         }  # fmt: skip
 
