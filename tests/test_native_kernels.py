@@ -111,7 +111,7 @@ def _weight(fmt: str, rows: int, cols: int, seed: int = 0) -> tuple[q.QuantizedW
 
 @needs_compiler
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
-@pytest.mark.parametrize("rows", [1, 2, nq.MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, nq.MAX_ROWS])
 def test_quantised_product_matches_float64_and_the_inductor_kernel(fmt, rows):
     weight, dense = _weight(fmt, 200, 576)
     x = torch.randn(rows, 576)
@@ -120,6 +120,20 @@ def test_quantised_product_matches_float64_and_the_inductor_kernel(fmt, rows):
     torch.testing.assert_close(got.double(), x.double() @ dense.double().T, rtol=1e-5, atol=1e-4)
     compiled = q._compiled(f"_product_{q.variant(weight.codes, weight.offset)}")
     torch.testing.assert_close(got, compiled(x, *q._arguments(weight)), rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [5, 16, 30])
+def test_many_rows_in_one_call_are_bit_for_bit_four_rows_a_call(fmt, rows):
+    """A batched decode step's rows go in one call (each output's codes read once for all of them); every row's
+    numbers are the ones it gets four rows a call, so a row's greedy tokens do not depend on its batch."""
+    weight, _ = _weight(fmt, 300, 1536, seed=rows)
+    x = torch.randn(rows, 1536)
+    whole = nq.product(x, weight)
+    parts = torch.cat([nq.product(x[i : i + 4].contiguous(), weight) for i in range(0, rows, 4)])
+    alone = torch.cat([nq.product(x[i : i + 1].contiguous(), weight) for i in range(rows)])
+    assert torch.equal(whole, parts) and torch.equal(whole, alone)
 
 
 @needs_compiler

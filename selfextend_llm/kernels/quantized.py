@@ -12,8 +12,8 @@ Two paths, chosen by the number of rows (tokens) in the call:
 * up to :data:`PRODUCT_ROWS` rows (decode): one compiled kernel multiplies each block by the input
   and applies the scale and minimum per block, without materialising the fp32 weight; the result
   differs from ``x @ W.T`` only in summation order (~1e-6 relative);
-* a batched decode step (up to :data:`CHUNKED_ROWS` rows of one token each): the same product, four
-  rows at a time;
+* a batched decode step (up to :data:`CHUNKED_ROWS` rows of one token each): the C product, every row
+  in one call (four at a time in registers);
 * more rows (prefill): the weight is dequantised by a compiled elementwise kernel (bit-identical to
   the dequantisation the loader did) and multiplied by ``F.linear``: the same numbers as the fp32
   model, and for long prompts the dequantisation is <1% of the call.
@@ -46,7 +46,7 @@ BLOCK = 32
 #: Calls with at most this many rows use the fused product; more rows dequantise and call
 #: ``F.linear`` (measured on 2 CPU cores, 1536x576: the product wins to 4 rows, loses from 8).
 PRODUCT_ROWS = 4
-#: Up to this many rows of one token each the C product runs four rows at a time, where it builds: a batched
+#: Up to this many rows of one token each the C product runs them in one call, where it builds: a batched
 #: decode step
 #: (the continuous batcher's 8-32 rows) then reads the 4-bit codes a few times instead of writing and
 #: reading a dequantised fp32 copy of every weight.  All 211 layers of the default on 2 cores, 16 rows:
@@ -273,16 +273,12 @@ def quantized_linear(
 
 
 def _chunked_product(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
-    """The C product over ``rows`` four at a time (None where it does not run: the caller dequantises)."""
+    """The C product over every row in one call (None where it does not run: the caller dequantises).  The
+    kernel takes the rows four at a time with each output's codes still in L1, bit for bit the same as four
+    rows a call (``quantized.c``)."""
     if rows.storage_offset() or not rows.is_contiguous():
         rows = rows.clone(memory_format=torch.contiguous_format)
-    parts = []
-    for start in range(0, rows.shape[0], PRODUCT_ROWS):
-        part = native_quantized.product(rows[start : start + PRODUCT_ROWS], weight)
-        if part is None:
-            return None
-        parts.append(part)
-    return torch.cat(parts)
+    return native_quantized.product(rows, weight)
 
 
 class QuantizedLinear(torch.nn.Module):

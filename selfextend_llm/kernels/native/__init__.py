@@ -48,7 +48,7 @@ SIGNATURES = {
     "se_decode_layers": [_I64, _PTR, _PTR, _PTR],
 }
 #: Return types of the functions that return something (the others return nothing).
-RESULTS = {"se_step_scratch": _I64, "se_decode_layers": _INT}
+RESULTS = {"se_step_scratch": _I64, "se_decode_layers": _INT, "se_product_q4": _INT, "se_product_i8": _INT}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

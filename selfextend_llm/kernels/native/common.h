@@ -13,8 +13,10 @@
 
 /* Weights per block in every supported GGUF format. */
 #define SE_BLOCK 32
-/* Input rows a quantised product takes (its partial sums live in registers). */
+/* Input rows a quantised product takes at a time (its partial sums live in registers). */
 #define SE_MAX_ROWS 4
+/* Input rows one call of quantized.c's product takes (SE_MAX_ROWS at a time; a batched decode step). */
+#define SE_MAX_PRODUCT_ROWS 32
 /* Blocks per input row whose sums are precomputed (in_features up to 32,768). */
 #define SE_MAX_BLOCKS 1024
 
@@ -67,7 +69,7 @@ static inline void sum_values(int64_t j0, int64_t j1, int64_t rows, int64_t dim,
 }
 
 /* Block sums of each input row (the offset term of Q4_1 is one dot product with them). */
-static inline void block_sums(int64_t rows, int64_t blocks, const float *x, float sums[SE_MAX_ROWS][SE_MAX_BLOCKS])
+static inline void block_sums(int64_t rows, int64_t blocks, const float *x, float (*sums)[SE_MAX_BLOCKS])
 {
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t b = 0; b < blocks; ++b) {

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 #: Weights per block of every format the kernels read.
 BLOCK = 32
-#: Rows the kernel takes in one call (its partial sums live on the stack).
-MAX_ROWS = 4
+#: Rows the kernel takes in one call: four at a time in registers, each output's codes read once for all of them.
+MAX_ROWS = 32
 #: Output features per task.
 CHUNK = 64
 
@@ -60,9 +60,9 @@ def product(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
         return None
     out = torch.empty(rows.shape[0], out_features, device="cpu")
     kernel = lib.se_product_q4 if codes.dtype == torch.uint8 else lib.se_product_i8
-    kernel(
+    status = kernel(
         rows.shape[0], out_features, blocks, codes.data_ptr(), scale.data_ptr(),
         None if offset is None else offset.data_ptr(), rows.data_ptr(), out.data_ptr(), CHUNK,
         torch.get_num_threads(),
     )  # fmt: skip
-    return out
+    return out if status == 0 else None  # -1: no memory for the block sums; the caller's own path runs
