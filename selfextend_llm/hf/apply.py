@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import Any
 
 import torch
 
@@ -32,6 +33,12 @@ def text_config(model: torch.nn.Module):
     config = model.config
     getter = getattr(config, "get_text_config", None)
     return getter() if getter is not None else config
+
+
+def kv_heads(config: Any) -> int:
+    """Key/value heads of a text config: ``num_key_value_heads``, or every attention head where it is unset
+    (multi-head attention configs leave it out)."""
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
 def pretrained_context(model: torch.nn.Module) -> int:

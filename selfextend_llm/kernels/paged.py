@@ -24,6 +24,7 @@ head_size_v)``, keys in the first ``head_size`` channels and values in the rest.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -250,7 +251,7 @@ class _PrefillPlan(NamedTuple):
 
     rows: list[int]  # the sequences
     group: int
-    window: int  # keys less than this far back are the band (a huge one: plain causal, no grouped part)
+    window: int  # keys less than this far back are the band (past every key: plain causal, no grouped part)
     factor: torch.Tensor | None  # log-scaling factor of each packed query row (float32), None: off
     src: torch.Tensor  # each packed query row's row in the step's packed query / output
     positions: torch.Tensor  # its true position
@@ -278,7 +279,10 @@ def _prefill_plans(
     done: set[int],
     device: torch.device,
 ) -> list[_PrefillPlan]:
-    """The step's sequences of more than one query row, one plan per grouping."""
+    """The step's sequences of more than one query row, one plan per grouping.
+
+    The per-sequence numbers (a few per sequence) are worked out on the host and copied once; the per-token
+    index rows (tens of thousands at a 64k step) are made on ``device`` from them, with no host sync."""
     from ..rope import log_scale_factor
 
     by_config: dict[SelfExtendConfig | None, list[int]] = {}
@@ -287,34 +291,38 @@ def _prefill_plans(
             by_config.setdefault(config_for(n), []).append(i)
     plans = []
     for cfg, rows in by_config.items():
-        group, window = (1, 1 << 62) if cfg is None else (cfg.group_size, cfg.neighbor_window)
-        ns = torch.tensor([seq_lens[i] for i in rows])
-        starts = torch.tensor([query_start_loc[i] for i in rows])
-        q_lens = torch.tensor([query_start_loc[i + 1] - query_start_loc[i] for i in rows])
-        seq = torch.repeat_interleave(torch.arange(len(rows)), q_lens)
-        cu_q = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)])
-        within = torch.arange(int(cu_q[-1])) - cu_q[seq]
-        src, positions = starts[seq] + within, (ns - q_lens)[seq] + within
+        ns = [seq_lens[i] for i in rows]
+        # plain causal: a window past every key (no grouped part, no sliding window on the band)
+        group, window = (1, max(ns) + 1) if cfg is None else (cfg.group_size, cfg.neighbor_window)
+        q_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in rows]
+        # queries at positions n - q .. n - 1; those at window or later have grouped keys 0 .. n - window - 1
+        q_grouped = [min(q, max(0, n - max(window, n - q))) for n, q in zip(ns, q_lens, strict=True)]
+        kept = [r for r, g in enumerate(q_grouped) if g > 0]
+        k_grouped = [ns[r] - window for r in kept]
+        cu_q, cu_qg, cu_kg = (list(itertools.accumulate(x, initial=0)) for x in (q_lens, [q_grouped[r] for r in kept],
+                                                                                    k_grouped))  # fmt: skip
+        small = [[query_start_loc[i] for i in rows], [n - q for n, q in zip(ns, q_lens, strict=True)], q_lens, cu_q,
+                 ns, cu_qg, cu_kg, kept, k_grouped]  # fmt: skip
+        flat = torch.tensor([v for part in small for v in part], dtype=torch.int32).to(device, non_blocking=True)
+        starts, firsts, q_lens_d, cu_q_d, lengths, cu_qg_d, cu_kg_d, kept_d, k_grouped_d = flat.split(
+            [len(part) for part in small]
+        )
+        total_q, total_kg = cu_q[-1], cu_kg[-1]
+        seq = torch.repeat_interleave(torch.arange(len(rows), device=device), q_lens_d, output_size=total_q)
+        within = torch.arange(total_q, device=device, dtype=torch.int32) - cu_q_d[seq]
+        src, positions = starts[seq] + within, firsts[seq] + within
         has_grouped = positions >= window
-        grouped_row = torch.where(has_grouped, has_grouped.long().cumsum(0) - 1, -1)
-        q_grouped = torch.zeros(len(rows), dtype=torch.long).index_add_(0, seq, has_grouped.long())
-        keep = q_grouped > 0
-        k_grouped = (ns - window).clamp_min(0)[keep]
-        cu_qg = torch.cat([torch.zeros(1, dtype=torch.long), q_grouped[keep].cumsum(0)])
-        cu_kg = torch.cat([torch.zeros(1, dtype=torch.long), k_grouped.cumsum(0)])
-        key_seq = torch.repeat_interleave(torch.arange(len(rows))[keep], k_grouped)
-        key_positions = torch.arange(int(cu_kg[-1])) - torch.repeat_interleave(cu_kg[:-1], k_grouped)
-        parts = [src, positions, grouped_row, cu_q, ns, cu_qg, cu_kg, key_seq, key_positions]
-        packed = torch.cat(parts).to(torch.int32).to(device, non_blocking=True)  # one copy for all of them
-        src, positions, grouped_row, cu_q, lengths, cu_qg, cu_kg, key_seq, key_positions = packed.split(
-            [p.numel() for p in parts]
+        grouped_row = torch.where(has_grouped, has_grouped.cumsum(0, dtype=torch.int32) - 1, -1)
+        key_seq = torch.repeat_interleave(kept_d, k_grouped_d, output_size=total_kg)
+        key_positions = torch.arange(total_kg, device=device, dtype=torch.int32) - torch.repeat_interleave(
+            cu_kg_d[:-1], k_grouped_d, output_size=total_kg
         )
         scaling = None if cfg is None else cfg.log_scaling(pretrained_context)
         factor = None if scaling is None else log_scale_factor(positions[None], scaling, torch.float32).reshape(-1)
         plans.append(_PrefillPlan(
-            rows, group, window, factor, src, positions, grouped_row, cu_q, lengths, block_table[rows], cu_qg, cu_kg,
-            key_seq, key_positions, int(q_lens.max()), int(ns.max()), int(cu_qg[-1]),
-            int(q_grouped.max()), int(k_grouped.max()) if keep.any() else 0,
+            rows, group, window, factor, src, positions, grouped_row, cu_q_d, lengths, block_table[rows], cu_qg_d,
+            cu_kg_d, key_seq, key_positions, max(q_lens), max(ns), cu_qg[-1], max(q_grouped),
+            max(k_grouped, default=0),
         ))  # fmt: skip
     return plans
 

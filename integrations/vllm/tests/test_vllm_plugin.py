@@ -224,6 +224,8 @@ def test_bad_input_fails_before_any_engine(folder, tmp_path):
         vllm_selfextend.engine_args(folder, group_size=2, neighbor_window=1024, target_context=WINDOW * 4)
     with pytest.raises(ValueError, match="beyond the planned SelfExtend window"):
         vllm_selfextend.engine_args(folder, target_context=WINDOW, max_model_len=WINDOW * 2)
+    with pytest.raises(ValueError, match="configures the SelfExtend backend"):  # plain attention past the window
+        vllm_selfextend.engine_args(folder, target_context=WINDOW, attention_backend="FLASH_ATTN")
     with pytest.raises(ValueError, match="log_scale=0.5 fixes the strength .* pass group_size"):
         vllm_selfextend.engine_args(folder, log_scale=0.5)
     base = json.loads((Path(folder) / "config.json").read_text())

@@ -97,6 +97,14 @@ def engine_args(
     }
     args.update(more)
     args["hf_overrides"] = overrides
+    if str(args["attention_backend"]).upper() != "CUSTOM":
+        # the raised max_position_embeddings would let vLLM's own attention take prompts past the trained
+        # window without SelfExtend: it would answer, badly, instead of refusing
+        raise ValueError(
+            f"attention_backend={args['attention_backend']!r}: engine_args() configures the SelfExtend backend "
+            "(attention_backend='CUSTOM'); for plain vLLM, build its arguments yourself (LLM(model=folder, "
+            "max_model_len=...)), without these overrides"
+        )
     if args["max_model_len"] > settings.context_window:
         raise ValueError(
             f"max_model_len={args['max_model_len']} is beyond the planned SelfExtend window "
