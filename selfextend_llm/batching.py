@@ -39,6 +39,7 @@ from transformers import DynamicCache
 from . import validation
 from .config import SelfExtendConfig
 from .engine.batch_cache import BatchCache
+from .engine.detokenize import IncrementalDetokenizer
 from .engine.prefix_cache import Hit, PrefixEntry, env_bytes, free_memory, shared_length
 from .engine.sampling import Sampling, pick
 from .hf import apply as hf_apply
@@ -84,7 +85,8 @@ class _Request:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
-    shown: int = 0
+    shown: int = 0  # characters of the answer sent
+    detok: IncrementalDetokenizer | None = None  # the answer's text, token by token (made at its first token)
 
     def gone(self, now: float) -> bool:
         """Cancelled (the client left) or past its deadline: it leaves at this step."""
@@ -632,20 +634,27 @@ class ContinuousBatcher:
             request.events.put(request.failed)
             return True
         eos = token in self.model.eos_ids
-        ids = request.generated + ([] if eos else [token])
-        text = self.model.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = find_stop(text, request.stops)
-        length = not eos and len(ids) >= request.max_new
+        detok = request.detok
+        if detok is None:
+            detok = request.detok = IncrementalDetokenizer(self.model.tokenizer)
+        if not eos:
+            detok.push(token)
+        n_new = len(detok.ids)
+        length = not eos and n_new >= request.max_new
+        # a stop string can only start in text not shown yet (emittable held back any tail that could begin one)
+        cut = find_stop(detok.text[request.shown :], request.stops)
+        if cut is None and (eos or length):
+            detok.finish()  # an incomplete character at the very end, as the whole answer decodes it
+            cut = find_stop(detok.text[request.shown :], request.stops)
+        text = detok.text
         if cut is not None or eos or length:
-            end = len(text) if cut is None else cut
+            end = len(text) if cut is None else request.shown + cut
             if end > request.shown:
                 request.events.put(StreamChunk(text[request.shown : end]))
             reason = "length" if length and cut is None else "stop"
-            request.events.put(StreamChunk("", reason, len(request.ids), len(ids), request.cached_tokens))
+            request.events.put(StreamChunk("", reason, len(request.ids), n_new, request.cached_tokens))
             return True
         upto = emittable(text, request.stops)
-        while upto > request.shown and text[upto - 1] == "\ufffd":  # half of a multi-byte character
-            upto -= 1
         if upto > request.shown:
             request.events.put(StreamChunk(text[request.shown : upto]))
             request.shown = upto
