@@ -181,13 +181,14 @@ def main() -> None:
     print("|" + "---|" * 11)
     blank = dict.fromkeys(["requests", "same_as_alone", "keys_found", "req_per_s", "p50_s", "p99_s", "short_p99_s"])
     fmt = lambda v, spec="": "-" if v is None else format(v, spec)  # noqa: E731
+    ratio = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
     for r in rows:
         a, b = r.get("one_at_a_time", blank), r.get("batched", blank)
         print(
             f"| {r['scenario']} | {fmt(a['requests'] or b['requests'])} | {fmt(a['same_as_alone'])} / "
             f"{fmt(b['same_as_alone'])} | {fmt(a['keys_found'])} / {fmt(b['keys_found'])} | "
-            f"{fmt(a['req_per_s'], '.2f')} | {fmt(b['req_per_s'], '.2f')} | {fmt(r.get('throughput_ratio'), '.2f')}x | "
-            f"{fmt(r.get('ratio_vs_fast_path'), '.2f')}x | {fmt(a['p50_s'], '.1f')} / {fmt(b['p50_s'], '.1f')} | "
+            f"{fmt(a['req_per_s'], '.2f')} | {fmt(b['req_per_s'], '.2f')} | {ratio(r.get('throughput_ratio'))} | "
+            f"{ratio(r.get('ratio_vs_fast_path'))} | {fmt(a['p50_s'], '.1f')} / {fmt(b['p50_s'], '.1f')} | "
             f"{fmt(a['p99_s'], '.1f')} / {fmt(b['p99_s'], '.1f')} | "
             f"{fmt(a['short_p99_s'], '.1f')} / {fmt(b['short_p99_s'], '.1f')} |"
         )
