@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import selfextend_llm
-from selfextend_llm.batching import ContinuousBatcher
+from selfextend_llm.engine.scheduler import ContinuousBatcher
 from selfextend_llm.engine.threads import in_passing_thread
 from selfextend_llm.generation import cache_bucket
 from selfextend_llm.tasks.passkey import passkey_prompt

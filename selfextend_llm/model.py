@@ -37,7 +37,7 @@ from .loading import DEFAULT_NAME, load_pretrained
 from .stopping import StopScan, find_stop, normalize_stops, visible_pieces
 
 if TYPE_CHECKING:
-    from .batching import ContinuousBatcher
+    from .engine.scheduler import ContinuousBatcher
 
 Prompt = str | Sequence[Mapping[str, Any]]
 
@@ -810,7 +810,7 @@ class SelfExtendModel:
         """The model's shared continuous batcher (started on first use), for calls from many threads."""
         with self._batcher_lock:
             if self._batcher is None:
-                from .batching import ContinuousBatcher
+                from .engine.scheduler import ContinuousBatcher
 
                 self._batcher = ContinuousBatcher(self)
             return self._batcher

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from selfextend_llm import batching
-from selfextend_llm.batching import ContinuousBatcher, QueueFullError, RequestTimeoutError, ShuttingDownError
+from selfextend_llm.engine import scheduler as batching
+from selfextend_llm.engine.scheduler import ContinuousBatcher, QueueFullError, RequestTimeoutError, ShuttingDownError
 from selfextend_llm.tasks.passkey import passkey_prompt
 from tests.helpers import tiny_served_model
 
@@ -330,3 +330,9 @@ def test_kv_budget_environment_variable(monkeypatch):
         batching.default_kv_budget(torch.device("cpu"))
     monkeypatch.delenv(batching.KV_BUDGET_ENV)
     assert batching.default_kv_budget(torch.device("cpu")) > 2**20
+
+
+def test_the_old_import_path_is_the_scheduler_module_itself():
+    import selfextend_llm.batching as old
+
+    assert old is batching and old.ContinuousBatcher is ContinuousBatcher

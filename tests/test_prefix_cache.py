@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfextend_llm.batching import ContinuousBatcher
 from selfextend_llm.config import SelfExtendConfig
 from selfextend_llm.engine import prefix_cache as pc
+from selfextend_llm.engine.scheduler import ContinuousBatcher
 from tests.helpers import tiny_served_model
 
 WORDS = "the sea and the sky were grey while a ship sailed past the harbour lights at dusk".split()

@@ -183,7 +183,7 @@ def test_a_second_question_over_one_document_reports_cached_tokens(server):
 def test_a_request_past_the_kv_budget_is_a_503_that_says_what_to_change(default_model):
     """A server whose memory holds a 300-token request refuses a 2,000-token one up front (it would never fit),
     and still answers what fits."""
-    from selfextend_llm.batching import kv_bytes_per_token
+    from selfextend_llm.engine.scheduler import kv_bytes_per_token
 
     budget = 300 * kv_bytes_per_token(default_model)
     with BackgroundServer(create_app(default_model, kv_budget_bytes=budget)) as url:

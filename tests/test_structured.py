@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from selfextend_llm.batching import ContinuousBatcher
+from selfextend_llm.engine.scheduler import ContinuousBatcher
 from selfextend_llm.structured import schema_of
 
 PERSON = {

@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from .. import validation
-from ..batching import (
+from ..engine.sampling import Sampling
+from ..engine.scheduler import (
     ContinuousBatcher,
     KVBudgetError,
     QueueFullError,
@@ -30,7 +31,6 @@ from ..batching import (
     RequestTimeoutError,
     ShuttingDownError,
 )  # fmt: skip
-from ..engine.sampling import Sampling
 from ..model import ContextWindowExceededError, SelfExtendModel, StreamChunk
 from ..streaming import iterate_in_thread
 from ..structured import json_instruction
